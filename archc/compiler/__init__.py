@@ -1,0 +1,1 @@
+"""Lowering, the graph IR, passes, code generation, analyses and the public API."""

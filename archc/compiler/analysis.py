@@ -1,0 +1,150 @@
+"""Static analyses of the IR: parameters, FLOPs and activation memory, per module.
+
+Computed from shapes alone, no forward pass. FLOPs are forward matmul FLOPs
+(2·m·n·k per product, attention's two products counted in full even when
+causal) — the quantity `torch.utils.flop_counter.FlopCounterMode` reports
+and the "6N per token" training rule is built on (train ≈ 3× forward).
+Activation memory is the bytes of every intermediate output at fp32: an
+upper bound on what autograd keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from archc.compiler import ops
+from archc.compiler.ir import Graph, Node
+from archc.dsl.diagnostics import SpecError
+
+
+@attrs.frozen
+class Row:
+    name: str  # module path
+    cls: str
+    shape: tuple
+    params: int
+    flops: int
+    activation_bytes: int
+    depth: int
+
+
+def sizes_for(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> dict[str, int]:
+    sizes = {"B": batch, "T": seq, **(dims or {})}
+    for node in graph.nodes():
+        for d in node.shape or ():
+            if isinstance(d, str) and d not in sizes:
+                raise SpecError(f"the symbolic dim `{d}` has no size; give one with --dim {d}=N")
+    return sizes
+
+
+def node_params(graph: Graph, node: Node) -> dict[str, tuple]:
+    """Canonical state-dict name -> shape of the weights this node owns."""
+    op = ops.REGISTRY[node.op]
+    ins = [graph.node(a).shape for a in graph.args(node.id)]
+    prefix = (node.scope if op.weights_at_scope else node.path)
+    return {(f"{prefix}.{k}" if prefix else k): shape for k, shape in op.weights(node, ins).items()}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def node_cost(graph: Graph, node: Node, sizes: dict[str, int]) -> tuple[int, int, int]:
+    op = ops.REGISTRY[node.op]
+    ins = [graph.node(a).shape for a in graph.args(node.id)]
+    params = sum(_numel(s) for s in node_params(graph, node).values())
+    flops = op.flops(node, ins, node.shape, sizes)
+    act = 0 if node.op == "input" else ops.numel(node.shape, sizes) * 4
+    return params, flops, act
+
+
+def rows(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
+         dims: dict[str, int] | None = None) -> list[Row]:
+    """One row per module down to `depth` (0 = the model), in program order."""
+    sizes = sizes_for(graph, batch, seq, dims)
+    totals: dict[str, list[int]] = {}
+    last: dict[str, Node] = {}
+    first: dict[str, float] = {}
+    for node in graph.nodes():
+        cost = node_cost(graph, node, sizes)
+        parts = node.scope.split(".") if node.scope else []
+        keys = [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if node.scope:
+            keys.append(node.path)  # leaf row for the node itself
+        else:
+            keys.append(node.name)
+        for key in dict.fromkeys(keys):
+            acc = totals.setdefault(key, [0, 0, 0])
+            for i in range(3):
+                acc[i] += cost[i]
+            last[key] = node
+            first.setdefault(key, node.order)
+    out = []
+    for key in sorted(totals, key=lambda k: (first[k], k.count("."), k)):
+        if key in graph.scopes:
+            scope_depth = 0 if key == "" else _scope_depth(graph, key)
+            cls = graph.scopes[key].cls
+        else:
+            scope_depth = _scope_depth(graph, last[key].scope) + 1 if last[key].scope else 1
+            cls = last[key].op
+            if last[key].path != key:
+                continue
+        if scope_depth > depth:
+            continue
+        if key not in graph.scopes and not any(totals[key]) and last[key].op not in ("embedding",):
+            continue  # a weightless, flop-less op inside a module is noise in the table
+        p, f, a = totals[key]
+        out.append(Row(key or graph.name, cls, last[key].shape or (), p, f, a, scope_depth))
+    return out
+
+
+def _scope_depth(graph: Graph, path: str) -> int:
+    depth, parts = 0, path.split(".")
+    for i in range(1, len(parts) + 1):
+        if ".".join(parts[:i]) in graph.scopes:
+            depth += 1
+    return depth
+
+
+def total_params(graph: Graph) -> int:
+    return sum(sum(_numel(s) for s in node_params(graph, n).values()) for n in graph.nodes())
+
+
+def forward_flops(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> int:
+    sizes = sizes_for(graph, batch, seq, dims)
+    return sum(node_cost(graph, n, sizes)[1] for n in graph.nodes())
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
+          dims: dict[str, int] | None = None) -> str:
+    """A plain-text, byte-stable summary table with totals."""
+    data = rows(graph, batch, seq, depth, dims)
+    header = ("module", "type", "output shape", "params", "fwd FLOPs", "activations")
+    body = []
+    for r in data[1:]:
+        indent = "  " * (r.depth - 1)
+        body.append((indent + r.name, r.cls, ops.fmt_shape(r.shape), f"{r.params:,}", human(r.flops),
+                     human(r.activation_bytes) + "B"))
+    model = data[0]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    fmt = lambda cols: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))  # noqa: E731
+    lines = [f"{graph.name} at batch={batch}, seq={seq}", fmt(header), fmt(["-" * w for w in widths])]
+    lines += [fmt(b).rstrip() for b in body]
+    lines.append(fmt(["-" * w for w in widths]))
+    train = 3 * model.flops
+    lines.append(f"total params        {model.params:,} ({human(model.params)})")
+    lines.append(f"forward FLOPs       {human(model.flops)} per step, {human(model.flops / max(1, batch * seq))} per token")
+    lines.append(f"train FLOPs (3x)    {human(train)} per step")
+    lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")
+    lines.append(f"weights (fp32)      {human(model.params * 4)}B")
+    return "\n".join(lines) + "\n"

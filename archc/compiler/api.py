@@ -1,0 +1,168 @@
+"""`archc.compile()`: spec -> AST -> IR -> named passes -> readable PyTorch source."""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from archc.compiler import analysis
+from archc.compiler.codegen import GeneratedCode, generate
+from archc.compiler.ir import Graph, verify
+from archc.compiler.lower import Spec, load_spec, lower, resolve_params
+from archc.compiler.passes import PASSES, PASS_NAMES
+from archc.dsl.diagnostics import SpecError, did_you_mean
+
+
+@attrs.frozen
+class Options:
+    kernels: dict[str, str] = attrs.Factory(dict)  # node-path glob -> attention kernel
+    disabled: tuple[str, ...] = ()  # passes turned off with --no-pass
+
+
+@attrs.define
+class Compiled:
+    """What `archc.compile()` returns: the source, the IR at every stage, analyses, and the module."""
+
+    spec: Spec
+    params: dict[str, Any]
+    stages: list[tuple[str, Graph]]
+    code: GeneratedCode
+    options: Options
+
+    @property
+    def ir(self) -> Graph:
+        """The optimised IR that the code was generated from."""
+        return self.stages[-1][1]
+
+    @property
+    def source(self) -> str:
+        return self.code.source
+
+    @property
+    def class_name(self) -> str:
+        return self.code.class_name
+
+    def ir_after(self, pass_name: str) -> Graph:
+        for name, graph in self.stages:
+            if name == pass_name:
+                return graph
+        raise KeyError(pass_name)
+
+    def summary(self, batch: int = 1, seq: int = 128, depth: int = 1, dims: dict[str, int] | None = None) -> str:
+        return analysis.table(self.ir, batch, seq, depth, dims)
+
+    def num_params(self) -> int:
+        return analysis.total_params(self.ir)
+
+    def flops(self, batch: int, seq: int) -> int:
+        """Forward matmul FLOPs of one step at this batch size and sequence length."""
+        return analysis.forward_flops(self.ir, batch, seq)
+
+    def python_module(self) -> types.ModuleType:
+        """Execute the generated source as a module; tracebacks show its lines (linecache)."""
+        filename = f"<archc:{self.class_name}:{self.ir.meta.get('sha256', '')}>"
+        linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
+        module = types.ModuleType(f"archc_generated_{self.class_name}")
+        module.__file__ = filename
+        exec(builtins.compile(self.source, filename, "exec"), module.__dict__)  # our own generated text only
+        return module
+
+    def build(self, device: Any = None, dtype: Any = None):
+        """A fresh instance of the generated model."""
+        model = getattr(self.python_module(), self.class_name)()
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        return model
+
+    def canonical_names(self) -> dict[str, tuple]:
+        """State-dict names before projection fusion -> shapes (what weight maps target)."""
+        from archc.compiler import analysis as a
+        return {k: v for n in self.ir_after("infer_shapes").nodes() for k, v in a.node_params(
+            self.ir_after("infer_shapes"), n).items()}
+
+
+def compile(
+    spec: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    kernels: dict[str, str] | None = None,
+    disable: tuple[str, ...] | list[str] = (),
+    on_stage: Callable[[str, Graph], None] | None = None,
+    name: str | None = None,
+    **kw_overrides: Any,
+) -> Compiled:
+    """Compile a spec (a path to a .arch file, or its text) to a PyTorch module.
+
+    Overrides replace spec parameters: `archc.compile("llama.arch", d_model=256)`.
+    `on_stage(pass_name, graph)` sees the IR after lowering and after each pass.
+    """
+    overrides = {**(overrides or {}), **kw_overrides}
+    for pass_name in disable:
+        if pass_name not in PASS_NAMES:
+            raise SpecError(f"--no-pass {pass_name}: no such pass",
+                            hint=did_you_mean(pass_name, PASS_NAMES) or f"passes: {', '.join(PASS_NAMES)}")
+        if not dict((n, opt) for n, _f, opt in PASSES)[pass_name]:
+            raise SpecError(f"--no-pass {pass_name}: this pass is required and cannot be turned off")
+    options = Options(dict(kernels or {}), tuple(disable))
+
+    loaded = load_spec(spec, name)
+    params = resolve_params(loaded, overrides)
+    graph = lower(loaded, params)
+    verify(graph)
+    stages = [("lower", graph)]
+    if on_stage:
+        on_stage("lower", graph)
+    for pass_name, run_pass, _optional in PASSES:
+        if pass_name in options.disabled:
+            continue
+        graph = run_pass(graph, options)
+        verify(graph, folded=True, shaped=pass_name != "fold_params")
+        stages.append((pass_name, graph))
+        if on_stage:
+            on_stage(pass_name, graph)
+    code = generate(graph, _header(graph, params))
+    return Compiled(loaded, params, stages, code, options)
+
+
+def _header(graph: Graph, params: dict[str, Any]) -> list[str]:
+    lines = ["Spec parameters:"]
+    lines += [f"    {k} = {v!r}" for k, v in params.items()]
+    kernels = {}
+    for node in graph.nodes():
+        if node.op == "attention_core":
+            kernels.setdefault((node.attrs["kernel"], node.attrs["kernel_reason"]), []).append(node.scope)
+    if kernels:
+        lines += ["", "Attention kernels:"]
+        for (kernel, reason), scopes in kernels.items():
+            lines.append(f"    {kernel} for {len(scopes)} layer(s): {reason}")
+    lines += ["", f"Parameters: {analysis.total_params(graph):,}"]
+    return lines
+
+
+def print_stage(stream=sys.stderr, which: str = "all") -> Callable[[str, Graph], None]:
+    """An `on_stage` hook printing the IR after `which` pass (or all), MLIR style."""
+
+    def hook(pass_name: str, graph: Graph) -> None:
+        if which in ("all", pass_name):
+            stream.write(f"// -----// IR Dump After {pass_name} //----- //\n{graph.to_text()}\n")
+
+    return hook
+
+
+def dump_stages(directory: str | Path) -> Callable[[str, Graph], None]:
+    """An `on_stage` hook writing `NN-pass.ir` files into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    counter = [0]
+
+    def hook(pass_name: str, graph: Graph) -> None:
+        (directory / f"{counter[0]:02d}-{pass_name}.ir").write_text(graph.to_text())
+        counter[0] += 1
+
+    return hook

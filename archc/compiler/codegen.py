@@ -1,0 +1,365 @@
+"""Generate a readable, self-contained PyTorch module from the optimised IR.
+
+One `nn.Module` class per distinct block structure, named after the block;
+module attributes named after the spec; provenance comments pointing at spec
+lines. Classes are deduplicated by their generated text, so eight identical
+layers share one class. Nothing from a spec reaches the output except
+identifiers the grammar has validated and literals written with `repr`.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from collections import defaultdict
+
+import attrs
+
+from archc import __version__
+from archc.compiler import ops
+from archc.compiler.ir import Graph, Node, Scope
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MODULE_NAMES = {"torch", "nn", "F", "AF", "annotations"}
+
+
+def safe_ident(name: str) -> str:
+    """Refuse anything that is not a plain identifier (defence in depth: the grammar already does)."""
+    if not _IDENT.match(name) or keyword.iskeyword(name):
+        raise ValueError(f"refusing to emit {name!r} as an identifier")
+    return name
+
+
+@attrs.frozen
+class GeneratedCode:
+    source: str
+    class_name: str  # the model's class
+    line_map: dict[int, str]  # generated line -> IR node id
+
+
+class _Namespace:
+    """Readable local names: a spec variable keeps its name while its old value is dead."""
+
+    def __init__(self, reserved=()) -> None:
+        self.holder: dict[str, str | None] = {name: None for name in reserved}
+        self.last_use: dict[str, int] = {}
+
+    def name(self, hint: str, value: str, now: int, last_use: int) -> str:
+        base = safe_ident(hint)
+        candidate, i = base, 0
+        while candidate in self.holder and not self._free(candidate, now):
+            i += 1
+            candidate = f"{base}_{i}"
+        self.holder[candidate] = value
+        self.last_use[candidate] = last_use
+        return candidate
+
+    def _free(self, name: str, now: int) -> bool:
+        holder = self.holder[name]
+        return holder is not None and self.last_use[name] <= now
+
+
+def _parent(graph: Graph, path: str) -> str:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:i])
+        if candidate in graph.scopes:
+            return candidate
+    return ""
+
+
+class _Codegen:
+    def __init__(self, graph: Graph) -> None:
+        self.g = graph
+        self.children: dict[str, list[str]] = defaultdict(list)
+        for path in graph.scopes:
+            if path:
+                self.children[_parent(graph, path)].append(path)
+        self.subtree: dict[str, list[Node]] = defaultdict(list)
+        for node in graph.nodes():
+            path = node.scope
+            while True:
+                self.subtree[path].append(node)
+                if not path:
+                    break
+                path = _parent(graph, path)
+        self.class_of: dict[str, str] = {}  # scope path -> class name
+        self.class_text: dict[str, str] = {}  # class name -> text
+        self.text_class: dict[str, str] = {}  # body text -> class name
+        self.used_names: set[str] = set(_MODULE_NAMES)
+        self.line_nodes: dict[str, list[str]] = {}
+        self.order: list[str] = []  # class names in definition order
+
+    # ---- scope structure -----------------------------------------------------
+
+    def io(self, path: str) -> tuple[list[str], list[str]]:
+        nodes = self.subtree[path]
+        inside = {n.id for n in nodes}
+        if not path:
+            return list(self.g.scopes[""].inputs), [nid for _n, nid in self.g.outputs]
+        inputs: list[str] = []
+        outputs: list[str] = []
+        for node in nodes:
+            for arg in self.g.args(node.id):
+                if arg not in inside and arg not in inputs:
+                    inputs.append(arg)
+        graph_outs = {nid for _n, nid in self.g.outputs}
+        for node in nodes:
+            if node.id in graph_outs or any(u not in inside for u in self.g.users(node.id)):
+                outputs.append(node.id)
+        return inputs, outputs
+
+    def attr_of(self, parent: str, child: str) -> tuple[str, int | None]:
+        rel = child[len(parent) + 1:] if parent else child
+        if "." in rel:
+            name, index = rel.rsplit(".", 1)
+            return name, int(index)
+        return rel, None
+
+    # ---- classes -------------------------------------------------------------
+
+    def build(self, path: str) -> str:
+        for child in self.children[path]:
+            self.build(child)
+        scope = self.g.scopes[path]
+        body = self.class_body(path, scope)
+        if body in self.text_class:
+            name = self.text_class[body]
+        else:
+            base = safe_ident(scope.cls)
+            name, i = base, 1
+            while name in self.used_names:
+                i += 1
+                name = f"{base}{i}"
+            self.used_names.add(name)
+            self.text_class[body] = name
+            self.class_text[name] = body
+            self.order.append(name)
+        self.class_of[path] = name
+        return name
+
+    def class_body(self, path: str, scope: Scope) -> str:
+        g = self.g
+        direct = [n for n in self.subtree[path] if n.scope == path]
+        lines: list[str] = []
+        where = f" from {scope.span.short}" if scope.span else ""
+        kind = {"model": "model", "block": "block", "composite": "built-in", "step": "repeat step"}[scope.kind]
+        doc = f"The {kind} `{scope.cls}`{where}."
+        lines += ["(nn.Module):", f'    """{doc}"""', "", "    def __init__(self) -> None:",
+                  "        super().__init__()"]
+        # modules in program order: this scope's own weighted nodes, child modules, lists
+        entries: list[tuple[float, list[str]]] = []
+        for node in direct:
+            op = ops.REGISTRY[node.op]
+            ins = [g.node(a).shape for a in g.args(node.id)]
+            ctor = op.init(node, ins)
+            mine = [f"        self.{safe_ident(node.name)} = {ctor}{_provenance(node)}"] if ctor else []
+            mine += [f"        self.{safe_ident(attr)} = {extra}" for attr, extra in op.extra_modules(node, ins)]
+            if mine:
+                entries.append((node.order, mine))
+        lists: dict[str, list[str]] = defaultdict(list)
+        for child in self.children[path]:
+            attr, index = self.attr_of(path, child)
+            first = min(n.order for n in self.subtree[child])
+            if index is None:
+                entries.append((first, [f"        self.{safe_ident(attr)} = {self.class_of[child]}()"]))
+            else:
+                if attr not in lists:
+                    entries.append((first, [attr]))  # placeholder, filled below
+                lists[attr].append(child)
+        for _order, entry in sorted(entries, key=lambda e: e[0]):
+            if entry[0] in lists:
+                classes = [self.class_of[m] for m in lists[entry[0]]]
+                if len(set(classes)) == 1:
+                    ctor = f"nn.ModuleList([{classes[0]}() for _ in range({len(classes)})])"
+                else:
+                    ctor = "nn.ModuleList([" + ", ".join(f"{c}()" for c in classes) + "])"
+                lines.append(f"        self.{safe_ident(entry[0])} = {ctor}")
+            else:
+                lines += entry
+        if scope.kind == "model":
+            lines.append("        self.apply(AF.init_weights)")
+        lines.append("")
+        lines += self.forward(path, scope, direct)
+        return "\n".join(lines)
+
+    def forward(self, path: str, scope: Scope, direct: list[Node]) -> list[str]:
+        g = self.g
+        inputs, outputs = self.io(path)
+        # items in program order: own nodes, and child modules at their first node
+        items: list[tuple[float, str, object]] = [(n.order, "node", n) for n in direct if n.op != "input"]
+        for child in self.children[path]:
+            items.append((min(n.order for n in self.subtree[child]), "child", child))
+        items.sort(key=lambda t: t[0])
+        items = self._loops(path, items)
+        # value -> index of the last item that reads it
+        produced_by: dict[str, int] = {}
+        for i, (_o, kind, obj) in enumerate(items):
+            for value in self._item_outputs(kind, obj):
+                produced_by[value] = i
+        last_use: dict[str, int] = defaultdict(lambda: -1)
+        for i, (_o, kind, obj) in enumerate(items):
+            for value in self._item_inputs(kind, obj):
+                last_use[value] = i
+        end = len(items)
+        for value in outputs:
+            last_use[value] = end
+        ns = _Namespace(reserved=("self", "B", "T", *_MODULE_NAMES))
+        names: dict[str, str] = {}
+        hints = dict(zip(scope.inputs, scope.arg_names))
+        for value in inputs:
+            node = g.node(value)
+            names[value] = ns.name(hints.get(value) or node.var or node.name or "x", value, -1, last_use[value])
+        args = ", ".join(f"{names[v]}: torch.Tensor" for v in inputs)
+        ret = "dict[str, torch.Tensor]" if scope.kind == "model" else "torch.Tensor"
+        lines = [f"    def forward(self, {args}) -> {ret}:" if args else f"    def forward(self) -> {ret}:"]
+        body: list[str] = []
+        for i, (_o, kind, obj) in enumerate(items):
+            body += self._emit_item(i, kind, obj, path, names, ns, last_use)
+        if scope.kind == "model":
+            pairs = ", ".join(f"{name!r}: {names[nid]}" for name, nid in g.outputs)
+            body.append(f"return {{{pairs}}}")
+        else:
+            body.append("return " + ", ".join(names[v] for v in outputs))
+        lines += [("        " + line) if line else "" for line in body]
+        return lines
+
+    def _loops(self, path, items):
+        """Collapse runs of list members that thread one value through into a `for` loop."""
+        out, i = [], 0
+        while i < len(items):
+            order, kind, obj = items[i]
+            if kind == "child":
+                attr, index = self.attr_of(path, obj)
+                if index is not None:
+                    run = [obj]
+                    j = i + 1
+                    while j < len(items) and items[j][1] == "child" and self.attr_of(path, items[j][2])[0] == attr:
+                        run.append(items[j][2])
+                        j += 1
+                    if self._chain(run):
+                        out.append((order, "loop", (attr, run)))
+                        i = j
+                        continue
+            out.append(items[i])
+            i += 1
+        return out
+
+    def _chain(self, run: list[str]) -> bool:
+        if len(run) < 2:
+            return False
+        prev_out = None
+        for member in run:
+            ins, outs = self.io(member)
+            if len(ins) != 1 or len(outs) != 1:
+                return False
+            if prev_out is not None:
+                inside = {n.id for n in self.subtree[member]}
+                if ins[0] != prev_out or not set(self.g.users(prev_out)) <= inside \
+                        or prev_out in {nid for _n, nid in self.g.outputs}:
+                    return False
+            prev_out = outs[0]
+        return True
+
+    def _item_outputs(self, kind, obj) -> list[str]:
+        if kind == "node":
+            return [obj.id]
+        if kind == "child":
+            return self.io(obj)[1]
+        return self.io(obj[1][-1])[1]
+
+    def _item_inputs(self, kind, obj) -> list[str]:
+        if kind == "node":
+            return self.g.args(obj.id)
+        if kind == "child":
+            return self.io(obj)[0]
+        return self.io(obj[1][0])[0]
+
+    def _emit_item(self, i, kind, obj, path, names, ns, last_use) -> list[str]:
+        g = self.g
+        if kind == "loop":
+            attr, run = obj
+            (src,) = self.io(run[0])[0]
+            (dst,) = self.io(run[-1])[1]
+            var = names[src]
+            if last_use[src] > i:  # the input is still needed: thread a new name
+                var = ns.name(g.node(dst).var or "x", dst, i, last_use[dst])
+                head = [f"{var} = {names[src]}"]
+            else:
+                ns.holder[var] = dst
+                ns.last_use[var] = last_use[dst]
+                head = []
+            names[dst] = var
+            elem = "layer" if attr == "layers" else "block"
+            return [*head, f"for {elem} in self.{attr}:", f"    {var} = {elem}({var})"]
+        if kind == "child":
+            ins, outs = self.io(obj)
+            attr, index = self.attr_of(path, obj)
+            ref = f"self.{attr}" if index is None else f"self.{attr}[{index}]"
+            targets = [ns.name(g.node(o).var or attr, o, i, last_use[o]) for o in outs]
+            for o, t in zip(outs, targets):
+                names[o] = t
+            return [f"{', '.join(targets)} = {ref}({', '.join(names[a] for a in ins)})"]
+        node: Node = obj
+        if node.op == "split_part" and node.id in names:
+            return []  # bound by its fused_linear
+        op = ops.REGISTRY[node.op]
+        arg_names = [names[a] for a in g.args(node.id)]
+        if node.op == "fused_linear":
+            return self._emit_fused(i, node, arg_names, names, ns, last_use)
+        out = ns.name(node.var or node.name or node.op, node.id, i, last_use[node.id])
+        names[node.id] = out
+        ins = [g.node(a).shape for a in g.args(node.id)]
+        if node.op == "linear" and node.attrs.get("tie"):
+            node = attrs.evolve(node, attrs={**node.attrs, "tie_ref": f"self.{g.node(node.attrs['tie']).name}.weight"})
+        lines = op.forward(node, arg_names, out, f"self.{node.name}", ins)
+        if node.op != "attention_core":
+            lines[-1] += _provenance(node, always=False)
+        return lines
+
+    def _emit_fused(self, i, node, arg_names, names, ns, last_use) -> list[str]:
+        g = self.g
+        parts = [u for u in g.users(node.id) if g.node(u).op == "split_part"]
+        sizes = tuple(size for _name, size in node.attrs["parts"])
+        targets = []
+        for part in sorted(parts, key=lambda u: g.node(u).attrs["index"]):
+            pnode = g.node(part)
+            targets.append(ns.name(pnode.var or pnode.name, part, i, last_use[part]))
+            names[part] = targets[-1]
+        if len(parts) != len(sizes):  # some pieces were unused: keep the whole output
+            out = ns.name(node.name, node.id, i, last_use[node.id])
+            names[node.id] = out
+            return [f"{out} = self.{node.name}({arg_names[0]})"]
+        return [f"{', '.join(targets)} = self.{node.name}({arg_names[0]}).split({sizes!r}, dim=-1)"
+                f"{_provenance(node)}"]
+
+
+def _provenance(node: Node, always: bool = True) -> str:
+    if node.provenance:
+        return "  # fused: " + ", ".join(p.rsplit(" (", 1)[0].rsplit(".", 1)[-1] for p in node.provenance) + (
+            f" ({node.span.short})" if node.span else "")
+    if node.span is not None and always:
+        return f"  # {node.span.short}"
+    return ""
+
+
+def generate(graph: Graph, summary_lines: list[str] | None = None) -> GeneratedCode:
+    """The module source for `graph`; same graph, same text, byte for byte."""
+    cg = _Codegen(graph)
+    model_cls = cg.build("")
+    source_name = graph.meta.get("source", "<spec>").replace("\\", "/").rsplit("/", 1)[-1]
+    header = [
+        f'"""{model_cls} — generated by archc {__version__} from {source_name} '
+        f'(sha256 {graph.meta.get("sha256", "-")}). Do not edit.',
+        "",
+    ]
+    header += summary_lines or []
+    header += ['"""', "", "from __future__ import annotations", "", "import torch",
+               "import torch.nn.functional as F", "from torch import nn", "",
+               "from archc.runtime import functional as AF", ""]
+    chunks = ["\n".join(header)]
+    for name in cg.order:
+        chunks.append(f"\nclass {name}" + cg.class_text[name] + "\n")
+    source = "\n".join(chunks)
+    source = "\n".join(line.rstrip() for line in source.splitlines()) + "\n"
+    return GeneratedCode(source, model_cls, {})

@@ -1,0 +1,103 @@
+"""Composite ops: built-in blocks (attention, MLP, SwiGLU) expanded into primitive IR.
+
+Each composite becomes a scope (a class in the generated code) holding plain
+linears and one core op, so passes such as `fuse_projections` see through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+
+from archc.compiler.ir import Graph
+from archc.compiler.ops import ACTIVATIONS, REQUIRED, A, Width
+
+
+@attrs.frozen
+class Composite:
+    cls: str  # class name in generated code
+    default_name: str  # attribute name unless labelled with `as`
+    inputs: tuple[str, ...]
+    attrs: dict[str, A]
+    lower: Callable[..., str]  # (graph, args, values, path, names, span) -> output node id
+
+
+def _linear(graph: Graph, x: str, out, bias: bool, path: str, names, name: str, span) -> str:
+    return graph.add("linear", [x], {"out": out, "bias": bias, "tie": None}, scope=path,
+                     name=names.claim(name, False, span), span=span).id
+
+
+def _lower_mlp(graph, args, v, path, names, span) -> str:
+    (x,) = args
+    out = v["out"] if v["out"] is not None else Width(of=x)
+    h = _linear(graph, x, v["hidden"], v["bias"], path, names, "fc", span)
+    h = graph.add(v["act"], [h], {}, scope=path, name=v["act"], span=span, var="h").id
+    if v["dropout"]:
+        h = graph.add("dropout", [h], {"p": v["dropout"]}, scope=path, name="dropout", span=span, var="h").id
+    return _linear(graph, h, out, v["bias"], path, names, "proj", span)
+
+
+def _lower_swiglu(graph, args, v, path, names, span) -> str:
+    (x,) = args
+    out = v["out"] if v["out"] is not None else Width(of=x)
+    gate = _linear(graph, x, v["hidden"], v["bias"], path, names, "gate", span)
+    up = _linear(graph, x, v["hidden"], v["bias"], path, names, "up", span)
+    act = graph.add("silu", [gate], {}, scope=path, name="silu", span=span, var="gate").id
+    h = graph.add("mul", [act, up], {"scalar": None, "scalar_left": False}, scope=path, name="mul", span=span,
+                  var="h").id
+    return _linear(graph, h, out, v["bias"], path, names, "down", span)
+
+
+def _lower_attention(graph, args, v, path, names, span) -> str:
+    (x,) = args
+    heads = v["heads"]
+    kv_heads = v["kv_heads"] or heads
+    hd = v["head_dim"]
+    # Without an explicit head_dim, widths follow the input: q is as wide as x.
+    q_out = heads * hd if hd else Width()
+    kv_out = kv_heads * hd if hd else Width(kv_heads, heads)
+    q = _linear(graph, x, q_out, v["bias"], path, names, "q", span)
+    k = _linear(graph, x, kv_out, v["bias"], path, names, "k", span)
+    val = _linear(graph, x, kv_out, v["bias"], path, names, "v", span)
+    core = graph.add(
+        "attention_core", [q, k, val],
+        {"heads": heads, "kv_heads": kv_heads, "head_dim": hd, "causal": v["causal"], "rope": v["rope"],
+         "rope_theta": v["rope_theta"], "qk_norm": v["qk_norm"], "norm_eps": v["norm_eps"],
+         "dropout": v["dropout"], "kernel": None, "kernel_reason": None},
+        scope=path, name=names.claim("core", False, span), span=span, var="y",
+    ).id
+    out_bias = v["bias"] if v["out_bias"] is None else v["out_bias"]
+    # The output projection maps back to the width of the attention's input.
+    return _linear(graph, core, Width(of=x), out_bias, path, names, "o", span)
+
+
+_ACTS = tuple(ACTIVATIONS)
+
+COMPOSITES: dict[str, Composite] = {
+    "mlp": Composite("MLP", "mlp", ("x",), {
+        "hidden": A(int, positive=True),
+        "out": A((int, type(None)), None),
+        "act": A(str, "gelu", choices=_ACTS),
+        "bias": A(bool, True),
+        "dropout": A(float, 0.0, unit=True),
+    }, _lower_mlp),
+    "swiglu": Composite("SwiGLU", "mlp", ("x",), {
+        "hidden": A(int, positive=True),
+        "out": A((int, type(None)), None),
+        "bias": A(bool, False),
+    }, _lower_swiglu),
+    "attention": Composite("Attention", "attn", ("x",), {
+        "heads": A(int, positive=True),
+        "kv_heads": A((int, type(None)), None),
+        "head_dim": A((int, type(None)), None),
+        "causal": A(bool, True),
+        "rope": A(bool, False),
+        "rope_theta": A(float, 10000.0, positive=True),
+        "qk_norm": A(bool, False),
+        "norm_eps": A(float, 1e-6, positive=True),
+        "dropout": A(float, 0.0, unit=True),
+        "bias": A(bool, False),
+        "out_bias": A((bool, type(None)), None),
+    }, _lower_attention),
+}

@@ -1,0 +1,199 @@
+"""The graph IR: a networkx DiGraph of typed op nodes with symbolic shapes.
+
+Each node has one output value. Edges run from producer to consumer and carry
+`index`, the argument position. Nodes keep the source span they came from and,
+after fusion, the provenance of every node they replace. Module structure
+(blocks, composite ops, repeat steps) lives in `Graph.scopes`, keyed by the
+dotted path that becomes the state-dict prefix; a node's `scope` names the
+innermost one. Program order (`Node.order`) is a valid topological order and
+keeps everything deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import networkx as nx
+
+from archc.dsl.ast import Span
+
+Dim = int | str  # a size, or a symbol such as "B" or "T"
+Shape = tuple[Dim, ...]
+
+
+@attrs.define(eq=False)
+class Node:
+    id: str
+    op: str
+    attrs: dict[str, Any]
+    scope: str  # dotted path of the enclosing module ("" for the model)
+    name: str  # attribute name for ops with weights; variable hint otherwise
+    span: Span | None
+    order: float
+    shape: Shape | None = None
+    dtype: str = "float"  # float | long
+    provenance: tuple[str, ...] = ()  # "scope.name (file:line)" of nodes fused into this one
+    var: str = ""  # the spec variable this value was assigned to, a hint for generated names
+
+    @property
+    def path(self) -> str:
+        """The state-dict prefix of this node's weights."""
+        return f"{self.scope}.{self.name}" if self.scope else self.name
+
+
+@attrs.define(eq=False)
+class Scope:
+    """A module in the generated code: the model, a block, a composite op, or a repeat step."""
+
+    path: str
+    cls: str  # class name before deduplication (DecoderLayer, Attention, ...)
+    kind: str  # model | block | composite | step
+    span: Span | None
+    inputs: list[str] = attrs.Factory(list)  # node ids passed in, in argument order
+    arg_names: list[str] = attrs.Factory(list)  # parameter names for those inputs
+    outputs: list[str] = attrs.Factory(list)  # node ids returned
+    output_names: list[str] = attrs.Factory(list)
+    expected: list[tuple[str, Shape, Span]] = attrs.Factory(list)  # declared input shapes to check
+
+
+class Graph:
+    """The IR of one compiled spec."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.g = nx.DiGraph()
+        self.scopes: dict[str, Scope] = {}
+        self.outputs: list[tuple[str, str]] = []  # (output name, node id)
+        self.params: dict[str, Any] = {}  # spec parameters after overrides
+        self.meta: dict[str, Any] = {}  # source name, sha, families ...
+        self._next = 0
+
+    # construction
+    def add(self, op: str, args: list[str], attrs_: dict[str, Any], *, scope: str, name: str,
+            span: Span | None, dtype: str = "float", order: float | None = None, var: str = "") -> Node:
+        node_id = f"n{self._next}"
+        self._next += 1
+        node = Node(node_id, op, dict(attrs_), scope, name, span,
+                    float(self._next) if order is None else order, dtype=dtype, var=var)
+        self.g.add_node(node_id, node=node)
+        for i, arg in enumerate(args):
+            self.g.add_edge(arg, node_id, index=i)
+        return node
+
+    def remove(self, node_id: str) -> None:
+        self.g.remove_node(node_id)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Point every consumer of `old` (and graph outputs) at `new`."""
+        for user in list(self.g.successors(old)):
+            index = self.g.edges[old, user]["index"]
+            self.g.remove_edge(old, user)
+            self.g.add_edge(new, user, index=index)
+        self.outputs = [(n, new if v == old else v) for n, v in self.outputs]
+        for scope in self.scopes.values():
+            scope.outputs = [new if v == old else v for v in scope.outputs]
+
+    # queries
+    def node(self, node_id: str) -> Node:
+        return self.g.nodes[node_id]["node"]
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self.g
+
+    def args(self, node_id: str) -> list[str]:
+        preds = sorted(self.g.in_edges(node_id, data="index"), key=lambda e: e[2])
+        return [src for src, _dst, _i in preds]
+
+    def users(self, node_id: str) -> list[str]:
+        return sorted(self.g.successors(node_id), key=lambda n: self.node(n).order)
+
+    def nodes(self) -> list[Node]:
+        """All nodes in program order (a topological order)."""
+        return sorted((d["node"] for _, d in self.g.nodes(data=True)), key=lambda n: n.order)
+
+    def copy(self) -> "Graph":
+        new = Graph(self.name)
+        new.g = nx.DiGraph()
+        for node in self.nodes():
+            new.g.add_node(node.id, node=attrs.evolve(node, attrs=dict(node.attrs)))
+        new.g.add_edges_from(self.g.edges(data=True))
+        new.scopes = {
+            p: attrs.evolve(s, inputs=list(s.inputs), arg_names=list(s.arg_names), outputs=list(s.outputs),
+                            output_names=list(s.output_names), expected=list(s.expected))
+            for p, s in self.scopes.items()
+        }
+        new.outputs = list(self.outputs)
+        new.params = dict(self.params)
+        new.meta = dict(self.meta)
+        new._next = self._next
+        return new
+
+    def to_text(self) -> str:
+        """One node per line: `%n3 = linear(%n2) {out=64} : [B, T, 64]  @scope.name  # file:line:col`."""
+        lines = [f"graph {self.name}"]
+        for node in self.nodes():
+            args = ", ".join(f"%{a}" for a in self.args(node.id))
+            attr_text = ", ".join(f"{k}={_fmt(v)}" for k, v in node.attrs.items())
+            shape = "?" if node.shape is None else "[" + ", ".join(str(d) for d in node.shape) + "]"
+            if node.dtype != "float":
+                shape = f"{node.dtype}{shape}"
+            line = f"  %{node.id} = {node.op}({args})"
+            if attr_text:
+                line += f" {{{attr_text}}}"
+            line += f" : {shape}  @{node.path}"
+            if node.span is not None:
+                line += f"  # {node.span.short}:{node.span.column}"
+            if node.provenance:
+                line += f"  fused[{', '.join(node.provenance)}]"
+            lines.append(line)
+        outs = ", ".join(f"{name}=%{nid}" for name, nid in self.outputs)
+        lines.append(f"  return {outs}")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class IRError(Exception):
+    """The IR broke an invariant: a bug in a pass, not in the user's spec."""
+
+
+def verify(graph: Graph, *, folded: bool = False, shaped: bool = False) -> None:
+    """Check the IR's invariants; raise IRError naming the node and the fix."""
+    from archc.compiler import ops
+    from archc.compiler.scalars import Unfolded
+
+    if not nx.is_directed_acyclic_graph(graph.g):
+        cycle = nx.find_cycle(graph.g)
+        raise IRError(f"the IR has a cycle through {cycle}; passes must keep it acyclic")
+    for node in graph.nodes():
+        if node.op not in ops.REGISTRY:
+            raise IRError(f"node %{node.id} has unknown op {node.op!r}")
+        for arg in graph.args(node.id):
+            if graph.node(arg).order >= node.order:
+                raise IRError(
+                    f"node %{node.id} ({node.op}) uses %{arg}, which comes later in program order; "
+                    "a pass that inserts nodes must give them an order before their users"
+                )
+        indices = sorted(i for _s, _d, i in graph.g.in_edges(node.id, data="index"))
+        if indices != list(range(len(indices))):
+            raise IRError(f"node %{node.id} ({node.op}) has argument indices {indices}; expected 0..n-1")
+        if node.scope and node.scope not in graph.scopes:
+            raise IRError(f"node %{node.id} is in unknown scope {node.scope!r}")
+        if folded and any(isinstance(v, Unfolded) for v in node.attrs.values()):
+            raise IRError(f"node %{node.id} ({node.op}) still has unfolded attributes after fold_params")
+        if shaped and node.shape is None:
+            raise IRError(f"node %{node.id} ({node.op}) has no shape after infer_shapes")
+    for name, node_id in graph.outputs:
+        if node_id not in graph.g:
+            raise IRError(f"output {name!r} refers to removed node %{node_id}")

@@ -1,0 +1,545 @@
+"""Lower the typed AST of a spec (and the files it `use`s) to the graph IR.
+
+Lowering unrolls `repeat`, decides `if` conditions, inlines blocks into
+scopes and expands composite ops (composites.py). Attributes of primitive ops
+stay as expressions (`Unfolded`) for the `fold_params` pass; shapes are left
+to `infer_shapes`. Every name, type and call is checked here, and every
+problem is a `SpecError` located in the spec.
+"""
+
+from __future__ import annotations
+
+import ast as pyast
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from archc.compiler import composites, ops
+from archc.compiler.ir import Graph, Scope
+from archc.compiler.scalars import BUILTINS, Unfolded, coerce, evaluate, scalar_op, type_name
+from archc.dsl import ast
+from archc.dsl.diagnostics import SpecError, did_you_mean
+from archc.dsl.parser import parse, parse_file
+
+TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float"}
+# Attribute names nn.Module already uses; a module named so would shadow them.
+RESERVED = frozenset({
+    "forward", "training", "to", "cuda", "cpu", "float", "half", "double", "type", "train", "eval",
+    "parameters", "buffers", "children", "modules", "state_dict", "load_state_dict", "apply",
+    "register_buffer", "register_parameter", "add_module", "zero_grad", "named_parameters",
+    "named_buffers", "named_children", "named_modules", "requires_grad_", "extra_repr", "get_submodule",
+    "get_parameter", "get_buffer", "share_memory", "bfloat16", "dump_patches", "call_super_init", "self",
+})
+
+
+@attrs.frozen
+class TensorRef:
+    node: str
+
+
+@attrs.define
+class Spec:
+    """A parsed spec with everything it `use`s."""
+
+    module: ast.Module
+    modules: list[ast.Module]  # the main module first
+    blocks: dict[str, tuple[ast.BlockDef, ast.Module]]
+
+    @property
+    def model(self) -> ast.BlockDef:
+        models = [b for b in self.module.blocks if b.is_model]
+        if not models:
+            raise SpecError(f"{self.module.source.name} defines no `model`; write `model Name(tokens: Tokens[B, T]) {{ ... }}`")
+        if len(models) > 1:
+            raise SpecError("a spec defines exactly one `model`", models[1].span,
+                            notes=[("the first one is here", models[0].span)])
+        return models[0]
+
+
+def load_spec(path_or_text: str | Path, name: str | None = None) -> Spec:
+    """Parse a spec file (or text) and everything it `use`s, rejecting cycles and clashes."""
+    if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and path_or_text.endswith(".arch")
+                                          and "\n" not in path_or_text):
+        main = parse_file(path_or_text)
+        base = Path(path_or_text).parent
+    else:
+        main = parse(str(path_or_text), name or "<spec>")
+        base = Path(".")
+    modules: list[ast.Module] = []
+    blocks: dict[str, tuple[ast.BlockDef, ast.Module]] = {}
+    _load(main, base, modules, blocks, stack=[str(Path(main.source.name))])
+    return Spec(main, modules, blocks)
+
+
+def _load(module, base, modules, blocks, stack) -> None:
+    modules.append(module)
+    for block in module.blocks:
+        if block.name in blocks:
+            other = blocks[block.name][0]
+            raise SpecError(f"block `{block.name}` is defined twice", block.span,
+                            notes=[("the other definition is here", other.span)])
+        if block.name in ops.REGISTRY or block.name in composites.COMPOSITES:
+            raise SpecError(f"block `{block.name}` has the name of a built-in op", block.span)
+        blocks[block.name] = (block, module)
+    for use in module.uses:
+        target = (base / use.path)
+        key = str(target)
+        if key in stack:
+            chain = " -> ".join([*stack[stack.index(key):], key])
+            raise SpecError(f"`use` cycle: {chain}", use.span)
+        if any(m.source.name == key for m in modules):
+            continue  # already loaded through another path
+        if not target.exists():
+            raise SpecError(f"`use` of a missing file: {use.path} (looked for {target})", use.span)
+        sub = parse_file(target)
+        _load(sub, target.parent, modules, blocks, [*stack, key])
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`name=value` from `-D`; the value is read as a literal (never executed)."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise SpecError(f"bad override {text!r}: expected -D name=value, e.g. -D d_model=512")
+    raw = raw.strip()
+    if raw in ("true", "false"):
+        return name, raw == "true"
+    try:
+        value = pyast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string
+    if not isinstance(value, (int, float, bool, str)):
+        raise SpecError(f"bad override {text!r}: the value must be a number, true/false or a string")
+    return name, value
+
+
+def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the main spec's parameters in order, applying type-checked overrides."""
+    decls = {p.name: p for p in spec.module.params}
+    for name in overrides:
+        if name not in decls:
+            raise SpecError(f"unknown parameter `{name}` in override", None,
+                            hint=did_you_mean(name, decls) or f"the spec's parameters are: {', '.join(decls) or 'none'}")
+    env: dict[str, Any] = {}
+    for decl in spec.module.params:
+        if decl.name in env:
+            raise SpecError(f"parameter `{decl.name}` is declared twice", decl.span)
+        if decl.name in overrides:
+            value = overrides[decl.name]
+            try:
+                env[decl.name] = coerce(value, decl.type.name, decl.type.span, f"`{decl.name}`")
+            except SpecError as err:
+                raise SpecError(
+                    f"bad override -D {decl.name}={value!r}: `{decl.name}` is declared {decl.type.name}",
+                    decl.span, hint=err.hint) from None
+        else:
+            env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
+                                    f"parameter `{decl.name}`")
+    return env
+
+
+def _module_params(module: ast.Module) -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    for decl in module.params:
+        env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
+                                f"parameter `{decl.name}`")
+    return env
+
+
+class _Names:
+    """Attribute names inside one module: explicit labels must be unique, defaults get _1, _2."""
+
+    def __init__(self) -> None:
+        self.taken: dict[str, Any] = {}
+
+    def claim(self, name: str, explicit: bool, span) -> str:
+        if explicit:
+            if name in RESERVED:
+                raise SpecError(f"`{name}` cannot name a module: nn.Module already uses it", span)
+            if name in self.taken:
+                raise SpecError(f"the name `{name}` is already used in this block", span)
+            self.taken[name] = span
+            return name
+        candidate, i = name, 0
+        while candidate in self.taken or candidate in RESERVED:
+            i += 1
+            candidate = f"{name}_{i}"
+        self.taken[candidate] = span
+        return candidate
+
+
+@attrs.define
+class _Frame:
+    """One block body being lowered."""
+
+    scope: str
+    module: ast.Module
+    names: _Names
+    labels: dict[str, str]  # label -> node id (for tie=)
+    env: dict[str, Any]
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+class Lowerer:
+    def __init__(self, spec: Spec, params: dict[str, Any]) -> None:
+        self.spec = spec
+        self.graph = Graph(spec.model.name)
+        self.graph.params = dict(params)
+        self.module_env = {id(spec.module): params}
+        for module in spec.modules[1:]:
+            self.module_env[id(module)] = _module_params(module)
+        self.call_stack: list[str] = []
+        self.names: dict[str, _Names] = {}
+
+    # ---- entry ---------------------------------------------------------------
+
+    def lower(self) -> Graph:
+        model = self.spec.model
+        g = self.graph
+        g.scopes[""] = Scope("", model.name, "model", model.span)
+        self.names[""] = _Names()
+        env = dict(self.module_env[id(self.spec.module)])
+        frame = _Frame("", self.spec.module, self.names[""], {}, env)
+        for p in model.params:
+            if isinstance(p.type, ast.TensorType):
+                kind = p.type.kind
+                if kind not in TENSOR_KINDS:
+                    raise SpecError(f"unknown tensor type `{kind}`", p.type.span,
+                                    hint=did_you_mean(kind, TENSOR_KINDS) or f"use one of {', '.join(TENSOR_KINDS)}")
+                dims = self._dims(p.type, env)
+                node = g.add("input", [], {"kind": kind, "dims": list(dims)}, scope="", name=p.name,
+                             span=p.span, dtype=TENSOR_KINDS[kind], var=p.name)
+                env[p.name] = TensorRef(node.id)
+                g.scopes[""].inputs.append(node.id)
+                g.scopes[""].arg_names.append(p.name)
+            else:
+                env[p.name] = self._param_default(p, env)
+        self.call_stack.append(model.name)
+        returned = self._body(model.body, frame)
+        if not returned:
+            raise SpecError(f"model `{model.name}` returns nothing; end it with `return logits, loss`", model.span)
+        for i, (expr, value) in enumerate(returned):
+            if not isinstance(value, TensorRef):
+                raise SpecError("a model returns tensors", expr.span)
+            name = expr.id if isinstance(expr, ast.Name) else f"out{i}"
+            if any(n == name for n, _ in g.outputs):
+                raise SpecError(f"output `{name}` is returned twice", expr.span)
+            g.outputs.append((name, value.node))
+        g.meta["source"] = self.spec.module.source.name
+        g.meta["sha256"] = hashlib.sha256(
+            "\n".join(m.source.text for m in self.spec.modules).encode()
+        ).hexdigest()[:12]
+        return g
+
+    def _param_default(self, p: ast.Param, env) -> Any:
+        if p.default is None:
+            raise SpecError(f"model parameter `{p.name}` needs a default", p.span)
+        return coerce(evaluate(p.default, env), p.type.name, p.default.span, f"`{p.name}`")
+
+    def _dims(self, t: ast.TensorType, env) -> tuple:
+        dims = []
+        for d in t.dims:
+            if isinstance(d, ast.Name) and (d.id not in env or isinstance(env[d.id], TensorRef)):
+                dims.append(d.id)  # a symbol such as B or T
+            else:
+                value = evaluate(d, env)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise SpecError(f"a dimension must be a positive int or a symbol, got {value!r}", d.span)
+                dims.append(value)
+        return tuple(dims)
+
+    # ---- statements ----------------------------------------------------------
+
+    def _body(self, stmts, frame: _Frame) -> list[tuple[ast.Expr, Any]] | None:
+        for i, stmt in enumerate(stmts):
+            result = self._stmt(stmt, frame)
+            if result is not None:
+                if i != len(stmts) - 1:
+                    raise SpecError("statements after `return` are never run", stmts[i + 1].span)
+                return result
+        return None
+
+    def _stmt(self, stmt, frame: _Frame):
+        env = frame.env
+        if isinstance(stmt, ast.Assign):
+            value = self._expr(stmt.value, frame)
+            if isinstance(value, TensorRef):
+                node = self.graph.node(value.node)
+                if not node.var:
+                    node.var = stmt.target
+            env[stmt.target] = value
+        elif isinstance(stmt, ast.AugAssign):
+            old = env.get(stmt.target)
+            if old is None:
+                raise SpecError(f"`{stmt.target} += ...` needs `{stmt.target}` to exist first", stmt.span,
+                                hint=did_you_mean(stmt.target, env))
+            update = self._expr(stmt.value, frame)
+            if isinstance(old, TensorRef) and isinstance(update, TensorRef):
+                node = self.graph.add("add", [old.node, update.node], {}, scope=frame.scope, name="add",
+                                      span=stmt.span, var=stmt.target)
+                env[stmt.target] = TensorRef(node.id)
+            elif not isinstance(old, TensorRef) and not isinstance(update, TensorRef):
+                env[stmt.target] = scalar_op("+", old, update, stmt.span)
+            else:
+                raise SpecError(f"`+=` mixes a tensor and a {type_name(update if isinstance(old, TensorRef) else old)}",
+                                stmt.span)
+        elif isinstance(stmt, ast.Repeat):
+            self._repeat(stmt, frame)
+        elif isinstance(stmt, ast.If):
+            for cond, body in stmt.branches:
+                value = evaluate(cond, env)
+                if not isinstance(value, bool):
+                    raise SpecError(f"an `if` condition must be true or false, got {type_name(value)}", cond.span)
+                if value:
+                    return self._body(body, frame)
+            return self._body(stmt.orelse, frame)
+        elif isinstance(stmt, ast.Return):
+            return [(e, self._expr(e, frame)) for e in stmt.values]
+        return None
+
+    def _repeat(self, stmt: ast.Repeat, frame: _Frame) -> None:
+        start, stop = evaluate(stmt.start, frame.env), evaluate(stmt.stop, frame.env)
+        for bound, expr in ((start, stmt.start), (stop, stmt.stop)):
+            if not isinstance(bound, int) or isinstance(bound, bool):
+                raise SpecError(f"`repeat` bounds must be ints, got {type_name(bound)}", expr.span)
+        if stop - start > 10_000:
+            raise SpecError(f"`repeat` of {stop - start} steps is more than the 10000 allowed", stmt.span)
+        attr = frame.names.claim(stmt.name or "layers", stmt.name is not None, stmt.span)
+        for i in range(start, stop):
+            path = f"{frame.scope}.{attr}.{i}" if frame.scope else f"{attr}.{i}"
+            self.graph.scopes[path] = Scope(path, _camel(attr) + "Step", "step", stmt.span)
+            self.names[path] = _Names()
+            first_node = self.graph._next
+            step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
+            frame.env[stmt.var] = i
+            if self._body(stmt.body, step) is not None:
+                raise SpecError("`return` cannot appear inside `repeat`", stmt.span)
+            self._collapse_step(path, first_node)
+        frame.env.pop(stmt.var, None)
+
+    def _collapse_step(self, path: str, first_node: int) -> None:
+        """A step whose only content is one block call becomes that block itself."""
+        g = self.graph
+        new_nodes = [n for n in g.nodes() if int(n.id[1:]) >= first_node]
+        children = [p for p in g.scopes if p.startswith(path + ".") and "." not in p[len(path) + 1:]]
+        direct = [n for n in new_nodes if n.scope == path]
+        if len(children) != 1 or direct:
+            return
+        child = children[0]
+        child_scope = g.scopes[child]
+        if child_scope.kind != "block":
+            return
+        del g.scopes[path]
+        for p in [p for p in g.scopes if p == child or p.startswith(child + ".")]:
+            scope = g.scopes.pop(p)
+            scope.path = path + p[len(child):]
+            g.scopes[scope.path] = scope
+        for n in new_nodes:
+            if n.scope == child or n.scope.startswith(child + "."):
+                n.scope = path + n.scope[len(child):]
+        for p in [p for p in self.names if p == child or p.startswith(child + ".")]:
+            self.names[path + p[len(child):]] = self.names.pop(p)
+
+    # ---- expressions ---------------------------------------------------------
+
+    def _expr(self, expr, frame: _Frame) -> Any:
+        if isinstance(expr, ast.Name):
+            if expr.id not in frame.env:
+                known = list(frame.env) + list(frame.labels)
+                raise SpecError(f"unknown name `{expr.id}`", expr.span, hint=did_you_mean(expr.id, known))
+            return frame.env[expr.id]
+        if isinstance(expr, ast.Call):
+            return self._call(expr, frame)
+        if isinstance(expr, ast.BinOp):
+            left, right = self._expr(expr.left, frame), self._expr(expr.right, frame)
+            if not isinstance(left, TensorRef) and not isinstance(right, TensorRef):
+                return scalar_op(expr.op, left, right, expr.span)
+            return self._tensor_binop(expr, left, right, frame)
+        if isinstance(expr, ast.UnaryOp):
+            value = self._expr(expr.operand, frame)
+            if isinstance(value, TensorRef):
+                if expr.op != "-":
+                    raise SpecError("`not` needs true/false, not a tensor", expr.span)
+                node = self.graph.add("mul", [value.node], {"scalar": -1, "scalar_left": True},
+                                      scope=frame.scope, name="neg", span=expr.span)
+                return TensorRef(node.id)
+        return evaluate(expr, {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)})
+
+    def _tensor_binop(self, expr: ast.BinOp, left, right, frame: _Frame) -> TensorRef:
+        op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}.get(expr.op)
+        if op is None:
+            raise SpecError(f"`{expr.op}` is not defined for tensors; use + - * /", expr.span)
+        if isinstance(left, TensorRef) and isinstance(right, TensorRef):
+            node = self.graph.add(op, [left.node, right.node], {}, scope=frame.scope, name=op, span=expr.span)
+        else:
+            tensor, scalar = (left, right) if isinstance(left, TensorRef) else (right, left)
+            if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+                raise SpecError(f"cannot {op} a tensor and a {type_name(scalar)}", expr.span)
+            node = self.graph.add(op, [tensor.node], {"scalar": scalar, "scalar_left": tensor is right},
+                                  scope=frame.scope, name=op, span=expr.span)
+        return TensorRef(node.id)
+
+    def _call(self, call: ast.Call, frame: _Frame) -> Any:
+        if call.func in self.spec.blocks:
+            return self._call_block(call, frame)
+        if call.func in composites.COMPOSITES:
+            return self._call_composite(call, frame)
+        op = ops.REGISTRY.get(call.func)
+        if op is not None and op.user:
+            return self._call_op(op, call, frame)
+        if call.func in BUILTINS:
+            return evaluate(call, {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)})
+        known = [*self.spec.blocks, *composites.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
+        raise SpecError(f"unknown op or block `{call.func}`", call.func_span, hint=did_you_mean(call.func, known))
+
+    def _bind(self, call: ast.Call, names: list[str], what: str) -> dict[str, ast.Expr]:
+        """Match a call's arguments to parameter names; unknown keywords get a did-you-mean."""
+        if len(call.args) > len(names):
+            raise SpecError(f"{what} takes at most {len(names)} positional arguments "
+                            f"({', '.join(names)}), got {len(call.args)}", call.args[len(names)].span)
+        bound = dict(zip(names, call.args))
+        for kw in call.kwargs:
+            if kw.name not in names:
+                raise SpecError(f"{what} has no argument `{kw.name}`", kw.span,
+                                hint=did_you_mean(kw.name, names) or f"its arguments are: {', '.join(names)}")
+            if kw.name in bound:
+                raise SpecError(f"argument `{kw.name}` is given twice", kw.span)
+            bound[kw.name] = kw.value
+        return bound
+
+    def _tensor_arg(self, expr: ast.Expr, frame: _Frame, what: str) -> TensorRef:
+        value = self._expr(expr, frame)
+        if not isinstance(value, TensorRef):
+            raise SpecError(f"{what} must be a tensor, got {type_name(value)} {value!r}", expr.span)
+        return value
+
+    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame) -> TensorRef:
+        bound = self._bind(call, [*op.inputs, *op.attrs], f"`{op.name}`")
+        args = []
+        for name in op.inputs:
+            if name not in bound:
+                raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
+            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of `{op.name}`").node)
+        scalars = {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)}
+        attrs_: dict[str, Any] = {}
+        for name, spec in op.attrs.items():
+            if name == "tie" and name in bound:
+                attrs_[name] = self._tie_target(bound[name], frame)
+            elif name in bound:
+                attrs_[name] = Unfolded(bound[name], scalars)
+            elif spec.default is ops.REQUIRED:
+                raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
+            else:
+                attrs_[name] = spec.default
+        name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if not op.pure \
+            else (call.label or op.name)
+        node = self.graph.add(op.name, args, attrs_, scope=frame.scope, name=name, span=call.span)
+        if call.label:
+            frame.labels[call.label] = node.id
+        return TensorRef(node.id)
+
+    def _tie_target(self, expr: ast.Expr, frame: _Frame) -> str:
+        if not isinstance(expr, ast.Name) or expr.id not in frame.labels:
+            name = expr.id if isinstance(expr, ast.Name) else "?"
+            raise SpecError(
+                "`tie=` names an embedding labelled with `as` in this block, e.g. "
+                "`embedding(tokens, vocab, d) as wte` ... `linear(x, vocab, tie=wte)`",
+                expr.span, hint=did_you_mean(name, frame.labels))
+        target = self.graph.node(frame.labels[expr.id])
+        if target.op != "embedding":
+            raise SpecError(f"`tie=` must name an embedding, but `{expr.id}` is a {target.op}", expr.span)
+        return target.id
+
+    def _call_composite(self, call: ast.Call, frame: _Frame) -> TensorRef:
+        comp = composites.COMPOSITES[call.func]
+        bound = self._bind(call, [*comp.inputs, *comp.attrs], f"`{call.func}`")
+        args = []
+        for name in comp.inputs:
+            if name not in bound:
+                raise SpecError(f"`{call.func}` needs its `{name}` argument", call.span)
+            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of `{call.func}`").node)
+        scalars = {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)}
+        values: dict[str, Any] = {}
+        for name, spec in comp.attrs.items():
+            if name in bound:
+                value = evaluate(bound[name], scalars)
+                problem = spec.check(name, value)
+                if problem:
+                    raise SpecError(f"`{call.func}`: {problem}", bound[name].span)
+                if spec.type is float or (isinstance(spec.type, tuple) and float in spec.type):
+                    value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+                values[name] = value
+            elif spec.default is ops.REQUIRED:
+                raise SpecError(f"`{call.func}` needs its `{name}` argument", call.span)
+            else:
+                values[name] = spec.default
+        attr = frame.names.claim(call.label or comp.default_name, call.label is not None, call.span)
+        path = f"{frame.scope}.{attr}" if frame.scope else attr
+        self.graph.scopes[path] = Scope(path, comp.cls, "composite", call.span, inputs=list(args),
+                                        arg_names=list(comp.inputs))
+        self.names[path] = _Names()
+        out = comp.lower(self.graph, args, values, path, self.names[path], call.span)
+        self.graph.scopes[path].outputs = [out]
+        return TensorRef(out)
+
+    def _call_block(self, call: ast.Call, frame: _Frame) -> Any:
+        block, module = self.spec.blocks[call.func]
+        if block.is_model:
+            raise SpecError(f"`{call.func}` is a model; only blocks can be called", call.func_span)
+        if call.func in self.call_stack:
+            chain = " -> ".join([*self.call_stack[self.call_stack.index(call.func):], call.func])
+            raise SpecError(f"block `{call.func}` calls itself: {chain}", call.func_span)
+        bound = self._bind(call, [p.name for p in block.params], f"block `{block.name}`")
+        env = dict(self.module_env[id(module)])
+        attr = frame.names.claim(call.label or snake(block.name), call.label is not None, call.span)
+        path = f"{frame.scope}.{attr}" if frame.scope else attr
+        scope = Scope(path, block.name, "block", block.span)
+        caller_scalars = {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)}
+        for p in block.params:
+            if isinstance(p.type, ast.TensorType):
+                if p.name not in bound:
+                    raise SpecError(f"block `{block.name}` needs its tensor argument `{p.name}`", call.span)
+                ref = self._tensor_arg(bound[p.name], frame, f"`{p.name}` of `{block.name}`")
+                env[p.name] = ref
+                scope.inputs.append(ref.node)
+                scope.arg_names.append(p.name)
+            elif p.name in bound:
+                value = evaluate(bound[p.name], caller_scalars)
+                env[p.name] = coerce(value, p.type.name, bound[p.name].span, f"`{p.name}` of `{block.name}`")
+            elif p.default is not None:
+                env[p.name] = coerce(evaluate(p.default, env), p.type.name, p.default.span, f"`{p.name}`")
+            else:
+                raise SpecError(f"block `{block.name}` needs its argument `{p.name}`", call.span)
+        for p in block.params:
+            if isinstance(p.type, ast.TensorType):
+                if p.type.kind not in TENSOR_KINDS:
+                    raise SpecError(f"unknown tensor type `{p.type.kind}`", p.type.span,
+                                    hint=did_you_mean(p.type.kind, TENSOR_KINDS))
+                scope.expected.append((env[p.name].node, self._dims(p.type, env), p.type.span))
+        self.graph.scopes[path] = scope
+        self.names[path] = _Names()
+        self.call_stack.append(block.name)
+        returned = self._body(block.body, _Frame(path, module, self.names[path], {}, env))
+        self.call_stack.pop()
+        if not returned:
+            raise SpecError(f"block `{block.name}` returns nothing; end it with `return x`", block.span)
+        if len(returned) != 1 or not isinstance(returned[0][1], TensorRef):
+            raise SpecError("a block returns one tensor", returned[0][0].span)
+        expr, value = returned[0]
+        scope.outputs = [value.node]
+        scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out"]
+        return value
+
+
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
+
+
+def lower(spec: Spec, params: dict[str, Any]) -> Graph:
+    return Lowerer(spec, params).lower()

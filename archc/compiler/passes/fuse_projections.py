@@ -1,0 +1,59 @@
+"""fuse_projections: linears that read the same input become one wider matmul.
+
+Q/K/V of attention and gate/up of SwiGLU each turn into one `fused_linear`
+followed by `split_part` nodes; the fused node keeps the provenance of the
+linears it replaces, and their names for loading unfused weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from archc.compiler.ir import Graph
+
+
+def fuse_projections(graph: Graph, options=None) -> Graph:
+    """Invariant after: no two untied linears in one scope read the same input with the same bias flag."""
+    graph = graph.copy()
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for node in graph.nodes():
+        if node.op == "linear" and not node.attrs.get("tie"):
+            (src,) = graph.args(node.id)
+            groups[(node.scope, src, node.attrs["bias"])].append(node.id)
+    taken = {(n.scope, n.name) for n in graph.nodes()}
+    for (scope, src, bias), members in groups.items():
+        if len(members) < 2:
+            continue
+        parts = [graph.node(m) for m in members]
+        name = _fused_name([p.name for p in parts])
+        base, i = name, 0
+        while (scope, name) in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add((scope, name))
+        order = (graph.node(src).order + parts[0].order) / 2
+        fused = graph.add(
+            "fused_linear", [src],
+            {"parts": [[p.name, p.attrs["out"]] for p in parts], "bias": bias},
+            scope=scope, name=name, span=parts[0].span, order=order, var=name,
+        )
+        fused.provenance = tuple(
+            f"{p.path} ({p.span.short})" if p.span else p.path for p in parts
+        )
+        fused.shape = (*graph.node(src).shape[:-1], sum(p.attrs["out"] for p in parts)) \
+            if graph.node(src).shape is not None else None
+        start = 0
+        for index, part in enumerate(parts):
+            piece = graph.add(
+                "split_part", [fused.id], {"index": index, "start": start, "size": part.attrs["out"]},
+                scope=scope, name=part.name, span=part.span, order=part.order, var=part.var or part.name,
+            )
+            piece.shape = part.shape
+            start += part.attrs["out"]
+            graph.replace_uses(part.id, piece.id)
+            graph.remove(part.id)
+    return graph
+
+
+def _fused_name(names: list[str]) -> str:
+    return "".join(names) if all(len(n) == 1 for n in names) else "_".join(names)

@@ -1,0 +1,292 @@
+"""Parse .arch text into the typed AST (ast.py), turning Lark errors into SpecErrors."""
+
+from __future__ import annotations
+
+import ast as pyast
+import functools
+from pathlib import Path
+
+import lark
+from lark import Token, Transformer, v_args
+
+from archc.dsl import ast
+from archc.dsl.ast import SourceFile, Span
+from archc.dsl.diagnostics import SpecError, expected_words
+
+KEYWORDS = {
+    "use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else",
+    "return", "true", "false", "and", "or", "not",
+}
+
+
+@functools.cache
+def _lark() -> lark.Lark:
+    return lark.Lark.open(
+        "grammar.lark",
+        rel_to=__file__,
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def parse(text: str, name: str = "<spec>") -> ast.Module:
+    """Parse spec text; `name` is what diagnostics call the file."""
+    source = SourceFile(name, text)
+    try:
+        tree = _lark().parse(text)
+    except lark.exceptions.UnexpectedInput as err:
+        raise _syntax_error(err, source) from None
+    try:
+        return _ToAst(source).transform(tree)
+    except lark.exceptions.VisitError as err:  # unwrap, so no Lark frames reach users
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc from None
+        raise
+
+
+def parse_file(path: str | Path) -> ast.Module:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"no such spec file: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"cannot read spec file {path}: {err}") from None
+    return parse(text, str(path))
+
+
+# ---- syntax errors -----------------------------------------------------------
+
+
+def _describe(token: Token) -> str:
+    if token.type == "$END":
+        return "the end of the file"
+    if token.type in ("NAME",):
+        return f"name `{token}`"
+    if token.type == "NUMBER":
+        return f"number {token}"
+    if token.type == "STRING":
+        return f"string {token}"
+    if token.value in KEYWORDS:
+        return f"keyword `{token}`"
+    return f'"{token}"'
+
+
+def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> SpecError:
+    line, column = max(err.line, 1), max(err.column, 1)
+    if isinstance(err, lark.exceptions.UnexpectedCharacters):
+        char = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
+        span = Span(source, line, column, line, column + 1)
+        if char == '"':
+            return SpecError("unterminated string: a string must close with `\"` on the same line", span)
+        return SpecError(f"unexpected character {char!r}", span, hint=_char_hint(char))
+    token: Token = err.token
+    expected = set(getattr(err, "expected", ()) or ())
+    if token.type == "$END":
+        lines = source.text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+        span = Span(source, line, column, line, column + 1)
+        if "RBRACE" in expected:
+            return SpecError("the file ended inside a block: a closing `}` is missing", span)
+        return SpecError(f"the file ended early; expected {expected_words(expected)}", span)
+    width = len(str(token)) or 1
+    span = Span(source, line, column, line, column + width)
+    if token.value in KEYWORDS and "NAME" in expected:
+        return SpecError(f"`{token}` is a reserved word and cannot be used as a name", span)
+    message = f"unexpected {_describe(token)}; expected {expected_words(expected)}"
+    hint = None
+    if token.type == "EQUAL" and "EQUAL" not in expected:
+        hint = "a statement is `name = expression`; to compare values use `==`"
+    elif expected >= {"EQUAL", "PLUS_EQUAL"}:
+        hint = "statements are assignments (`x = f(x)`), residual updates (`x += f(x)`), `repeat`, `if` or `return`"
+    elif "COLON" in expected and token.type in ("EQUAL", "RPAR", "COMMA"):
+        hint = "parameters need a type, as in `d_model: int = 512`"
+    return SpecError(message, span, hint=hint)
+
+
+def _char_hint(char: str) -> str | None:
+    if char == "'":
+        return 'strings use double quotes: "like this"'
+    if char == ";":
+        return "statements need no separator; put each on its own line"
+    return None
+
+
+# ---- tree -> AST -------------------------------------------------------------
+
+
+def _span(source: SourceFile, meta) -> Span:
+    return Span(source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _tok_span(source: SourceFile, tok: Token) -> Span:
+    return Span(source, tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    def __init__(self, source: SourceFile) -> None:
+        super().__init__()
+        self.source = source
+
+    def _s(self, meta) -> Span:
+        return _span(self.source, meta)
+
+    # expressions
+    def number(self, meta, c):
+        text = str(c[0])
+        try:
+            value = int(text) if text.isdigit() else float(text)
+        except ValueError:  # pragma: no cover - the grammar admits only valid numbers
+            raise SpecError(f"bad number {text}", self._s(meta)) from None
+        return ast.Num(value, self._s(meta))
+
+    def string(self, meta, c):
+        # The grammar admits only "..." with backslash escapes; literal_eval reads
+        # exactly that and never executes anything.
+        try:
+            value = pyast.literal_eval(str(c[0]))
+        except (ValueError, SyntaxError):
+            raise SpecError("malformed string literal", self._s(meta)) from None
+        return ast.Str(value, self._s(meta))
+
+    def true(self, meta, c):
+        return ast.Bool(True, self._s(meta))
+
+    def false(self, meta, c):
+        return ast.Bool(False, self._s(meta))
+
+    def name(self, meta, c):
+        return ast.Name(str(c[0]), self._s(meta))
+
+    def list_lit(self, meta, c):
+        items = tuple(x for x in c if not isinstance(x, Token) and x is not None)
+        return ast.ListExpr(items, self._s(meta))
+
+    def binop(self, meta, c):
+        left, op, right = c
+        return ast.BinOp(str(op), left, right, self._s(meta))
+
+    def neg(self, meta, c):
+        return ast.UnaryOp(str(c[0]), c[1], self._s(meta))
+
+    def not_op(self, meta, c):
+        return ast.UnaryOp("not", c[1], self._s(meta))
+
+    def kwarg(self, meta, c):
+        return ast.Kwarg(str(c[0]), c[2], self._s(meta))
+
+    def args(self, meta, c):
+        return [x for x in c if not isinstance(x, Token)]
+
+    def call(self, meta, c):
+        func, _lpar, args, _rpar = c
+        positional, keywords, seen = [], [], set()
+        for arg in args or ():
+            if isinstance(arg, ast.Kwarg):
+                if arg.name in seen:
+                    raise SpecError(f"argument `{arg.name}` is given twice", arg.span)
+                seen.add(arg.name)
+                keywords.append(arg)
+            elif keywords:
+                raise SpecError(
+                    "a positional argument cannot follow a keyword argument",
+                    arg.span,
+                    hint="put positional arguments first: `linear(x, 64, bias=false)`",
+                )
+            else:
+                positional.append(arg)
+        return ast.Call(
+            str(func), tuple(positional), tuple(keywords), None, self._s(meta), _tok_span(self.source, func)
+        )
+
+    def labelled(self, meta, c):
+        call, _as, label = c
+        return ast.Call(call.func, call.args, call.kwargs, str(label), self._s(meta), call.func_span)
+
+    # types
+    def scalar_type(self, meta, c):
+        return ast.ScalarType(str(c[0]), self._s(meta))
+
+    def dims(self, meta, c):
+        return tuple(x for x in c if not isinstance(x, Token))
+
+    def tensor_type(self, meta, c):
+        return ast.TensorType(str(c[0]), c[2], self._s(meta))
+
+    # statements
+    def assign(self, meta, c):
+        return ast.Assign(self._check_name(c[0]), c[2], self._s(meta))
+
+    def aug_assign(self, meta, c):
+        return ast.AugAssign(str(c[0]), c[2], self._s(meta))
+
+    def body(self, meta, c):
+        return tuple(x for x in c if not isinstance(x, Token))
+
+    def repeat_stmt(self, meta, c):
+        _kw, var, _in, start, _range, stop, _as, name, body = c
+        return ast.Repeat(self._check_name(var), start, stop, str(name) if name else None, body, self._s(meta))
+
+    def elif_clause(self, meta, c):
+        return (c[1], c[2])
+
+    def else_clause(self, meta, c):
+        return c[1]
+
+    def if_stmt(self, meta, c):
+        branches = [(c[1], c[2])]
+        orelse: tuple = ()
+        for extra in c[3:]:
+            if isinstance(extra, tuple) and len(extra) == 2 and not isinstance(extra[0], tuple) and _is_expr(extra[0]):
+                branches.append(extra)
+            elif extra is not None:
+                orelse = extra
+        return ast.If(tuple(branches), orelse, self._s(meta))
+
+    def return_stmt(self, meta, c):
+        return ast.Return(tuple(x for x in c if not isinstance(x, Token)), self._s(meta))
+
+    # declarations
+    def _check_name(self, tok: Token) -> str:
+        # The contextual lexer lets a keyword through where only a name can
+        # stand; reject it here so `in` or `as` never become variables.
+        if str(tok) in KEYWORDS:
+            raise SpecError(
+                f"`{tok}` is a reserved word and cannot be used as a name", _tok_span(self.source, tok)
+            )
+        return str(tok)
+
+    def param(self, meta, c):
+        name, _colon, typ, _eq, default = c
+        return ast.Param(self._check_name(name), typ, default, self._s(meta))
+
+    def params(self, meta, c):
+        return tuple(x for x in c if not isinstance(x, Token))
+
+    def param_decl(self, meta, c):
+        _kw, name, _colon, typ, _eq, default = c
+        return ast.ParamDecl(self._check_name(name), typ, default, self._s(meta))
+
+    def use_decl(self, meta, c):
+        string = self.string(meta, [c[1]])
+        return ast.Use(string.value, self._s(meta))
+
+    def block_def(self, meta, c):
+        _kw, name, _l, params, _r, body = c
+        return ast.BlockDef(str(name), params or (), body, self._s(meta))
+
+    def model_def(self, meta, c):
+        _kw, name, _l, params, _r, body = c
+        return ast.BlockDef(str(name), params or (), body, self._s(meta), is_model=True)
+
+    def start(self, meta, c):
+        uses = tuple(x for x in c if isinstance(x, ast.Use))
+        params = tuple(x for x in c if isinstance(x, ast.ParamDecl))
+        blocks = tuple(x for x in c if isinstance(x, ast.BlockDef))
+        return ast.Module(self.source, uses, params, blocks)
+
+
+def _is_expr(x) -> bool:
+    return isinstance(x, (ast.Num, ast.Str, ast.Bool, ast.Name, ast.ListExpr, ast.BinOp, ast.UnaryOp, ast.Call))

@@ -1,0 +1,1 @@
+"""What generated modules call at run time, and (later) training and evaluation."""
