@@ -56,7 +56,9 @@ def _lower_attention(graph, args, v, path, names, span) -> str:
     hd = v["head_dim"]
     # Without an explicit head_dim, widths follow the input: q is as wide as x.
     q_out = heads * hd if hd else Width()
-    kv_out = kv_heads * hd if hd else Width(kv_heads, heads)
+    kv_out = kv_heads * hd if hd else Width(
+        kv_heads, heads, why=f"the input width {{width}} does not split into heads={heads}; "
+                             "choose heads that divide it, or give head_dim")
     q = _linear(graph, x, q_out, v["bias"], path, names, "q", span)
     k = _linear(graph, x, kv_out, v["bias"], path, names, "k", span)
     val = _linear(graph, x, kv_out, v["bias"], path, names, "v", span)

@@ -186,8 +186,8 @@ class Width:
     """A width relative to a known one: the width of node `of` (default: the op's own
     input) times num/den. `infer_shapes` replaces it with the number."""
 
-    def __init__(self, num: int = 1, den: int = 1, of: str | None = None) -> None:
-        self.num, self.den, self.of = num, den, of
+    def __init__(self, num: int = 1, den: int = 1, of: str | None = None, why: str = "") -> None:
+        self.num, self.den, self.of, self.why = num, den, of, why
 
     def __repr__(self) -> str:
         base = f"width(%{self.of})" if self.of else "width(in)"
@@ -206,7 +206,8 @@ class Linear(OpDef):
         if isinstance(out, Width):
             base = width if out.of is None else graph.node(out.of).shape[-1]
             if (base * out.num) % out.den:
-                raise SpecError(f"the width {base} times {out.num}/{out.den} is not a whole number", node.span)
+                raise SpecError(out.why.format(width=base) if out.why else
+                                f"the width {base} times {out.num}/{out.den} is not a whole number", node.span)
             out = node.attrs["out"] = base * out.num // out.den
         if out <= 0:
             raise SpecError(f"`out` must be positive, got {out}", node.span)

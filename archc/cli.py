@@ -1,0 +1,240 @@
+"""The `archc` command line: compile | check | summary | graph | inspect.
+
+Exit codes: 0 success, 1 a problem in a spec, an override or an input file,
+2 bad usage, 3 an internal error (a bug: rerun with ARCHC_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from archc.dsl.diagnostics import SpecError
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SpecError(f"{flag} {item!r}: expected {flag} NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _compile(args, spec: str | None = None):
+    import archc
+    from archc.compiler.api import dump_stages, print_stage
+    from archc.compiler.lower import parse_override
+
+    overrides = dict(parse_override(d) for d in args.define or ())
+    hooks: list[Callable] = []
+    if getattr(args, "print_ir_after", None):
+        hooks.append(print_stage(sys.stderr, args.print_ir_after))
+    if getattr(args, "dump_dir", None):
+        hooks.append(dump_stages(args.dump_dir))
+
+    def on_stage(name, graph):
+        for hook in hooks:
+            hook(name, graph)
+
+    if getattr(args, "print_ir_after", None) not in (None, "all", "lower"):
+        from archc.compiler.passes import PASS_NAMES
+        from archc.dsl.diagnostics import did_you_mean
+        if args.print_ir_after not in PASS_NAMES:
+            raise SpecError(f"--print-ir-after {args.print_ir_after}: no such pass",
+                            hint=did_you_mean(args.print_ir_after, PASS_NAMES) or f"passes: {', '.join(PASS_NAMES)}")
+    compiled = archc.compile(spec or args.spec, overrides, kernels=_pairs(args.kernel, "--kernel"),
+                             disable=tuple(args.no_pass or ()), on_stage=on_stage)
+    if getattr(args, "dump_dir", None):
+        _write(Path(args.dump_dir) / "model.py", compiled.source)
+    return compiled
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically: a half-written file never replaces a good one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _emit(args, text: str) -> None:
+    if getattr(args, "output", None):
+        _write(Path(args.output), text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_compile(args) -> int:
+    compiled = _compile(args)
+    _emit(args, compiled.source)
+    return 0
+
+
+def cmd_check(args) -> int:
+    for spec in args.specs:
+        compiled = _compile(args, spec)
+        print(f"{spec}: ok ({compiled.class_name}, {compiled.num_params():,} parameters)")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    dims = {k: _positive(v, f"--dim {k}") for k, v in _pairs(args.dim, "--dim").items()}
+    texts = []
+    for spec in args.specs:
+        compiled = _compile(args, spec)
+        texts.append(f"# {spec}\n" + compiled.summary(args.batch, args.seq, args.depth, dims))
+    _emit(args, "\n".join(texts))
+    return 0
+
+
+def _positive(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SpecError(f"{what}: expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise SpecError(f"{what}: expected a positive integer, got {value}")
+    return value
+
+
+def cmd_graph(args) -> int:
+    from archc.compiler.views import FORMATS
+
+    compiled = _compile(args)
+    graph = compiled.ir if not args.after else _stage(compiled, args.after)
+    _emit(args, FORMATS[args.format](graph))
+    return 0
+
+
+def _stage(compiled, name: str):
+    try:
+        return compiled.ir_after(name)
+    except KeyError:
+        from archc.dsl.diagnostics import did_you_mean
+        names = [n for n, _g in compiled.stages]
+        raise SpecError(f"--after {name}: no such stage", hint=did_you_mean(name, names) or f"stages: {', '.join(names)}") from None
+
+
+def cmd_inspect(args) -> int:
+    compiled = _compile(args)
+    if args.what == "params":
+        text = "".join(f"{k} = {v!r}\n" for k, v in compiled.params.items())
+    elif args.what == "ir":
+        text = (compiled.ir if not args.after else _stage(compiled, args.after)).to_text()
+    elif args.what == "weights":
+        from archc.compiler.analysis import node_params
+        text = "".join(f"{k}: {list(v)}\n" for n in compiled.ir.nodes() for k, v in node_params(compiled.ir, n).items())
+    else:
+        text = compiled.source
+    _emit(args, text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from archc import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-D", dest="define", action="append", metavar="NAME=VALUE",
+                        help="override a spec parameter (repeatable), e.g. -D d_model=512")
+    common.add_argument("--kernel", action="append", metavar="PATTERN=KERNEL",
+                        help="force an attention kernel (sdpa|math) for nodes whose path matches PATTERN "
+                             "(glob, or `attention` for all)")
+    common.add_argument("--no-pass", action="append", metavar="PASS", help="turn an optional pass off (repeatable)")
+    common.add_argument("--print-ir-after", metavar="PASS|all", help="print the IR after a pass (or all) to stderr")
+    common.add_argument("--dump-dir", metavar="DIR", help="write the IR after every stage and the module into DIR")
+
+    parser = argparse.ArgumentParser(prog="archc", description="Compile .arch neural-network specs to PyTorch.")
+    parser.add_argument("--version", action="version", version=f"archc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", parents=[common], help="generate the PyTorch module")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", help="write the module here (default: stdout)")
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("check", parents=[common], help="parse, type- and shape-check specs")
+    p.add_argument("specs", nargs="+", metavar="spec")
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("summary", parents=[common], help="parameters, FLOPs and memory per block")
+    p.add_argument("specs", nargs="+", metavar="spec")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--depth", type=int, default=1, help="how deep to list nested modules")
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of another symbolic dim")
+    p.add_argument("-o", "--output")
+    p.set_defaults(run=cmd_summary)
+
+    p = sub.add_parser("graph", parents=[common], help="the IR as DOT, Mermaid or text (no Graphviz needed)")
+    p.add_argument("spec")
+    p.add_argument("--format", choices=("dot", "mermaid", "text"), default="text")
+    p.add_argument("--after", metavar="PASS", help="show the IR after this stage (default: the final IR)")
+    p.add_argument("-o", "--output")
+    p.set_defaults(run=cmd_graph)
+
+    p = sub.add_parser("inspect", parents=[common], help="show resolved parameters, IR, weights or code")
+    p.add_argument("spec")
+    p.add_argument("what", nargs="?", choices=("code", "ir", "params", "weights"), default="code")
+    p.add_argument("--after", metavar="PASS", help="with `ir`: the IR after this stage")
+    p.add_argument("-o", "--output")
+    p.set_defaults(run=cmd_inspect)
+
+    for name, register in _extra_commands():
+        register(sub, common)
+    return parser
+
+
+def _extra_commands():
+    """Commands contributed by other parts of archc (runtime), each a `register(sub, common)`."""
+    out = []
+    try:
+        from archc.runtime.hf import register_cli
+        out.append(("convert", register_cli))
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "batch", 1) <= 0 or getattr(args, "seq", 1) <= 0:
+        parser.error("--batch and --seq must be positive")
+    try:
+        return args.run(args)
+    except SpecError as err:
+        print(err.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # a bug in archc, not in the spec
+        from archc.runtime.weights import WeightsError
+        if isinstance(err, (WeightsError, OSError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if os.environ.get("ARCHC_DEBUG"):
+            traceback.print_exc()
+        else:
+            print(f"internal error: {type(err).__name__}: {err}\n"
+                  "This is a bug in archc; rerun with ARCHC_DEBUG=1 for the traceback.", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
