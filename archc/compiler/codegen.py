@@ -45,7 +45,10 @@ class _Namespace:
         self.last_use: dict[str, int] = {}
 
     def name(self, hint: str, value: str, now: int, last_use: int) -> str:
-        base = safe_ident(hint)
+        # Dunder names mean something to Python (`__class__` inside a method).
+        if hint.startswith("__"):
+            hint = hint.strip("_") or "v"
+        base = safe_ident(hint + "_" if keyword.iskeyword(hint) else hint)
         candidate, i = base, 0
         while candidate in self.holder and not self._free(candidate, now):
             i += 1

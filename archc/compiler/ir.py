@@ -1,4 +1,4 @@
-"""The graph IR: a networkx DiGraph of typed op nodes with symbolic shapes.
+"""The graph IR: a networkx MultiDiGraph of typed op nodes with symbolic shapes.
 
 Each node has one output value. Edges run from producer to consumer and carry
 `index`, the argument position. Nodes keep the source span they came from and,
@@ -58,11 +58,11 @@ class Scope:
 
 
 class Graph:
-    """The IR of one compiled spec."""
+    """The IR of one compiled spec. A multigraph: `x + x` reads one value twice."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.g = nx.DiGraph()
+        self.g = nx.MultiDiGraph()
         self.scopes: dict[str, Scope] = {}
         self.outputs: list[tuple[str, str]] = []  # (output name, node id)
         self.params: dict[str, Any] = {}  # spec parameters after overrides
@@ -86,10 +86,9 @@ class Graph:
 
     def replace_uses(self, old: str, new: str) -> None:
         """Point every consumer of `old` (and graph outputs) at `new`."""
-        for user in list(self.g.successors(old)):
-            index = self.g.edges[old, user]["index"]
-            self.g.remove_edge(old, user)
+        for _src, user, index in list(self.g.out_edges(old, data="index")):
             self.g.add_edge(new, user, index=index)
+        self.g.remove_edges_from(list(self.g.out_edges(old, keys=True)))
         self.outputs = [(n, new if v == old else v) for n, v in self.outputs]
         for scope in self.scopes.values():
             scope.outputs = [new if v == old else v for v in scope.outputs]
@@ -114,7 +113,7 @@ class Graph:
 
     def copy(self) -> "Graph":
         new = Graph(self.name)
-        new.g = nx.DiGraph()
+        new.g = nx.MultiDiGraph()
         for node in self.nodes():
             new.g.add_node(node.id, node=attrs.evolve(node, attrs=dict(node.attrs)))
         new.g.add_edges_from(self.g.edges(data=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast as pyast
 import hashlib
+import keyword
 import re
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,14 @@ class _Names:
 
     def claim(self, name: str, explicit: bool, span) -> str:
         if explicit:
-            if name in RESERVED:
-                raise SpecError(f"`{name}` cannot name a module: nn.Module already uses it", span)
+            if name in RESERVED or name.startswith("__") or keyword.iskeyword(name):
+                raise SpecError(f"`{name}` cannot name a module: nn.Module or Python already uses it", span)
             if name in self.taken:
                 raise SpecError(f"the name `{name}` is already used in this block", span)
             self.taken[name] = span
             return name
         candidate, i = name, 0
-        while candidate in self.taken or candidate in RESERVED:
+        while candidate in self.taken or candidate in RESERVED or keyword.iskeyword(candidate):
             i += 1
             candidate = f"{name}_{i}"
         self.taken[candidate] = span

@@ -1,0 +1,198 @@
+"""Each pass on a small IR: what it must change, what it must keep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import archc
+from archc.compiler.ir import IRError, verify
+from archc.compiler.lower import load_spec, lower, resolve_params
+from archc.compiler.passes import choose_attention_kernel, cse, dce, fold_params, fuse_projections, infer_shapes
+from archc.compiler.scalars import Unfolded
+from archc.runtime.weights import load_canonical, to_canonical
+
+
+def lowered(text: str, **overrides):
+    spec = load_spec(text, "t.arch")
+    return lower(spec, resolve_params(spec, overrides))
+
+
+def shaped(text: str, **overrides):
+    return infer_shapes(fold_params(lowered(text, **overrides)))
+
+
+def ops_of(graph):
+    return [n.op for n in graph.nodes()]
+
+
+SMALL = """
+param d: int = 16
+model M(tokens: Tokens[B, T]) {
+    x = embedding(tokens, 32, d)
+    y = linear(x, 2 * d, bias=false)
+    return y
+}
+"""
+
+
+def test_fold_params_evaluates_expressions_and_checks_types():
+    graph = lowered(SMALL, d=8)
+    linear = next(n for n in graph.nodes() if n.op == "linear")
+    assert isinstance(linear.attrs["out"], Unfolded)
+    folded = fold_params(graph)
+    linear = next(n for n in folded.nodes() if n.op == "linear")
+    assert linear.attrs["out"] == 16 and linear.attrs["bias"] is False
+    assert isinstance(graph.node(linear.id).attrs["out"], Unfolded)  # the pass is pure
+    verify(folded, folded=True)
+    with pytest.raises(archc.SpecError, match="`bias` must be a bool"):
+        fold_params(lowered(SMALL.replace("bias=false", "bias=1")))
+
+
+def test_infer_shapes_gives_symbolic_shapes_and_resolves_widths():
+    graph = shaped("""
+    model M(tokens: Tokens[B, T]) {
+        x = embedding(tokens, 32, 24)
+        y = attention(x, heads=4, kv_heads=2)
+        return y
+    }""")
+    shapes = {n.path: n.shape for n in graph.nodes()}
+    assert shapes["tokens"] == ("B", "T")
+    assert shapes["attn.q"] == ("B", "T", 24)
+    assert shapes["attn.k"] == ("B", "T", 12)  # kv_heads / heads of the width
+    assert shapes["attn.o"] == ("B", "T", 24)
+    verify(graph, folded=True, shaped=True)
+
+
+def test_infer_shapes_reports_mismatch_with_dims():
+    with pytest.raises(archc.SpecError, match=r"cannot add tensors of shapes \[B, T, 8\] and \[B, T, 16\]"):
+        shaped("""
+        model M(tokens: Tokens[B, T]) {
+            x = embedding(tokens, 32, 8)
+            y = linear(x, 16)
+            z = x + y
+            return z
+        }""")
+
+
+def test_dce_removes_unused_values_and_their_scopes():
+    graph = shaped("""
+    model M(tokens: Tokens[B, T]) {
+        x = embedding(tokens, 32, 8)
+        unused = mlp(x, hidden=16)
+        y = linear(x, 4)
+        return y
+    }""")
+    assert "mlp" in graph.scopes
+    after = dce(graph)
+    assert "mlp" not in after.scopes
+    assert ops_of(after) == ["input", "embedding", "linear"]
+    assert "mlp" in graph.scopes  # input graph untouched
+
+
+def test_cse_merges_identical_pure_nodes_only():
+    graph = shaped("""
+    model M(tokens: Tokens[B, T]) {
+        x = embedding(tokens, 32, 8)
+        a = gelu(x)
+        b = gelu(x)
+        c = dropout(x, 0.1)
+        d = dropout(x, 0.1)
+        y = a + b + c + d
+        return y
+    }""")
+    after = cse(graph)
+    assert ops_of(after).count("gelu") == 1
+    assert ops_of(after).count("dropout") == 2  # random: never merged
+    verify(after, folded=True, shaped=True)
+
+
+ATTN = """
+model M(tokens: Tokens[B, T]) {
+    x = embedding(tokens, 32, 16)
+    x += attention(x, heads=4, kv_heads=2, rope=true)
+    x += swiglu(x, hidden=24)
+    side = linear(x, 8, bias=true)
+    main = linear(x, 8, bias=false)
+    y = side + main
+    return y
+}
+"""
+
+
+def test_fuse_projections_fuses_qkv_and_gate_up_keeping_provenance():
+    graph = shaped(ATTN)
+    after = fuse_projections(graph)
+    fused = {n.path: n for n in after.nodes() if n.op == "fused_linear"}
+    assert set(fused) == {"attn.qkv", "mlp.gate_up"}
+    assert fused["attn.qkv"].attrs["parts"] == [["q", 16], ["k", 8], ["v", 8]]
+    assert [p.split(" ")[0] for p in fused["attn.qkv"].provenance] == ["attn.q", "attn.k", "attn.v"]
+    # linears of one input but different bias flags stay apart
+    assert sum(1 for n in after.nodes() if n.op == "linear" and n.scope == "") == 2
+    verify(after, folded=True, shaped=True)
+
+
+def test_fused_and_unfused_modules_compute_the_same():
+    torch.manual_seed(0)
+    fused = archc.compile(ATTN, name="t.arch")
+    plain = archc.compile(ATTN, name="t.arch", disable=("fuse_projections",))
+    a, b = fused.build(), plain.build()
+    load_canonical(a, fused, to_canonical(plain, b.state_dict()))
+    tokens = torch.randint(0, 32, (2, 7))
+    torch.testing.assert_close(a(tokens)["y"], b(tokens)["y"])
+
+
+def test_choose_attention_kernel_picks_sdpa_and_honours_overrides():
+    graph = fuse_projections(shaped(ATTN))
+    chosen = choose_attention_kernel(graph)
+    core = next(n for n in chosen.nodes() if n.op == "attention_core")
+    assert core.attrs["kernel"] == "sdpa" and "is_causal" in core.attrs["kernel_reason"]
+
+    class Opts:
+        kernels = {"attn": "math"}
+
+    forced = next(n for n in choose_attention_kernel(graph, Opts()).nodes() if n.op == "attention_core")
+    assert forced.attrs["kernel"] == "math"
+
+    class Bad:
+        kernels = {"attn": "flash9"}
+
+    with pytest.raises(archc.SpecError, match="unknown kernel"):
+        choose_attention_kernel(graph, Bad())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_kernel_choice_matches_the_explicit_mask_reference(causal):
+    text = ATTN.replace("rope=true", f"rope=true, causal={'true' if causal else 'false'}")
+    sdpa = archc.compile(text, name="t.arch")
+    math = archc.compile(text, name="t.arch", kernels={"attention": "math"})
+    assert "F.scaled_dot_product_attention" in sdpa.source and "AF.attention_math" in math.source
+    a, b = sdpa.build(), math.build()
+    b.load_state_dict(a.state_dict())
+    tokens = torch.randint(0, 32, (2, 9))
+    torch.testing.assert_close(a(tokens)["y"], b(tokens)["y"], atol=1e-5, rtol=1e-5)
+
+
+def test_verifier_catches_broken_ir():
+    graph = shaped(SMALL)
+    nodes = graph.nodes()
+    nodes[-1].order = -1  # a user before its producer
+    with pytest.raises(IRError, match="comes later in program order"):
+        verify(graph)
+    graph = shaped(SMALL)
+    graph.nodes()[-1].op = "no_such_op"
+    with pytest.raises(IRError, match="unknown op"):
+        verify(graph)
+    graph = lowered(SMALL)
+    with pytest.raises(IRError, match="unfolded"):
+        verify(graph, folded=True)
+
+
+def test_compile_reads_as_named_passes_and_records_every_stage():
+    compiled = archc.compile(ATTN, name="t.arch")
+    assert [name for name, _g in compiled.stages] == [
+        "lower", "fold_params", "infer_shapes", "dce", "cse", "fuse_projections", "choose_attention_kernel"]
+    with pytest.raises(archc.SpecError, match="did you mean `cse`"):
+        archc.compile(ATTN, name="t.arch", disable=("csee",))
+    with pytest.raises(archc.SpecError, match="required"):
+        archc.compile(ATTN, name="t.arch", disable=("infer_shapes",))
