@@ -22,6 +22,7 @@ from archc.compiler import composites, ops
 from archc.compiler.ir import Graph, Scope
 from archc.compiler.scalars import BUILTINS, Unfolded, coerce, evaluate, scalar_op, type_name
 from archc.dsl import ast
+from archc.dsl.ast import Span
 from archc.dsl.diagnostics import SpecError, did_you_mean
 from archc.dsl.parser import parse, parse_file
 
@@ -53,11 +54,25 @@ class Spec:
     def model(self) -> ast.BlockDef:
         models = [b for b in self.module.blocks if b.is_model]
         if not models:
-            raise SpecError(f"{self.module.source.name} defines no `model`; write `model Name(tokens: Tokens[B, T]) {{ ... }}`")
+            source = self.module.source
+            lines = source.text.splitlines() or [""]
+            end = Span(source, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+            blocks = self.module.blocks
+            raise SpecError(
+                "this spec defines no `model`", header_span(blocks[0]) if blocks else end,
+                hint="the entry point is declared with `model`, e.g. `model Name(tokens: Tokens[B, T]) { ... }`")
         if len(models) > 1:
-            raise SpecError("a spec defines exactly one `model`", models[1].span,
-                            notes=[("the first one is here", models[0].span)])
+            raise SpecError("a spec defines exactly one `model`", header_span(models[1]),
+                            notes=[("the first one is here", header_span(models[0]))])
         return models[0]
+
+
+def header_span(block: ast.BlockDef) -> Span:
+    """The `block Name` (or `model Name`) words that open a definition."""
+    span = block.span
+    match = re.match(r"(block|model)\s+\w+", span.source.line(span.line)[span.column - 1:])
+    width = match.end() if match else 1
+    return Span(span.source, span.line, span.column, span.line, span.column + width)
 
 
 def load_spec(path_or_text: str | Path, name: str | None = None) -> Spec:
@@ -80,10 +95,11 @@ def _load(module, base, modules, blocks, stack) -> None:
     for block in module.blocks:
         if block.name in blocks:
             other = blocks[block.name][0]
-            raise SpecError(f"block `{block.name}` is defined twice", block.span,
-                            notes=[("the other definition is here", other.span)])
+            raise SpecError(f"block `{block.name}` is defined twice", header_span(block),
+                            notes=[("the other definition is here", header_span(other))])
         if block.name in ops.REGISTRY or block.name in composites.COMPOSITES:
-            raise SpecError(f"block `{block.name}` has the name of a built-in op", block.span)
+            raise SpecError(f"block `{block.name}` has the name of a built-in op", header_span(block),
+                            hint="rename the block, e.g. `My" + _camel(block.name) + "`")
         blocks[block.name] = (block, module)
     for use in module.uses:
         target = (base / use.path)
@@ -224,7 +240,8 @@ class Lowerer:
         self.call_stack.append(model.name)
         returned = self._body(model.body, frame)
         if not returned:
-            raise SpecError(f"model `{model.name}` returns nothing; end it with `return logits, loss`", model.span)
+            raise SpecError(f"model `{model.name}` returns nothing; end it with `return logits, loss`",
+                            header_span(model))
         for i, (expr, value) in enumerate(returned):
             if not isinstance(value, TensorRef):
                 raise SpecError("a model returns tensors", expr.span)
@@ -529,7 +546,7 @@ class Lowerer:
         returned = self._body(block.body, _Frame(path, module, self.names[path], {}, env))
         self.call_stack.pop()
         if not returned:
-            raise SpecError(f"block `{block.name}` returns nothing; end it with `return x`", block.span)
+            raise SpecError(f"block `{block.name}` returns nothing; end it with `return x`", header_span(block))
         if len(returned) != 1 or not isinstance(returned[0][1], TensorRef):
             raise SpecError("a block returns one tensor", returned[0][0].span)
         expr, value = returned[0]

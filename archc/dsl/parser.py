@@ -160,6 +160,10 @@ class _ToAst(Transformer):
     def name(self, meta, c):
         return ast.Name(str(c[0]), self._s(meta))
 
+    def atom(self, meta, c):
+        # `( expr )`: the only atom Lark keeps as a tree (its parentheses are named terminals)
+        return c[1]
+
     def list_lit(self, meta, c):
         items = tuple(x for x in c if not isinstance(x, Token) and x is not None)
         return ast.ListExpr(items, self._s(meta))

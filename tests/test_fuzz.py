@@ -1,0 +1,215 @@
+"""Fuzz the front end: whatever text comes in, the only exception is a renderable SpecError.
+
+Three sources of text: (a) random sequences of the language's tokens, (b) random
+mutations of the specs in specs/, (c) random scalar expressions planted where a
+spec evaluates one (parameter defaults, op arguments, repeat bounds, `if`
+conditions, tensor dims). `archc.compile()` parses, lowers, runs the passes and
+generates source; it never builds a torch module, so each example is cheap.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import archc
+from archc.dsl.parser import _lark
+
+SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).parent.parent / "specs").glob("*.arch"))}
+TERMINALS = {t.name for t in _lark().terminals} | {"$END"}
+LARK_NAME = re.compile(r"\b(__ANON\w*|[A-Z_]{3,})\b")
+
+KEYWORDS = ["use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else", "return",
+            "true", "false", "and", "or", "not"]
+PUNCT = [":", ",", "=", "+=", "(", ")", "[", "]", "{", "}", "..", "**", "==", "!=", "<=", ">=", "<", ">",
+         "+", "-", "*", "/", "//", "%"]
+NAMES = ["x", "h", "y", "tokens", "logits", "loss", "B", "T", "d_model", "n_heads", "vocab", "i",
+         "int", "float", "bool", "str", "Tokens", "Tensor", "Image", "Block", "M",
+         "embedding", "pos_embedding", "linear", "layer_norm", "rms_norm", "dropout", "attention", "mlp",
+         "swiglu", "gelu", "silu", "relu", "next_token_loss", "min", "max", "heads", "kv_heads", "head_dim",
+         "hidden", "bias", "tie", "out", "act", "rope", "causal", "eps", "forward", "self", "class", "None",
+         "input", "add", "attention_core", "fused_linear", "split_part"]
+NUMBERS = ["0", "1", "2", "3", "7", "64", "0.5", "2.5", "1e-5", "1e400", "1000000000000", "00", "1.0e308"]
+STRINGS = ['"gelu"', '"relu"', '""', '"a\\tb"', '"\\u00e9"', '"\\x"', '"\\N{BULLET}"']
+ODD = ["'", ";", "@", "$", "?", "\\", "\t", "\u00e9", "\u2212", "#", "\"", "\x00", "\r", "\u2028", "\ufeff"]
+TOKENS = KEYWORDS + PUNCT + NAMES + NUMBERS + STRINGS + ODD
+SEPARATORS = [" ", "\n", "", "  ", "\n    ", " # c\n"]
+
+
+def check(text: str) -> None:
+    """Compile `text`; any failure must be a SpecError whose rendering a user can act on."""
+    try:
+        compiled = archc.compile(text, name="fuzz.arch")
+    except archc.SpecError as err:
+        rendered = err.render()
+        assert isinstance(rendered, str) and rendered.strip()
+        messages = [err.message, err.hint or "", *(note for note, _span in err.notes)]
+        for message in messages:
+            leaked = {m for m in LARK_NAME.findall(message) if m in TERMINALS or m.startswith("__ANON")}
+            assert not leaked, f"Lark terminal name {leaked} in {message!r}"
+            assert "Token(" not in message and "Tree(" not in message, message
+        # Every problem in a spec is located: file:line:col, the line, a caret.
+        assert err.span is not None, f"unlocated error: {rendered}"
+        assert str(err.span) in rendered and "^" in rendered
+        if err.span.source.name == "fuzz.arch":
+            assert "fuzz.arch" in rendered
+        return
+    # It compiled: the generated module must at least be valid Python.
+    builtins.compile(compiled.source, "<generated>", "exec")
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---- (a) random token soup ---------------------------------------------------
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TOKENS), st.sampled_from(SEPARATORS)), max_size=60))
+def test_random_tokens(pieces):
+    check("".join(tok + sep for tok, sep in pieces))
+
+
+# A skeleton that parses keeps random tokens from dying at the first character.
+SKELETON = "model M(tokens: Tokens[B, T]) {{\n    x = embedding(tokens, 100, 64) as wte\n    {}\n    return x\n}}\n"
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TOKENS), st.sampled_from(SEPARATORS)), max_size=20))
+def test_random_tokens_in_a_model(pieces):
+    check(SKELETON.format("".join(tok + sep for tok, sep in pieces)))
+
+
+# ---- (b) mutations of real specs --------------------------------------------
+
+LEX = re.compile(r"\s+|#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*|\*\*|\+=|\.\.|[=!<>]=|//|.",
+                 re.S)
+IDENT = re.compile(r"[A-Za-z_]\w*\Z")
+NUMBER = re.compile(r"\d")
+
+
+def tokenize(text: str) -> list[str]:
+    return LEX.findall(text)
+
+
+def _significant(tokens: list[str]) -> list[int]:
+    return [i for i, t in enumerate(tokens) if t.strip() and not t.startswith("#")]
+
+
+@st.composite
+def mutated_spec(draw) -> str:
+    tokens = tokenize(SPECS[draw(st.sampled_from(sorted(SPECS)))])
+    for _ in range(draw(st.integers(1, 3))):
+        sig = _significant(tokens)
+        kind = draw(st.sampled_from(["delete", "insert", "duplicate", "swap", "char_delete", "char_insert",
+                                     "number", "rename"]))
+        i = sig[draw(st.integers(0, len(sig) - 1))]
+        if kind == "delete":
+            del tokens[i]
+        elif kind == "insert":
+            tokens.insert(i, " " + draw(st.sampled_from(TOKENS)) + " ")
+        elif kind == "duplicate":
+            tokens.insert(i, tokens[i] + " ")
+        elif kind == "swap":
+            j = sig[min(sig.index(i) + 1, len(sig) - 1)]
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        elif kind == "char_delete":
+            tok = tokens[i]
+            k = draw(st.integers(0, len(tok) - 1))
+            tokens[i] = tok[:k] + tok[k + 1:]
+        elif kind == "char_insert":
+            tok = tokens[i]
+            k = draw(st.integers(0, len(tok)))
+            ch = draw(st.sampled_from(ODD + PUNCT + ["a", "_", "0", ".", " "]))
+            tokens[i] = tok[:k] + ch + tok[k:]
+        elif kind == "number":
+            nums = [j for j in sig if NUMBER.match(tokens[j])]
+            if nums:
+                j = nums[draw(st.integers(0, len(nums) - 1))]
+                # Not mid-sized ints: a 5000-layer model is valid, just slow to compile.
+                tokens[j] = draw(st.sampled_from(NUMBERS + ["-1", "(0 - 3)", "2 ** 70", "1e200 ** 2", "0 ** -1"]))
+        else:  # rename an identifier everywhere, or at one use
+            idents = sorted({tokens[j] for j in sig if IDENT.match(tokens[j])})
+            old = draw(st.sampled_from(idents))
+            new = draw(st.one_of(st.sampled_from(NAMES + KEYWORDS), st.just(old[:-1] or "_"), st.just(old + "s")))
+            if draw(st.booleans()):
+                tokens = [new if t == old else t for t in tokens]
+            else:
+                tokens[i] = new if IDENT.match(tokens[i]) else tokens[i]
+    return "".join(tokens)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_spec())
+def test_mutated_specs(text):
+    check(text)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_specs_round_trip_the_tokenizer(name):
+    # The mutator relies on tokenize() covering the text exactly.
+    assert "".join(tokenize(SPECS[name])) == SPECS[name]
+
+
+# ---- (c) random scalar expressions where the spec evaluates one ---------------
+
+ATOMS = st.sampled_from(["0", "1", "2", "3", "64", "0.5", "1e-5", "1e300", "1e400", "true", "false", '"gelu"', '""',
+                         "d", "flag", "name", "x", "tokens", "[]", "[1, 2]", "[d, 2.5]", "B", "nope"])
+UNARY = ["-", "not "]
+BINARY = ["+", "-", "*", "/", "//", "%", "**", "==", "!=", "<", "<=", ">", ">=", "in", "and", "or"]
+
+
+def _expr(children):
+    return st.one_of(
+        st.tuples(st.sampled_from(UNARY), children).map(lambda t: f"{t[0]}{t[1]}"),
+        st.tuples(children, st.sampled_from(BINARY), children).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(["min", "max", "linear", "gelu", "foo"]), st.lists(children, max_size=3))
+          .map(lambda t: f"{t[0]}({', '.join(t[1])})"),
+        st.lists(children, max_size=3).map(lambda items: f"[{', '.join(items)}]"),
+    )
+
+
+EXPRS = st.recursive(ATOMS, _expr, max_leaves=8)
+
+TEMPLATE = """param d: int = 64
+param flag: bool = true
+param name: str = "gelu"
+param p: {ptype} = {e0}
+
+block Layer(x: Tensor[B, T, {e1}], k: int = {e2}) {{
+    h = linear(x, {e3}, bias={e4})
+    x += mlp(h, hidden={e5}, act={e6}, out=d)
+    return x
+}}
+
+model M(tokens: Tokens[B, T]) {{
+    x = embedding(tokens, 100, d) as wte
+    repeat i in {e7}..{e8} {{
+        x = Layer(x, k={e9})
+    }}
+    if {e10} {{
+        x = attention(x, heads={e11}, kv_heads={e12}, dropout={e13}) * {e14}
+    }}
+    return x
+}}
+"""
+
+
+PLAIN = ["1", "d", "1", "d", "true", "(4 * d)", '"gelu"', "0", "2", "1", "flag", "4", "2", "0.0", "1"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["int", "float", "bool", "str", "list", "Int"]), st.integers(0, len(PLAIN) - 1), EXPRS)
+def test_random_expressions(ptype, slot, expr):
+    # One slot holds a random expression, the others their ordinary values, so lowering gets that far.
+    values = {f"e{k}": expr if k == slot else plain for k, plain in enumerate(PLAIN)}
+    check(TEMPLATE.format(ptype=ptype if slot == 0 else "int", **values))
+
+
+def test_template_compiles_as_is():
+    archc.compile(TEMPLATE.format(ptype="int", **{f"e{k}": v for k, v in enumerate(PLAIN)}), name="fuzz.arch")
