@@ -135,8 +135,10 @@ def cmd_inspect(args) -> int:
     elif args.what == "ir":
         text = (compiled.ir if not args.after else _stage(compiled, args.after)).to_text()
     elif args.what == "weights":
-        from archc.compiler.analysis import node_params
-        text = "".join(f"{k}: {list(v)}\n" for n in compiled.ir.nodes() for k, v in node_params(compiled.ir, n).items())
+        from archc.runtime.weights import fused_layout
+        where = {name: f"  -> {fused}[{start}:{start + size}]" for fused, parts in fused_layout(compiled).items()
+                 for name, start, size in parts}
+        text = "".join(f"{k}: {list(v)}{where.get(k, '')}\n" for k, v in compiled.canonical_names().items())
     else:
         text = compiled.source
     _emit(args, text)

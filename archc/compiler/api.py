@@ -82,9 +82,8 @@ class Compiled:
 
     def canonical_names(self) -> dict[str, tuple]:
         """State-dict names before projection fusion -> shapes (what weight maps target)."""
-        from archc.compiler import analysis as a
-        return {k: v for n in self.ir_after("infer_shapes").nodes() for k, v in a.node_params(
-            self.ir_after("infer_shapes"), n).items()}
+        graph = self.ir_after("infer_shapes")
+        return {k: v for n in graph.nodes() for k, v in analysis.node_params(graph, n).items()}
 
 
 def compile(

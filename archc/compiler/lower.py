@@ -104,14 +104,25 @@ def _load(module, base, modules, blocks, stack) -> None:
     for use in module.uses:
         target = (base / use.path)
         key = str(target)
-        if key in stack:
-            chain = " -> ".join([*stack[stack.index(key):], key])
+        # Compare resolved paths, so `a.arch` and `../dir/a.arch` are one file.
+        resolved = [Path(s).resolve() for s in stack]
+        if target.resolve() in resolved:
+            chain = " -> ".join([*stack[resolved.index(target.resolve()):], key])
             raise SpecError(f"`use` cycle: {chain}", use.span)
-        if any(m.source.name == key for m in modules):
+        if any(Path(m.source.name).resolve() == target.resolve() for m in modules):
             continue  # already loaded through another path
-        if not target.exists():
-            raise SpecError(f"`use` of a missing file: {use.path} (looked for {target})", use.span)
-        sub = parse_file(target)
+        if not target.is_file():
+            where = "" if key == use.path else f" (looked for {target})"
+            what = "it is a directory, not a spec file" if target.is_dir() else "no such file"
+            near = [p.name for p in target.parent.glob("*.arch")] if target.parent.is_dir() else []
+            raise SpecError(f'cannot `use "{use.path}"`: {what}{where}', use.span,
+                            hint=did_you_mean(target.name, near))
+        try:
+            sub = parse_file(target)
+        except SpecError as err:
+            if err.span is not None:
+                raise
+            raise SpecError(err.message, use.span, hint=err.hint) from None
         _load(sub, target.parent, modules, blocks, [*stack, key])
 
 

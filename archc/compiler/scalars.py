@@ -7,6 +7,8 @@ leaves as an expression for the `fold_params` pass to evaluate and check.
 
 from __future__ import annotations
 
+import json
+import math
 import operator
 from typing import Any
 
@@ -25,6 +27,7 @@ _COMPARE = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
 BUILTINS = {"min": min, "max": max}
+MAX_INT_BITS = 1000  # larger ints are surely mistakes, and every int this size converts to a float
 
 
 @attrs.frozen(eq=False)
@@ -36,6 +39,17 @@ class Unfolded:
 
     def __repr__(self) -> str:
         return "<unfolded>"
+
+
+def show(value: Any) -> str:
+    """A value as the spec would write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    return repr(value)
 
 
 def type_name(value: Any) -> str:
@@ -55,8 +69,10 @@ def scalar_op(op: str, a: Any, b: Any, span) -> Any:
             raise SpecError(f"`in` needs a list on its right, got {type_name(b)}", span)
         return a in b
     if op in _COMPARE:
-        if isinstance(a, str) != isinstance(b, str) and op not in ("==", "!="):
-            raise SpecError(f"cannot compare {type_name(a)} with {type_name(b)}", span)
+        if op not in ("==", "!=") and not (_is_number(a) and _is_number(b) or
+                                             isinstance(a, str) and isinstance(b, str)):
+            raise SpecError(f"cannot compare {type_name(a)} with {type_name(b)}", span,
+                            hint="`<`, `<=`, `>` and `>=` compare two numbers or two strings")
         return _COMPARE[op](a, b)
     numeric = (int, float)
     if op == "+" and isinstance(a, str) and isinstance(b, str):
@@ -66,8 +82,29 @@ def scalar_op(op: str, a: Any, b: Any, span) -> Any:
     if op in ("/", "//", "%") and b == 0:
         raise SpecError("division by zero", span)
     if op == "**" and abs(b) > 64:
-        raise SpecError(f"exponent {b} is too large", span)
-    return _ARITH[op](a, b)
+        raise SpecError(f"exponent {show(b) if abs(b) < 10**6 else '(a huge number)'} is too large: at most 64",
+                        span)
+    try:
+        result = _ARITH[op](a, b)
+    except ZeroDivisionError:
+        raise SpecError("division by zero", span) from None
+    except OverflowError:
+        raise SpecError(f"the result of `{op}` is too large", span) from None
+    if isinstance(result, complex):
+        raise SpecError(f"`{op}` gives a complex number here; a negative base needs a whole exponent", span)
+    return check_size(result, span)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_size(value: Any, span) -> Any:
+    """`value`, unless it is a number too large to be meant (an int past MAX_INT_BITS, an infinite float)."""
+    if isinstance(value, float) and not math.isfinite(value) or \
+            isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise SpecError("this number is too large", span)
+    return value
 
 
 def _want_bool(op: str, value: Any, span) -> None:
@@ -77,7 +114,9 @@ def _want_bool(op: str, value: Any, span) -> None:
 
 def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
     """The scalar value of `expr`; names resolve in `env`."""
-    if isinstance(expr, (ast.Num, ast.Str, ast.Bool)):
+    if isinstance(expr, ast.Num):
+        return check_size(expr.value, expr.span)
+    if isinstance(expr, (ast.Str, ast.Bool)):
         return expr.value
     if isinstance(expr, ast.Name):
         if expr.id not in env:
@@ -99,17 +138,24 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
     if isinstance(expr, ast.BinOp):
         return scalar_op(expr.op, evaluate(expr.left, env), evaluate(expr.right, env), expr.span)
     if isinstance(expr, ast.Call):
-        if expr.func in BUILTINS and not expr.kwargs and expr.args:
+        if expr.func in BUILTINS:
+            if expr.kwargs:
+                raise SpecError(f"`{expr.func}` takes no keyword arguments", expr.kwargs[0].span)
+            if not expr.args:
+                raise SpecError(f"`{expr.func}` needs at least one number, as in `{expr.func}(a, b)`", expr.span)
             values = [evaluate(a, env) for a in expr.args]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise SpecError(f"`{expr.func}` takes numbers", expr.span)
+            for arg, value in zip(expr.args, values):
+                if not _is_number(value):
+                    raise SpecError(f"`{expr.func}` takes numbers, got {type_name(value)}", arg.span)
             return BUILTINS[expr.func](values)
-        raise SpecError(f"`{expr.func}(...)` makes a tensor, but a number or flag is expected here", expr.span)
+        raise SpecError(f"a number or flag is expected here, but `{expr.func}(...)` is a call that makes a tensor",
+                        expr.func_span, hint=did_you_mean(expr.func, BUILTINS))
     raise SpecError("unsupported expression", getattr(expr, "span", None))  # pragma: no cover
 
 
 def coerce(value: Any, type_: str, span, what: str) -> Any:
     """Check a value against a declared scalar type (int, float, bool, str)."""
+    check_size(value, span)
     if type_ == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     ok = {
@@ -121,5 +167,5 @@ def coerce(value: Any, type_: str, span, what: str) -> Any:
     if ok is None:
         raise SpecError(f"unknown type `{type_}`", span, hint=did_you_mean(type_, ["int", "float", "bool", "str"]))
     if not ok:
-        raise SpecError(f"{what} is declared {type_} but the value is {type_name(value)} {value!r}", span)
+        raise SpecError(f"{what} is declared {type_} but the value is {type_name(value)} {show(value)}", span)
     return value

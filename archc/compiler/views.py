@@ -50,12 +50,14 @@ def to_mermaid(graph: Graph) -> str:
 
 
 def to_text(graph: Graph) -> str:
-    labelled = nx.relabel_nodes(graph.g, {n: f"%{n} {_label(graph, n)}" for n in graph.g.nodes}, copy=True)
-    ordered = nx.DiGraph()
-    ordered.add_nodes_from(sorted(labelled.nodes, key=lambda s: graph.node(s.split()[0][1:]).order))
-    ordered.add_edges_from(sorted(labelled.edges, key=lambda e: (graph.node(e[0].split()[0][1:]).order,
-                                                                  graph.node(e[1].split()[0][1:]).order)))
-    return "\n".join(nx.generate_network_text(ordered, ascii_only=True)) + "\n"
+    """A text tree of the dataflow (networkx's network text), in program order."""
+    label = {node.id: f"%{node.id} {_label(graph, node.id)}" for node in graph.nodes()}
+    tree = nx.DiGraph()
+    tree.add_nodes_from(label[node.id] for node in graph.nodes())
+    edges = sorted({(src, dst) for src, dst in graph.g.edges()},
+                   key=lambda e: (graph.node(e[0]).order, graph.node(e[1]).order))
+    tree.add_edges_from((label[src], label[dst]) for src, dst in edges)
+    return "\n".join(nx.generate_network_text(tree, ascii_only=True)) + "\n"
 
 
 FORMATS = {"dot": to_dot, "mermaid": to_mermaid, "text": to_text}

@@ -138,8 +138,8 @@ class _ToAst(Transformer):
         text = str(c[0])
         try:
             value = int(text) if text.isdigit() else float(text)
-        except ValueError:  # pragma: no cover - the grammar admits only valid numbers
-            raise SpecError(f"bad number {text}", self._s(meta)) from None
+        except ValueError:  # the grammar admits only valid numbers, but Python caps an int's digits
+            raise SpecError(f"the number {text[:12]}... is too long", self._s(meta)) from None
         return ast.Num(value, self._s(meta))
 
     def string(self, meta, c):

@@ -1,0 +1,461 @@
+"""Load Hugging Face checkpoints (GPT-2, Llama) into archc-compiled models.
+
+A checkpoint from the ecosystem is a directory holding `config.json`
+(hyperparameters) and `model.safetensors` (tensors named after HF's modules).
+Each supported architecture is described declaratively, torchtitan style:
+
+  * a config map, HF config field -> spec parameter, plus a check that rejects
+    the HF features the spec cannot express (better an error than a model that
+    loads and computes something else);
+  * a key map, HF key pattern ("{}" = layer index) -> a rule for what the
+    tensor becomes in archc's canonical names (see runtime/weights.py): a plain
+    string renames, `Transpose` flips GPT-2's Conv1D [in, out] layout, `Split`
+    cuts a fused tensor into its parts, `Tied` drops a copy of a tied weight.
+
+Conversion is strict: every HF key is consumed and every expected one present,
+and all problems are reported together, by HF key. Only safetensors files are
+read (never pickle), so opening a checkpoint cannot run code.
+
+    compiled, model = load_hf("specs/llama.arch", "path/to/hf_dir")
+    archc convert specs/gpt2.arch --from-hf path/to/gpt2 -o gpt2.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import attrs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from archc.dsl.diagnostics import SpecError
+from archc.runtime.weights import WeightsError, load_canonical
+
+__all__ = ["Transpose", "Split", "Tied", "ARCHS", "hf_overrides", "convert_state_dict", "read_hf", "load_hf",
+           "register_cli"]
+
+
+# ----------------------------------------------------------------------------
+# Rules: what one HF tensor becomes. Target names may hold "{}" for the layer.
+
+
+@attrs.frozen
+class Transpose:
+    """HF stores this weight as [in, out] (GPT-2's Conv1D); nn.Linear wants [out, in]."""
+
+    target: str
+
+
+@attrs.frozen
+class Split:
+    """A fused tensor cut into equal parts along `dim` (HF's layout), each part optionally transposed."""
+
+    targets: tuple[str, ...] = attrs.field(converter=tuple)
+    dim: int = 0
+    transpose: bool = False
+
+
+@attrs.frozen
+class Tied:
+    """A copy of the tied weight `target`: dropped, but checked equal to it when a checkpoint stores it."""
+
+    target: str
+
+
+Rule = Union[str, Transpose, Split, Tied]
+
+
+@attrs.frozen
+class ArchMap:
+    """How one HF architecture's checkpoint and config map onto an archc spec."""
+
+    keys: dict[str, Rule]
+    config: dict[str, str]  # HF config field -> spec parameter
+    prepare: Callable[[dict], dict]  # fills HF's defaults, rejects what the spec cannot express
+    base_prefix: str  # checkpoints saved from the bare base model (the hub's `gpt2`) lack it
+    ignored: tuple[str, ...] = ()  # buffers older transformers saved; we recompute them
+    tied: dict[str, Rule] = attrs.Factory(dict)  # replaces `keys` entries when the embeddings are tied
+
+
+# ----------------------------------------------------------------------------
+# GPT-2
+
+
+def _qkv(suffix: str) -> list[str]:
+    return [f"h.{{}}.attn.{part}.{suffix}" for part in ("q", "k", "v")]
+
+
+GPT2_KEYS: dict[str, Rule] = {
+    "transformer.wte.weight": "wte.weight",
+    "transformer.wpe.weight": "wpe.weight",
+    "transformer.h.{}.ln_1.weight": "h.{}.ln_1.weight",
+    "transformer.h.{}.ln_1.bias": "h.{}.ln_1.bias",
+    # c_attn is q, k, v side by side on the output axis, which is dim 1 in Conv1D's [in, out].
+    "transformer.h.{}.attn.c_attn.weight": Split(_qkv("weight"), dim=1, transpose=True),
+    "transformer.h.{}.attn.c_attn.bias": Split(_qkv("bias"), dim=0),
+    "transformer.h.{}.attn.c_proj.weight": Transpose("h.{}.attn.o.weight"),
+    "transformer.h.{}.attn.c_proj.bias": "h.{}.attn.o.bias",
+    "transformer.h.{}.ln_2.weight": "h.{}.ln_2.weight",
+    "transformer.h.{}.ln_2.bias": "h.{}.ln_2.bias",
+    "transformer.h.{}.mlp.c_fc.weight": Transpose("h.{}.mlp.fc.weight"),
+    "transformer.h.{}.mlp.c_fc.bias": "h.{}.mlp.fc.bias",
+    "transformer.h.{}.mlp.c_proj.weight": Transpose("h.{}.mlp.proj.weight"),
+    "transformer.h.{}.mlp.c_proj.bias": "h.{}.mlp.proj.bias",
+    "transformer.ln_f.weight": "ln_f.weight",
+    "transformer.ln_f.bias": "ln_f.bias",
+    "lm_head.weight": Tied("wte.weight"),  # the spec always ties the head to wte
+}
+
+# Dropout is a training choice, not part of a checkpoint: the spec's default stays.
+GPT2_CONFIG = {"vocab_size": "vocab", "n_positions": "max_len", "n_embd": "d_model", "n_layer": "n_layers",
+               "n_head": "n_heads", "layer_norm_epsilon": "eps"}
+
+
+def _gpt2_config(config: dict) -> dict:
+    c = {"layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "n_inner": None, "scale_attn_weights": True,
+         "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "tie_word_embeddings": True,
+         **config}
+    _require_fields(c, GPT2_CONFIG)
+    _supported(c, "activation_function", c["activation_function"] in ("gelu_new", "gelu_pytorch_tanh"),
+               "the spec's MLP uses tanh-approximated GELU")
+    _supported(c, "n_inner", c["n_inner"] in (None, 4 * c["n_embd"]), "the spec's MLP width is 4 * n_embd")
+    _supported(c, "scale_attn_weights", c["scale_attn_weights"], "the spec scales attention by 1/sqrt(head_dim)")
+    _supported(c, "scale_attn_by_inverse_layer_idx", not c["scale_attn_by_inverse_layer_idx"],
+               "the spec does not scale attention per layer")
+    _supported(c, "add_cross_attention", not c["add_cross_attention"], "the spec has no cross-attention")
+    _supported(c, "tie_word_embeddings", c["tie_word_embeddings"], "the spec ties lm_head to wte")
+    return c
+
+
+# ----------------------------------------------------------------------------
+# Llama
+
+
+LLAMA_KEYS: dict[str, Rule] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head.weight",
+}
+
+LLAMA_CONFIG = {"vocab_size": "vocab", "hidden_size": "d_model", "intermediate_size": "d_ff",
+                "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                "num_key_value_heads": "n_kv_heads", "rope_theta": "rope_theta", "rms_norm_eps": "eps",
+                "tie_word_embeddings": "tie_embeddings"}
+
+
+def _llama_config(config: dict) -> dict:
+    c = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+         "hidden_act": "silu", **config}
+    c.setdefault("num_key_value_heads", c.get("num_attention_heads"))  # HF's default: no grouping
+    # transformers 5 writes {"rope_parameters": {"rope_type", "rope_theta"}}; older files have a top-level
+    # rope_theta and an optional "rope_scaling" ({"type"} or {"rope_type"}).
+    rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
+    c["rope_theta"] = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _require_fields(c, LLAMA_CONFIG)
+    _supported(c, "rope_type", rope_type == "default", "the spec's RoPE is unscaled", rope_type)
+    _supported(c, "attention_bias", not c["attention_bias"], "the spec's attention projections have no bias")
+    _supported(c, "mlp_bias", not c["mlp_bias"], "the spec's MLP projections have no bias")
+    _supported(c, "hidden_act", c["hidden_act"] == "silu", "the spec's MLP is SwiGLU (silu)")
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    _supported(c, "head_dim", c.get("head_dim") in (None, head_dim),
+               f"the spec's head size is hidden_size / num_attention_heads = {head_dim}")
+    return c
+
+
+ARCHS: dict[str, ArchMap] = {
+    "gpt2": ArchMap(GPT2_KEYS, GPT2_CONFIG, _gpt2_config, base_prefix="transformer.",
+                    ignored=("transformer.h.{}.attn.bias", "transformer.h.{}.attn.masked_bias")),
+    "llama": ArchMap(LLAMA_KEYS, LLAMA_CONFIG, _llama_config, base_prefix="model.",
+                     ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq",),
+                     tied={"lm_head.weight": Tied("embed.weight")}),
+}
+
+
+def _require_fields(config: dict, fields: dict[str, str]) -> None:
+    absent = [f for f in fields if config.get(f) is None]
+    if absent:
+        raise SpecError(f"config.json lacks {', '.join(absent)}", hint=f"needed for the spec's {', '.join(fields[f] for f in absent)}")
+
+
+def _supported(config: dict, field: str, ok: bool, why: str, value: Any = None) -> None:
+    if not ok:
+        value = config.get(field) if value is None else value
+        raise SpecError(f"config.json {field}={value!r} cannot be represented by the spec: {why}")
+
+
+def _arch(arch: str) -> ArchMap:
+    if arch not in ARCHS:
+        raise SpecError(f"Hugging Face model_type {arch!r} is not supported",
+                        hint=f"supported: {', '.join(ARCHS)} (--arch forces one for a compatible model)")
+    return ARCHS[arch]
+
+
+# ----------------------------------------------------------------------------
+# Public API
+
+
+def hf_overrides(arch: str, config: dict) -> dict[str, Any]:
+    """Spec parameter overrides from an HF config.json dict; SpecError for what the spec cannot express."""
+    spec_map = _arch(arch)
+    prepared = spec_map.prepare(config)
+    return {param: prepared[field] for field, param in spec_map.config.items()}
+
+
+def convert_state_dict(arch: str, hf_state: dict[str, torch.Tensor], n_layers: int, *,
+                       tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """An HF state dict in archc's canonical names. Strict: raises WeightsError naming every
+    unknown, missing or unsplittable HF key. `tie_embeddings` applies the tied-head rules
+    (Llama's tie_word_embeddings; GPT-2 always ties)."""
+    tensors, _sources = _convert(arch, hf_state, n_layers, tie_embeddings)
+    return tensors
+
+
+def read_hf(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and the tensors of model.safetensors (or its shards) in an HF model directory."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise WeightsError(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
+    return _read_json(hf_dir / "config.json"), _read_tensors(hf_dir)
+
+
+def load_hf(spec: str | Path, hf_dir: str | Path, arch: str | None = None, *, kernels: dict[str, str] | None = None,
+            disable: tuple[str, ...] = (), on_stage: Callable | None = None, **overrides: Any):
+    """Compile `spec` with parameters from `hf_dir/config.json` (then `overrides`), build the model and
+    load `hf_dir/model.safetensors` into it strictly. `arch` defaults to config.json's model_type;
+    `kernels`, `disable` and `on_stage` go to archc.compile. Returns (compiled, model)."""
+    loaded = _load(spec, hf_dir, arch, overrides, dict(kernels=kernels, disable=disable, on_stage=on_stage))
+    return loaded.compiled, loaded.model
+
+
+# ----------------------------------------------------------------------------
+# Conversion
+
+
+def _convert(arch: str, hf_state: dict[str, torch.Tensor], n_layers: int, tied: bool):
+    """(canonical tensors, canonical name -> the HF key it came from)."""
+    spec_map = _arch(arch)
+    rules = {**spec_map.keys, **(spec_map.tied if tied else {})}
+    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    seen: set[str] = set()
+    unknown, problems, copies = [], [], []
+    for key, tensor in hf_state.items():
+        pattern, layer = _pattern(key, spec_map, rules)
+        if pattern in spec_map.ignored:
+            continue
+        if pattern not in rules or (layer is not None and layer >= n_layers):
+            unknown.append(key)
+            continue
+        seen.add(pattern.replace("{}", str(layer)))
+        rule = rules[pattern]
+        if isinstance(rule, Tied):
+            copies.append((key, tensor, rule.target))
+            continue
+        try:
+            parts = _apply(rule, key, tensor, layer)
+        except WeightsError as err:
+            problems.append(str(err))
+            continue
+        for name, part in parts.items():
+            out[name] = part.contiguous()  # transposed views would not save as safetensors
+            sources[name] = key
+    for key, tensor, target in copies:
+        if target in out and not torch.equal(tensor, out[target]):
+            problems.append(f"{key} differs from {sources[target]}, but the spec ties them (one weight)")
+    missing = [k for k in _expected(rules, n_layers) if k not in seen]
+    if unknown or missing or problems:
+        lines = [f"the checkpoint does not fit the {arch} key map ({n_layers} layers):"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
+        if unknown:
+            lines.append(f"  unexpected ({len(unknown)}): " + ", ".join(unknown))
+        lines += [f"  {p}" for p in problems]
+        raise WeightsError("\n".join(lines))
+    return out, sources
+
+
+def _pattern(key: str, spec_map: ArchMap, rules: dict[str, Rule]) -> tuple[str, int | None]:
+    """The key map pattern of `key` and its layer index ("h.3.ln_1.weight" -> "h.{}.ln_1.weight", 3)."""
+    match = re.search(r"\.(\d+)\.", key)
+    pattern, layer = (key[:match.start()] + ".{}." + key[match.end():], int(match[1])) if match else (key, None)
+    known = rules.keys() | set(spec_map.ignored)
+    if pattern not in known and spec_map.base_prefix + pattern in known:
+        pattern = spec_map.base_prefix + pattern
+    return pattern, layer
+
+
+def _apply(rule: Rule, key: str, tensor: torch.Tensor, layer: int | None) -> dict[str, torch.Tensor]:
+    def name(target: str) -> str:
+        return target.replace("{}", str(layer))
+
+    if isinstance(rule, str):
+        return {name(rule): tensor}
+    if isinstance(rule, Transpose):
+        if tensor.dim() != 2:
+            raise WeightsError(f"{key}: expected a 2-D weight, got shape {list(tensor.shape)}")
+        return {name(rule.target): tensor.t()}
+    count = len(rule.targets)
+    if tensor.dim() <= rule.dim or tensor.shape[rule.dim] % count:
+        raise WeightsError(f"{key}: shape {list(tensor.shape)} does not split into {count} equal parts "
+                           f"along dim {rule.dim}")
+    parts = tensor.chunk(count, dim=rule.dim)
+    return {name(t): (p.t() if rule.transpose else p) for t, p in zip(rule.targets, parts)}
+
+
+def _expected(rules: dict[str, Rule], n_layers: int) -> list[str]:
+    """Every HF key the checkpoint must hold (tied copies are optional: safetensors stores one)."""
+    keys = []
+    for pattern, rule in rules.items():
+        if not isinstance(rule, Tied):
+            keys += [pattern.replace("{}", str(i)) for i in range(n_layers)] if "{}" in pattern else [pattern]
+    return keys
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+@attrs.frozen
+class _Loaded:
+    compiled: Any
+    model: torch.nn.Module
+    arch: str
+    derived: dict[str, Any]  # parameters taken from config.json
+    n_hf_tensors: int
+
+
+def _load(spec, hf_dir, arch, overrides: dict[str, Any], compile_kw: dict[str, Any]) -> _Loaded:
+    import archc
+
+    config, hf_state = read_hf(hf_dir)
+    arch = arch or config.get("model_type")
+    if arch is None:
+        raise SpecError(f"{Path(hf_dir) / 'config.json'} has no model_type", hint=f"pass --arch ({', '.join(ARCHS)})")
+    derived = hf_overrides(arch, config)
+    try:
+        compiled = archc.compile(spec, {**derived, **overrides}, **compile_kw)
+    except SpecError as err:  # say where parameters the user never typed came from
+        note = "parameters from config.json: " + ", ".join(f"{k}={v!r}" for k, v in derived.items())
+        raise SpecError(err.message, err.span, hint=err.hint, notes=(*err.notes, (note, None))) from None
+    tensors, sources = _convert(arch, hf_state, compiled.params["n_layers"],
+                                compiled.params.get("tie_embeddings", False))
+    _check_shapes(tensors, sources, compiled.canonical_names())
+    model = compiled.build()
+    load_canonical(model, compiled, tensors, strict=True)  # also catches layer-count and tying mismatches
+    return _Loaded(compiled, model.eval(), arch, derived, len(hf_state))
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], sources: dict[str, str], expected: dict[str, tuple]) -> None:
+    """Name the HF key behind each mis-shaped weight (load_canonical only knows the canonical name)."""
+    bad = [f"  {sources[name]} -> {name}: the model expects {list(expected[name])}, got {list(t.shape)}"
+           for name, t in tensors.items() if name in expected and tuple(t.shape) != tuple(expected[name])]
+    if bad:
+        raise WeightsError("shape mismatch (in archc's [out, in] layout):\n" + "\n".join(bad))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: not found (a Hugging Face model directory has a config.json)") from None
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+
+
+def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():  # a sharded checkpoint: the index maps each key to its shard file
+        shards = set(_read_json(index).get("weight_map", {}).values())
+        if any(Path(s).name != s for s in shards):
+            raise WeightsError(f"{index}: shard names must be files in {hf_dir}")
+        files = [hf_dir / s for s in sorted(shards)]
+    else:
+        raise WeightsError(f"{hf_dir}: no model.safetensors (pickled pytorch_model.bin files are never read; "
+                           "convert them to safetensors first)")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            state.update(load_file(path))  # safetensors only: loading cannot execute code
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(f"{path}: cannot read safetensors ({err})") from None
+    return state
+
+
+# ----------------------------------------------------------------------------
+# `archc convert`
+
+
+def register_cli(sub, common) -> None:
+    p = sub.add_parser("convert", parents=[common], help="convert a Hugging Face checkpoint to this spec's weights")
+    p.add_argument("spec")
+    p.add_argument("--from-hf", required=True, metavar="DIR", help="a directory with config.json and model.safetensors")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="the checkpoint's architecture (default: its model_type)")
+    p.set_defaults(run=_cmd_convert)
+
+
+def _cmd_convert(args) -> int:
+    from archc.cli import _pairs
+    from archc.compiler.lower import parse_override
+
+    overrides = dict(parse_override(d) for d in args.define or ())
+    compile_kw = dict(kernels=_pairs(args.kernel, "--kernel"), disable=tuple(args.no_pass or ()),
+                      on_stage=_stage_hook(args))
+    loaded = _load(args.spec, args.from_hf, args.arch, overrides, compile_kw)
+    _save(loaded.model, loaded.compiled, Path(args.output))
+    params = " ".join(f"{k}={v!r}" for k, v in {**loaded.derived, **overrides}.items())
+    print(f"{args.from_hf}: {loaded.arch}, {loaded.n_hf_tensors} tensors; {params}\n"
+          f"all weights matched ({loaded.compiled.num_params():,} parameters)\n"
+          f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _stage_hook(args) -> Callable | None:
+    """--print-ir-after / --dump-dir, as the other commands honour them."""
+    from archc.compiler.api import dump_stages, print_stage
+
+    hooks = []
+    if args.print_ir_after:
+        hooks.append(print_stage(sys.stderr, args.print_ir_after))
+    if args.dump_dir:
+        hooks.append(dump_stages(args.dump_dir))
+    if not hooks:
+        return None
+
+    def on_stage(name, graph) -> None:
+        for hook in hooks:
+            hook(name, graph)
+
+    return on_stage
+
+
+def _save(model: torch.nn.Module, compiled, path: Path) -> None:
+    """save_model (it handles tied weights), atomically: a failed write never replaces a good file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_model(model, tmp, metadata={"format": "pt", "archc.params": json.dumps(compiled.params)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

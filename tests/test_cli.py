@@ -1,0 +1,105 @@
+"""The command line, end to end through `archc.cli.main`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from archc.cli import main
+from conftest import ROOT, SPECS
+
+LLAMA = str(SPECS / "llama.arch")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_to_stdout_and_file(capsys, tmp_path):
+    code, out, _err = run(capsys, "compile", LLAMA, "-D", "n_layers=2")
+    assert code == 0 and "class Llama(nn.Module):" in out
+    target = tmp_path / "gen" / "llama.py"
+    code, _out, err = run(capsys, "compile", LLAMA, "-o", str(target))
+    assert code == 0 and target.read_text().startswith('"""Llama')
+    namespace: dict = {}
+    exec(compile(target.read_text(), str(target), "exec"), namespace)
+    assert "Llama" in namespace
+
+
+def test_check_many_specs(capsys):
+    code, out, _err = run(capsys, "check", *(str(p) for p in sorted(SPECS.glob("*.arch"))))
+    assert code == 0 and out.count(": ok (") == len(list(SPECS.glob("*.arch")))
+
+
+def test_summary_table_has_totals_and_scales_with_seq(capsys):
+    code, out, _err = run(capsys, "summary", LLAMA, "--batch", "2", "--seq", "64")
+    assert code == 0
+    assert "layers.0" in out and "DecoderLayer" in out and "total params" in out
+    flops_64 = next(line for line in out.splitlines() if line.startswith("forward FLOPs"))
+    _code, out, _err = run(capsys, "summary", LLAMA, "--batch", "2", "--seq", "128")
+    flops_128 = next(line for line in out.splitlines() if line.startswith("forward FLOPs"))
+    assert flops_64 != flops_128
+
+
+@pytest.mark.parametrize("fmt,marker", [("dot", "digraph"), ("mermaid", "flowchart TD"), ("text", "%n0")])
+def test_graph_formats(capsys, fmt, marker):
+    code, out, _err = run(capsys, "graph", LLAMA, "--format", fmt)
+    assert code == 0 and marker in out and "attn" in out
+
+
+def test_print_ir_after_and_dump_dir(capsys, tmp_path):
+    code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "cse", "--dump-dir", str(tmp_path))
+    assert code == 0
+    assert err.count("IR Dump After") == 1 and "IR Dump After cse" in err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "00-lower.ir" and "06-choose_attention_kernel.ir" in names and "model.py" in names
+    code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "all")
+    assert err.count("IR Dump After") == 7
+    code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "csee")
+    assert code == 1 and "did you mean `cse`" in err
+
+
+def test_inspect_views(capsys):
+    for what, marker in (("params", "d_model = 128"), ("ir", "attention_core"), ("weights", "layers.0.attn.q.weight"),
+                         ("code", "class DecoderLayer")):
+        code, out, _err = run(capsys, "inspect", LLAMA, what)
+        assert code == 0 and marker in out, what
+    code, out, _err = run(capsys, "inspect", LLAMA, "ir", "--after", "lower")
+    assert "<unfolded>" in out  # before fold_params
+
+
+def test_no_pass_and_kernel_override(capsys):
+    code, out, _err = run(capsys, "compile", LLAMA, "--no-pass", "fuse_projections", "--kernel", "attention=math")
+    assert code == 0 and "qkv" not in out and "AF.attention_math" in out
+    code, _out, err = run(capsys, "compile", LLAMA, "--kernel", "attention=flash9")
+    assert code == 1 and "unknown kernel" in err
+
+
+def test_spec_errors_exit_1_without_traceback(capsys, tmp_path):
+    bad = tmp_path / "bad.arch"
+    bad.write_text("model M(tokens: Tokens[B, T]) {\n  x = embeding(tokens, 4, 4)\n  return x\n}\n")
+    code, _out, err = run(capsys, "compile", str(bad))
+    assert code == 1 and "Traceback" not in err
+    assert "bad.arch:2:7" in err and "did you mean `embedding`" in err
+    code, _out, err = run(capsys, "compile", str(tmp_path / "missing.arch"))
+    assert code == 1 and "no such spec file" in err
+    code, _out, err = run(capsys, "compile", LLAMA, "-D", "d_model")
+    assert code == 1 and "expected -D name=value" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["summary", LLAMA, "--seq", "0"])
+    assert exc.value.code == 2
+
+
+def test_python_dash_m_works():
+    result = subprocess.run([sys.executable, "-m", "archc", "check", LLAMA], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "ok" in result.stdout
