@@ -27,15 +27,20 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def _compile(args, spec: str | None = None):
-    import archc
+def compile_options(args) -> dict:
+    """The keyword arguments of `archc.compile` that the common flags ask for."""
     from archc.compiler.api import dump_stages, print_stage
     from archc.compiler.lower import parse_override
+    from archc.compiler.passes import PASS_NAMES
+    from archc.dsl.diagnostics import did_you_mean
 
-    overrides = dict(parse_override(d) for d in args.define or ())
+    which = getattr(args, "print_ir_after", None)
+    if which not in (None, "all", "lower") and which not in PASS_NAMES:
+        raise SpecError(f"--print-ir-after {which}: no such pass",
+                        hint=did_you_mean(which, PASS_NAMES) or f"passes: {', '.join(PASS_NAMES)}")
     hooks: list[Callable] = []
-    if getattr(args, "print_ir_after", None):
-        hooks.append(print_stage(sys.stderr, args.print_ir_after))
+    if which:
+        hooks.append(print_stage(sys.stderr, which))
     if getattr(args, "dump_dir", None):
         hooks.append(dump_stages(args.dump_dir))
 
@@ -43,14 +48,15 @@ def _compile(args, spec: str | None = None):
         for hook in hooks:
             hook(name, graph)
 
-    if getattr(args, "print_ir_after", None) not in (None, "all", "lower"):
-        from archc.compiler.passes import PASS_NAMES
-        from archc.dsl.diagnostics import did_you_mean
-        if args.print_ir_after not in PASS_NAMES:
-            raise SpecError(f"--print-ir-after {args.print_ir_after}: no such pass",
-                            hint=did_you_mean(args.print_ir_after, PASS_NAMES) or f"passes: {', '.join(PASS_NAMES)}")
-    compiled = archc.compile(spec or args.spec, overrides, kernels=_pairs(args.kernel, "--kernel"),
-                             disable=tuple(args.no_pass or ()), on_stage=on_stage)
+    return dict(overrides=dict(parse_override(d) for d in args.define or ()),
+                kernels=_pairs(args.kernel, "--kernel"), disable=tuple(args.no_pass or ()),
+                on_stage=on_stage if hooks else None)
+
+
+def _compile(args, spec: str | None = None):
+    import archc
+
+    compiled = archc.compile(spec or args.spec, **compile_options(args))
     if getattr(args, "dump_dir", None):
         _write(Path(args.dump_dir) / "model.py", compiled.source)
     return compiled
@@ -194,20 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.set_defaults(run=cmd_inspect)
 
-    for name, register in _extra_commands():
-        register(sub, common)
+    from archc.runtime.hf import register_cli as register_convert
+
+    register_convert(sub, common)
     return parser
-
-
-def _extra_commands():
-    """Commands contributed by other parts of archc (runtime), each a `register(sub, common)`."""
-    out = []
-    try:
-        from archc.runtime.hf import register_cli
-        out.append(("convert", register_cli))
-    except ImportError:
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

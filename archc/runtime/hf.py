@@ -191,7 +191,8 @@ ARCHS: dict[str, ArchMap] = {
 def _require_fields(config: dict, fields: dict[str, str]) -> None:
     absent = [f for f in fields if config.get(f) is None]
     if absent:
-        raise SpecError(f"config.json lacks {', '.join(absent)}", hint=f"needed for the spec's {', '.join(fields[f] for f in absent)}")
+        raise SpecError(f"config.json lacks {', '.join(absent)}",
+                        hint=f"needed for the spec's {', '.join(fields[f] for f in absent)}")
 
 
 def _supported(config: dict, field: str, ok: bool, why: str, value: Any = None) -> None:
@@ -229,9 +230,7 @@ def convert_state_dict(arch: str, hf_state: dict[str, torch.Tensor], n_layers: i
 
 def read_hf(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json and the tensors of model.safetensors (or its shards) in an HF model directory."""
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise WeightsError(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
+    hf_dir = _model_dir(hf_dir)
     return _read_json(hf_dir / "config.json"), _read_tensors(hf_dir)
 
 
@@ -239,7 +238,7 @@ def load_hf(spec: str | Path, hf_dir: str | Path, arch: str | None = None, *, ke
             disable: tuple[str, ...] = (), on_stage: Callable | None = None, **overrides: Any):
     """Compile `spec` with parameters from `hf_dir/config.json` (then `overrides`), build the model and
     load `hf_dir/model.safetensors` into it strictly. `arch` defaults to config.json's model_type;
-    `kernels`, `disable` and `on_stage` go to archc.compile. Returns (compiled, model)."""
+    `kernels`, `disable` and `on_stage` go to archc.compile. Returns (compiled, model in eval mode)."""
     loaded = _load(spec, hf_dir, arch, overrides, dict(kernels=kernels, disable=disable, on_stage=on_stage))
     return loaded.compiled, loaded.model
 
@@ -274,6 +273,8 @@ def _convert(arch: str, hf_state: dict[str, torch.Tensor], n_layers: int, tied: 
             problems.append(str(err))
             continue
         for name, part in parts.items():
+            if name in out:  # e.g. a checkpoint holding keys both with and without the base prefix
+                problems.append(f"{key} and {sources[name]} both give {name}")
             out[name] = part.contiguous()  # transposed views would not save as safetensors
             sources[name] = key
     for key, tensor, target in copies:
@@ -281,7 +282,7 @@ def _convert(arch: str, hf_state: dict[str, torch.Tensor], n_layers: int, tied: 
             problems.append(f"{key} differs from {sources[target]}, but the spec ties them (one weight)")
     missing = [k for k in _expected(rules, n_layers) if k not in seen]
     if unknown or missing or problems:
-        lines = [f"the checkpoint does not fit the {arch} key map ({n_layers} layers):"]
+        lines = [f"the checkpoint does not fit the {arch} key map (n_layers={n_layers}):"]
         if missing:
             lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
         if unknown:
@@ -344,30 +345,42 @@ class _Loaded:
 def _load(spec, hf_dir, arch, overrides: dict[str, Any], compile_kw: dict[str, Any]) -> _Loaded:
     import archc
 
-    config, hf_state = read_hf(hf_dir)
+    # Config and spec first: a checkpoint that cannot fit fails before gigabytes of tensors are read.
+    hf_dir = _model_dir(hf_dir)
+    config = _read_json(hf_dir / "config.json")
     arch = arch or config.get("model_type")
     if arch is None:
-        raise SpecError(f"{Path(hf_dir) / 'config.json'} has no model_type", hint=f"pass --arch ({', '.join(ARCHS)})")
+        raise SpecError(f"{hf_dir / 'config.json'} has no model_type", hint=f"pass --arch ({', '.join(ARCHS)})")
     derived = hf_overrides(arch, config)
     try:
         compiled = archc.compile(spec, {**derived, **overrides}, **compile_kw)
     except SpecError as err:  # say where parameters the user never typed came from
         note = "parameters from config.json: " + ", ".join(f"{k}={v!r}" for k, v in derived.items())
         raise SpecError(err.message, err.span, hint=err.hint, notes=(*err.notes, (note, None))) from None
+    hf_state = _read_tensors(hf_dir)
     tensors, sources = _convert(arch, hf_state, compiled.params["n_layers"],
                                 compiled.params.get("tie_embeddings", False))
-    _check_shapes(tensors, sources, compiled.canonical_names())
+    _check_shapes(tensors, sources, hf_state, compiled.canonical_names())
     model = compiled.build()
     load_canonical(model, compiled, tensors, strict=True)  # also catches layer-count and tying mismatches
     return _Loaded(compiled, model.eval(), arch, derived, len(hf_state))
 
 
-def _check_shapes(tensors: dict[str, torch.Tensor], sources: dict[str, str], expected: dict[str, tuple]) -> None:
+def _check_shapes(tensors: dict[str, torch.Tensor], sources: dict[str, str], hf_state: dict[str, torch.Tensor],
+                  expected: dict[str, tuple]) -> None:
     """Name the HF key behind each mis-shaped weight (load_canonical only knows the canonical name)."""
-    bad = [f"  {sources[name]} -> {name}: the model expects {list(expected[name])}, got {list(t.shape)}"
+    bad = [f"  {sources[name]} {list(hf_state[sources[name]].shape)} -> {name} {list(t.shape)}: "
+           f"the model expects {list(expected[name])}"
            for name, t in tensors.items() if name in expected and tuple(t.shape) != tuple(expected[name])]
     if bad:
-        raise WeightsError("shape mismatch (in archc's [out, in] layout):\n" + "\n".join(bad))
+        raise WeightsError("shape mismatch (HF key [shape] -> archc name [shape]):\n" + "\n".join(bad))
+
+
+def _model_dir(hf_dir: str | Path) -> Path:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise WeightsError(f"{hf_dir}: not a directory (expected a Hugging Face model directory)")
+    return hf_dir
 
 
 def _read_json(path: Path) -> dict:
@@ -414,12 +427,10 @@ def register_cli(sub, common) -> None:
 
 
 def _cmd_convert(args) -> int:
-    from archc.cli import _pairs
-    from archc.compiler.lower import parse_override
+    from archc.cli import compile_options
 
-    overrides = dict(parse_override(d) for d in args.define or ())
-    compile_kw = dict(kernels=_pairs(args.kernel, "--kernel"), disable=tuple(args.no_pass or ()),
-                      on_stage=_stage_hook(args))
+    compile_kw = compile_options(args)
+    overrides = compile_kw.pop("overrides")
     loaded = _load(args.spec, args.from_hf, args.arch, overrides, compile_kw)
     _save(loaded.model, loaded.compiled, Path(args.output))
     params = " ".join(f"{k}={v!r}" for k, v in {**loaded.derived, **overrides}.items())
@@ -427,25 +438,6 @@ def _cmd_convert(args) -> int:
           f"all weights matched ({loaded.compiled.num_params():,} parameters)\n"
           f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def _stage_hook(args) -> Callable | None:
-    """--print-ir-after / --dump-dir, as the other commands honour them."""
-    from archc.compiler.api import dump_stages, print_stage
-
-    hooks = []
-    if args.print_ir_after:
-        hooks.append(print_stage(sys.stderr, args.print_ir_after))
-    if args.dump_dir:
-        hooks.append(dump_stages(args.dump_dir))
-    if not hooks:
-        return None
-
-    def on_stage(name, graph) -> None:
-        for hook in hooks:
-            hook(name, graph)
-
-    return on_stage
 
 
 def _save(model: torch.nn.Module, compiled, path: Path) -> None:
