@@ -148,3 +148,30 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")
     lines.append(f"weights (fp32)      {human(model.params * 4)}B")
     return "\n".join(lines) + "\n"
+
+
+def param_roles(graph: Graph) -> dict[str, str]:
+    """The role of every weight in the model's state dict, read from the IR.
+
+    `embedding` (token/position tables), `head` (a linear whose output is a
+    model output or feeds the loss directly), `matrix` (other 2-D weights of
+    linears: the hidden matrices Muon is meant for), `norm` (norm scales) and
+    `bias`. Optimizers split parameter groups by role instead of guessing from names.
+    """
+    outputs = {nid for _name, nid in graph.outputs}
+    loss_inputs = {a for n in graph.nodes() if n.op == "next_token_loss" for a in graph.args(n.id)}
+    roles: dict[str, str] = {}
+    for node in graph.nodes():
+        for name, shape in node_params(graph, node).items():
+            if node.op in ("embedding", "pos_embedding"):
+                role = "embedding"
+            elif name.endswith("bias"):
+                role = "bias"
+            elif node.op in ("linear", "fused_linear"):
+                role = "head" if node.id in outputs or node.id in loss_inputs else "matrix"
+            elif len(shape) == 1:
+                role = "norm"
+            else:
+                role = "matrix"
+            roles[name] = role
+    return roles

@@ -64,6 +64,10 @@ class Compiled:
         """Forward matmul FLOPs of one step at this batch size and sequence length."""
         return analysis.forward_flops(self.ir, batch, seq)
 
+    def param_roles(self) -> dict[str, str]:
+        """State-dict name -> embedding | head | matrix | norm | bias (see analysis.param_roles)."""
+        return analysis.param_roles(self.ir)
+
     def python_module(self) -> types.ModuleType:
         """Execute the generated source as a module; tracebacks show its lines (linecache)."""
         filename = f"<archc:{self.class_name}:{self.ir.meta.get('sha256', '')}>"
