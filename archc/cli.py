@@ -151,6 +151,64 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _train_config(args):
+    import attrs
+
+    from archc.runtime.train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args) -> int:
+    from archc.runtime.train import train
+
+    options = compile_options(args)
+    config = _train_config(args)
+    result = train(args.spec, config, options.pop("overrides"), resume=args.resume, **options)
+    start = f"{result.initial_val_perplexity:.2f} -> " if result.initial_val_perplexity else ""
+    print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, "
+          f"val perplexity {start}{result.val_perplexity:.2f}, {result.tokens_per_second:,.0f} tokens/s, "
+          f"MFU {result.mfu:.0%}")
+    print(f"wrote {result.out_dir}/metrics.jsonl, loss.png, sample.txt, checkpoints/")
+    if result.sample:
+        print("sample:\n" + result.sample)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from archc.runtime import sweep
+
+    options = compile_options(args)
+    points = sweep.run_sweep(args.spec, args.multirun, _train_config(args), options.pop("overrides"), **options)
+    print(sweep.table(points), end="")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from archc.runtime.eval_cli import run_eval
+
+    return run_eval(args, compile_options(args))
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    import attrs
+
+    from archc.runtime.train import TrainConfig
+
+    for field in attrs.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "str")
+        if kind == "bool":
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default {field.default})")
+        else:
+            conv = {"int": int, "float": float}.get(kind.split(" ")[0], str)
+            if "float | None" in kind:
+                conv = float
+            p.add_argument(flag, dest=field.name, type=conv, default=None, help=f"(default {field.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from archc import __version__
 
@@ -200,6 +258,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.set_defaults(run=cmd_inspect)
 
+    p = sub.add_parser("train", parents=[common], help="train a spec on next-token prediction")
+    p.add_argument("spec")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+    _add_train_options(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("sweep", parents=[common], help="train a grid of parameter values briefly and compare")
+    p.add_argument("spec")
+    p.add_argument("-m", dest="multirun", action="append", required=True, metavar="NAME=A,B,...",
+                   help="an axis of the grid: values, or range(a,b[,step]) (repeatable)")
+    _add_train_options(p)
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("eval", parents=[common], help="perplexity, surprisal, samples and pass@k of a checkpoint")
+    p.add_argument("spec")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or one checkpoint in it")
+    p.add_argument("--data", help="corpus for perplexity (default: the run's validation split)")
+    p.add_argument("--batches", type=int, default=32, help="evaluation windows (batches) for perplexity")
+    p.add_argument("--surprisal", type=int, default=10, metavar="N", help="list the N most confident mistakes")
+    p.add_argument("--prompt", help="generate a continuation of this text")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--pass-at-k", action="store_true", help="score the synthetic reasoning tasks")
+    p.add_argument("--n", type=int, default=8, help="samples per problem for pass@k")
+    p.add_argument("--k", default="1,4,8", help="comma list of k (each <= n)")
+    p.add_argument("--problems", type=int, default=10, help="problems per depth")
+    p.add_argument("--depths", default="1,2,3", help="comma list of problem depths")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_eval)
+
     from archc.runtime.hf import register_cli as register_convert
 
     register_convert(sub, common)
@@ -222,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as err:  # a bug in archc, not in the spec
-        from archc.runtime.weights import WeightsError
-        if isinstance(err, (WeightsError, OSError)):
+        if isinstance(err, _user_errors()):
             print(f"error: {err}", file=sys.stderr)
             return 1
         if os.environ.get("ARCHC_DEBUG"):
@@ -232,6 +321,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"internal error: {type(err).__name__}: {err}\n"
                   "This is a bug in archc; rerun with ARCHC_DEBUG=1 for the traceback.", file=sys.stderr)
         return 3
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that describe a problem with the user's input, shown as one line."""
+    from archc.runtime.checkpoint import CheckpointError
+    from archc.runtime.data import DataError
+    from archc.runtime.optim import OptimizerError
+    from archc.runtime.train import TrainError
+    from archc.runtime.weights import WeightsError
+
+    return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, OSError)
 
 
 if __name__ == "__main__":
