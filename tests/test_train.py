@@ -116,3 +116,15 @@ def test_sweep_prints_a_table(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "d_ff=32" in text and "d_ff=64" in text and "val ppl" in text
     torch.manual_seed(0)
+
+
+def test_example_research_script_runs(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("sweep_tweaks", ROOT / "examples" / "sweep_tweaks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(steps=2, out=str(tmp_path))
+    assert len(rows) == 3 and all(r[2] > 0 for r in rows)
