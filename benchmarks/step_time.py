@@ -13,7 +13,7 @@ Prints per-step times (median, min), the ratio generated / reference (goal
 full although causal, backward = 2x forward) per second, over the measured
 matmul peak of this device and dtype (`matmul_peak_flops`).
 
-With `--gpt2` (on by default; `--no-gpt2` to skip) the same comparison runs
+With `--models llama,gpt2` (the default) the same comparison also runs
 for the generated GPT-2 vs the reference `GPT2` (HF Conv1D layout, weights
 transposed when mapped; the reference's attention is the explicit-math one,
 so this ratio also measures SDPA vs eager attention).
@@ -134,15 +134,17 @@ def make_step(model, tokens, generated: bool, lr: float = 1e-4):
 
 
 @torch.no_grad()
-def check_same(gen, ref, tokens, dtype) -> float:
+def check_same(gen, ref, tokens, dtype) -> str:
+    """Max |logits difference| of the two models (same weights); exits on a clear mismatch in fp32."""
     gen.eval(), ref.eval()
     a = gen(tokens)["logits"].float()
     b = ref(tokens).float()
     diff = (a - b).abs().max().item()
-    tol = 1e-4 if dtype == torch.float32 else 0.15
-    if diff > tol:
-        raise SystemExit(f"generated and reference logits differ by {diff:.3g} (> {tol}): weight map is wrong")
-    return diff
+    rel = diff / max(b.abs().max().item(), 1e-12)
+    if dtype == torch.float32 and diff > 1e-4:
+        raise SystemExit(f"generated and reference logits differ by {diff:.3g} in fp32: the weight map is wrong")
+    note = "" if rel < 0.05 else "  WARNING: large for this dtype"
+    return f"{diff:.2e} ({rel:.1e} of max |logit|){note}"
 
 
 def interleaved(step_a, step_b, steps: int, warmup: int, device) -> tuple[list[float], list[float]]:
@@ -170,7 +172,7 @@ def compare(name, pair_fn, args, device, dtype, peak) -> float:
     train_flops = 3 * fwd
     print(f"\n== {name}: {desc}")
     print(f"   batch={args.batch} seq={args.seq} device={device} dtype={str(dtype).split('.')[-1]}  "
-          f"params={compiled.num_params():,}  max |logits diff| before training = {diff:.2e}")
+          f"params={compiled.num_params():,}  max |logits diff| before training = {diff}")
     print(f"   model FLOPs/step = 3 x fwd {fwd / 1e9:.2f} GFLOP = {train_flops / 1e9:.2f} GFLOP")
     tg, tr = interleaved(make_step(gen, tokens, True), make_step(ref, tokens, False), args.steps, args.warmup, device)
     tokens_per_step = args.batch * args.seq
@@ -180,18 +182,22 @@ def compare(name, pair_fn, args, device, dtype, peak) -> float:
     header = f"   {'model':<22}{'median':>10}{'min':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"
     print(header)
     print("   " + "-" * (len(header) - 3))
-    rows = {}
     for label, ts in ((f"generated ({compiled.class_name})", tg), (f"reference ({type(ref).__name__})", tr)):
         med = statistics.median(ts)
-        rows[label] = med
         rate = train_flops / med
         print(f"   {label:<22}{med * 1e3:>8.1f}ms{min(ts) * 1e3:>8.1f}ms{tokens_per_step / med:>12,.0f}"
               f"{rate / 1e12:>10.3f}{rate / peak:>7.1%}")
     ratio = statistics.median(tg) / statistics.median(tr)
-    # per-pair ratios are robust to slow drift in machine load
+    # per-pair ratios are robust to slow drift in machine load, minima to bursts of it
     pair_ratio = statistics.median(a / b for a, b in zip(tg, tr))
+    min_ratio = min(tg) / min(tr)
     verdict = "OK (<= 1.0)" if ratio <= 1.0 else ("~parity (within 5%)" if ratio <= 1.05 else "SLOWER")
-    print(f"   ratio generated/reference: {ratio:.3f} (median of per-step pairs {pair_ratio:.3f})  -> {verdict}")
+    print(f"   ratio generated/reference: {ratio:.3f} of medians -> {verdict}; "
+          f"median of per-step pairs {pair_ratio:.3f}, of minima {min_ratio:.3f}")
+    spread = max(max(tg) / min(tg), max(tr) / min(tr))
+    if spread > 1.5:
+        print(f"   WARNING: noisy timings (slowest/fastest step = {spread:.1f}x): the machine is busy; "
+              f"trust the ratio of minima most, or rerun with more --steps")
     return ratio
 
 
@@ -205,12 +211,12 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--gpt2", action=argparse.BooleanOptionalAction, default=True,
-                    help="also compare the generated GPT-2 with the reference GPT2")
+    ap.add_argument("--models", default="llama,gpt2",
+                    help="comma-separated: llama (vs LlamaFast), gpt2 (vs the eager reference GPT2)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -228,9 +234,16 @@ def main(argv=None) -> int:
     peak = matmul_peak_flops(dtype, n=peak_n, device=device)
     print(f"torch {torch.__version__} on {name}; measured matmul peak ({peak_n}^3, "
           f"{str(dtype).split('.')[-1]}): {peak / 1e12:.3f} TFLOP/s  (MFU below is against this)")
-    compare("Llama", llama_pair, args, device, dtype, peak)
-    if args.gpt2:
-        compare("GPT-2", gpt2_pair, args, device, dtype, peak)
+    pairs = {"llama": ("Llama", llama_pair), "gpt2": ("GPT-2", gpt2_pair)}
+    for key in args.models.split(","):
+        if key.strip() not in pairs:
+            raise SystemExit(f"--models: unknown {key!r}; choose from {', '.join(pairs)}")
+    for key in args.models.split(","):
+        compare(*pairs[key.strip()], args, device, dtype, peak)
+    again = matmul_peak_flops(dtype, n=peak_n, device=device)
+    if abs(again - peak) > 0.2 * peak:
+        print(f"\nNOTE: the matmul peak measured again at the end is {again / 1e12:.3f} TFLOP/s "
+              f"({again / peak:.2f}x the first): the machine's load changed during the run, so MFU is approximate")
     print(f"\n(benchmark wall time {time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU checks in one go, for a CUDA machine: GPU-marked tests (if any), then the
+# benchmarks at GPU-sized configs. Prints everything; finishes in < 8 minutes
+# (each stage has its own timeout). Usage, from anywhere:
+#
+#     bash benchmarks/gpu.sh            # OUT=dir to also keep a copy of the log there
+#
+# Creates .venv with scripts/setup.sh if it is missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    echo "== .venv missing: running scripts/setup.sh"
+    bash scripts/setup.sh || { echo "setup failed"; exit 1; }
+fi
+PY=.venv/bin/python
+LOG=${OUT:+$OUT/gpu_bench.log}
+exec > >(tee ${LOG:+"$LOG"}) 2>&1
+
+START=$(date +%s)
+status=0
+stage() {  # stage NAME TIMEOUT_S CMD...: run with a timeout, report its time and exit code, keep going
+    local name=$1 limit=$2; shift 2
+    echo
+    echo "==================== $name (timeout ${limit}s) ===================="
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "---- $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+    [ $rc -eq 124 ] && echo "---- $name: TIMED OUT"
+    [ $rc -ne 0 ] && status=1
+    return 0
+}
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+$PY - <<'EOF'
+import sys, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(0))
+EOF
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "torch sees no CUDA device (CPU-only wheel?): nothing GPU-related to run here."
+    exit 1
+fi
+
+# 1. Tests marked `gpu` (skipped gracefully when the suite has none).
+$PY -m pytest -m gpu --collect-only -p no:cacheprovider >/dev/null 2>&1
+collect_rc=$?
+if [ $collect_rc -eq 0 ]; then
+    stage "pytest -m gpu" 60 $PY -m pytest -q -m gpu -p no:cacheprovider
+elif [ $collect_rc -eq 5 ]; then
+    echo; echo "== no tests marked 'gpu': skipping pytest -m gpu"
+else
+    echo; echo "== pytest collection failed (rc=$collect_rc):"; $PY -m pytest -m gpu --collect-only -p no:cacheprovider | tail -20
+    status=1
+fi
+
+# 2. Training-step time, generated vs hand-written LlamaFast, bf16, a ~0.9B-parameter Llama
+#    (d_model 2048, 16 layers, 32 heads / 16 kv heads, d_ff 5504, vocab 32000), 16k tokens/step.
+stage "step_time Llama bf16 d2048 L16 B8 T2048" 150 $PY benchmarks/step_time.py --models llama \
+    --device cuda --dtype bf16 --d-model 2048 --layers 16 --vocab 32000 --batch 8 --seq 2048 --steps 12 --warmup 3
+
+# 3. GPT-2 (~GPT-2 medium width) vs the reference GPT2, whose explicit attention keeps [B, H, T, T]
+#    scores per layer: a shorter sequence keeps that in memory.
+stage "step_time GPT-2 bf16 d1024 L12 B8 T1024" 90 $PY benchmarks/step_time.py --models gpt2 \
+    --device cuda --dtype bf16 --d-model 1024 --layers 12 --vocab 32000 --batch 8 --seq 1024 --steps 12 --warmup 3
+
+# 4. The small CPU default config on the GPU in fp32: launch-overhead bound, so it shows per-op overhead.
+stage "step_time Llama fp32 default config" 60 $PY benchmarks/step_time.py --models llama --device cuda --dtype fp32
+
+# 5. Compile time (CPU work; the GPU machine's faster cores, up to 256 layers, with a profile).
+stage "compile_time" 75 $PY benchmarks/compile_time.py --layers 8 16 32 64 128 256 --profile
+
+echo
+echo "== total $(( $(date +%s) - START ))s, status=$status"
+exit $status
