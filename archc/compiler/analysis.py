@@ -94,7 +94,7 @@ def rows(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
                 continue
         if scope_depth > depth:
             continue
-        if key not in graph.scopes and not any(totals[key]) and last[key].op not in ("embedding",):
+        if key not in graph.scopes and not any(totals[key][:2]) and last[key].op not in ("embedding",):
             continue  # a weightless, flop-less op inside a module is noise in the table
         p, f, a = totals[key]
         out.append(Row(key or graph.name, cls, last[key].shape or (), p, f, a, scope_depth))

@@ -90,8 +90,15 @@ class Graph:
             self.g.add_edge(new, user, index=index)
         self.g.remove_edges_from(list(self.g.out_edges(old, keys=True)))
         self.outputs = [(n, new if v == old else v) for n, v in self.outputs]
-        for scope in self.scopes.values():
-            scope.outputs = [new if v == old else v for v in scope.outputs]
+        # Only the node's own scope and its ancestors can list it as an output.
+        path = self.node(old).scope
+        while True:
+            scope = self.scopes.get(path)
+            if scope is not None and old in scope.outputs:
+                scope.outputs = [new if v == old else v for v in scope.outputs]
+            if not path:
+                break
+            path = path.rsplit(".", 1)[0] if "." in path else ""
 
     # queries
     def node(self, node_id: str) -> Node:

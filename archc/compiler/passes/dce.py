@@ -24,8 +24,11 @@ def dce(graph: Graph, options=None) -> Graph:
     for node in graph.nodes():
         if node.id not in live:
             graph.remove(node.id)
-    used = {n.scope for n in graph.nodes()}
+    used = set()
+    for node in graph.nodes():  # every prefix of a used scope is used
+        parts = node.scope.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     for path in list(graph.scopes):
-        if path and not any(u == path or u.startswith(path + ".") for u in used):
+        if path and path not in used:
             del graph.scopes[path]
     return graph
