@@ -191,7 +191,8 @@ def test_verifier_catches_broken_ir():
 def test_compile_reads_as_named_passes_and_records_every_stage():
     compiled = archc.compile(ATTN, name="t.arch")
     assert [name for name, _g in compiled.stages] == [
-        "lower", "fold_params", "infer_shapes", "dce", "cse", "fuse_projections", "choose_attention_kernel"]
+        "lower", "fold_params", "infer_shapes", "dce", "cse", "fuse_experts", "fuse_projections",
+        "choose_attention_kernel"]
     with pytest.raises(archc.SpecError, match="did you mean `cse`"):
         archc.compile(ATTN, name="t.arch", disable=("csee",))
     with pytest.raises(archc.SpecError, match="required"):

@@ -32,8 +32,9 @@ def sizes_for(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = 
     sizes = {"B": batch, "T": seq, **(dims or {})}
     for node in graph.nodes():
         for d in node.shape or ():
-            if isinstance(d, str) and d not in sizes:
-                raise SpecError(f"the symbolic dim `{d}` has no size; give one with --dim {d}=N")
+            for symbol in ops.dim_symbols(d):
+                if symbol not in sizes:
+                    raise SpecError(f"the symbolic dim `{symbol}` has no size; give one with --dim {symbol}=N")
     return sizes
 
 
@@ -113,6 +114,18 @@ def total_params(graph: Graph) -> int:
     return sum(sum(_numel(s) for s in node_params(graph, n).values()) for n in graph.nodes())
 
 
+def active_params(graph: Graph) -> int:
+    """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
+    share = {n.scope + ".experts": n.attrs["top_k"] / n.attrs["experts"] for n in graph.nodes() if n.op == "router"}
+    total = 0.0
+    for node in graph.nodes():
+        count = sum(_numel(s) for s in node_params(graph, node).values())
+        factor = next((f for prefix, f in share.items()
+                       if node.scope == prefix or node.scope.startswith(prefix + ".")), 1.0)
+        total += count * factor
+    return round(total)
+
+
 def forward_flops(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> int:
     sizes = sizes_for(graph, batch, seq, dims)
     return sum(node_cost(graph, n, sizes)[1] for n in graph.nodes())
@@ -143,6 +156,9 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     lines.append(fmt(["-" * w for w in widths]))
     train = 3 * model.flops
     lines.append(f"total params        {model.params:,} ({human(model.params)})")
+    active = active_params(graph)
+    if active != model.params:
+        lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts count top_k/n")
     lines.append(f"forward FLOPs       {human(model.flops)} per step, {human(model.flops / max(1, batch * seq))} per token")
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
     lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")

@@ -60,6 +60,10 @@ class Compiled:
     def num_params(self) -> int:
         return analysis.total_params(self.ir)
 
+    def active_params(self) -> int:
+        """Parameters each token uses (differs from num_params with routed experts)."""
+        return analysis.active_params(self.ir)
+
     def flops(self, batch: int, seq: int) -> int:
         """Forward matmul FLOPs of one step at this batch size and sequence length."""
         return analysis.forward_flops(self.ir, batch, seq)

@@ -194,6 +194,7 @@ class _Codegen:
         for child in self.children[path]:
             items.append((min(n.order for n in self.subtree[child]), "child", child))
         items.sort(key=lambda t: t[0])
+        items = self._expert_loops(path, items)
         items = self._loops(path, items)
         # value -> index of the last item that reads it
         produced_by: dict[str, int] = {}
@@ -213,7 +214,8 @@ class _Codegen:
         for value in inputs:
             node = g.node(value)
             names[value] = ns.name(hints.get(value) or node.var or node.name or "x", value, -1, last_use[value])
-        args = ", ".join(f"{names[v]}: torch.Tensor" for v in inputs)
+        args = ", ".join(f"{names[v]}: {'AF.Routing' if g.node(v).dtype == 'routing' else 'torch.Tensor'}"
+                         for v in inputs)
         ret = "dict[str, torch.Tensor]" if scope.kind == "model" else "torch.Tensor"
         lines = [f"    def forward(self, {args}) -> {ret}:" if args else f"    def forward(self) -> {ret}:"]
         body: list[str] = []
@@ -248,6 +250,29 @@ class _Codegen:
             i += 1
         return out
 
+    def _expert_loops(self, path, items):
+        """Per-expert rows -> body -> concat becomes one comprehension over the expert list."""
+        g = self.g
+        for _o, kind, obj in list(items):
+            if kind != "node" or obj.op != "concat_experts":
+                continue
+            *outs, routing = g.args(obj.id)
+            members, pieces = [], []
+            for out in outs:
+                member = next((c for c in self.children[path] if out in self.io(c)[1]), None)
+                ins = self.io(member)[0] if member else []
+                if member is None or len(ins) != 1 or g.node(ins[0]).op != "expert_rows":
+                    break
+                members.append(member)
+                pieces.append(ins[0])
+            else:
+                (rows, _routing) = g.args(pieces[0])
+                absorbed = set(members) | set(pieces) | {obj.id}
+                items = [it for it in items if (it[2].id if it[1] == "node" else it[2]) not in absorbed]
+                items.append((obj.order, "experts", (obj, members, rows, routing)))
+                items.sort(key=lambda t: t[0])
+        return items
+
     def _chain(self, run: list[str]) -> bool:
         if len(run) < 2:
             return False
@@ -267,6 +292,8 @@ class _Codegen:
     def _item_outputs(self, kind, obj) -> list[str]:
         if kind == "node":
             return [obj.id]
+        if kind == "experts":
+            return [obj[0].id]
         if kind == "child":
             return self.io(obj)[1]
         return self.io(obj[1][-1])[1]
@@ -274,6 +301,8 @@ class _Codegen:
     def _item_inputs(self, kind, obj) -> list[str]:
         if kind == "node":
             return self.g.args(obj.id)
+        if kind == "experts":
+            return [obj[2], obj[3]]
         if kind == "child":
             return self.io(obj)[0]
         return self.io(obj[1][0])[0]
@@ -295,6 +324,14 @@ class _Codegen:
             names[dst] = var
             elem = "layer" if attr == "layers" else "block"
             return [*head, f"for {elem} in self.{attr}:", f"    {var} = {elem}({var})"]
+        if kind == "experts":
+            node, members, rows, routing = obj
+            attr, _index = self.attr_of(path, members[0])
+            out = ns.name(node.var or "y", node.id, i, last_use[node.id])
+            names[node.id] = out
+            return [f"{out} = torch.cat([",
+                    f"    expert(rows) for expert, rows in zip(self.{attr}, {names[rows]}.split({names[routing]}.split_sizes()))",
+                    f"])"]
         if kind == "child":
             ins, outs = self.io(obj)
             attr, index = self.attr_of(path, obj)
@@ -339,8 +376,9 @@ class _Codegen:
 
 def _provenance(node: Node, always: bool = True) -> str:
     if node.provenance:
-        return "  # fused: " + ", ".join(p.rsplit(" (", 1)[0].rsplit(".", 1)[-1] for p in node.provenance) + (
-            f" ({node.span.short})" if node.span else "")
+        parts = [p.rsplit(" (", 1)[0].rsplit(".", 1)[-1] for p in node.provenance]
+        what = f"{len(parts)} experts' {parts[0]}" if len(set(parts)) == 1 else ", ".join(parts)
+        return f"  # fused: {what}" + (f" ({node.span.short})" if node.span else "")
     if node.span is not None and always:
         return f"  # {node.span.short}"
     return ""

@@ -79,20 +79,20 @@ _ACTS = tuple(ACTIVATIONS)
 COMPOSITES: dict[str, Composite] = {
     "mlp": Composite("MLP", "mlp", ("x",), {
         "hidden": A(int, positive=True),
-        "out": A((int, type(None)), None),
+        "out": A((int, type(None)), None, positive=True),
         "act": A(str, "gelu", choices=_ACTS),
         "bias": A(bool, True),
         "dropout": A(float, 0.0, unit=True),
     }, _lower_mlp),
     "swiglu": Composite("SwiGLU", "mlp", ("x",), {
         "hidden": A(int, positive=True),
-        "out": A((int, type(None)), None),
+        "out": A((int, type(None)), None, positive=True),
         "bias": A(bool, False),
     }, _lower_swiglu),
     "attention": Composite("Attention", "attn", ("x",), {
         "heads": A(int, positive=True),
-        "kv_heads": A((int, type(None)), None),
-        "head_dim": A((int, type(None)), None),
+        "kv_heads": A((int, type(None)), None, positive=True),
+        "head_dim": A((int, type(None)), None, positive=True),
         "causal": A(bool, True),
         "rope": A(bool, False),
         "rope_theta": A(float, 10000.0, positive=True),

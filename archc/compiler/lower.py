@@ -20,13 +20,15 @@ import attrs
 
 from archc.compiler import composites, ops
 from archc.compiler.ir import Graph, Scope
-from archc.compiler.scalars import BUILTINS, Unfolded, coerce, evaluate, scalar_op, type_name
+from archc.compiler.lower_experts import add_aux_losses, lower_experts
+from archc.compiler.scalars import BUILTINS, Unfolded, check_size, coerce, evaluate, scalar_op, show, type_name
 from archc.dsl import ast
 from archc.dsl.ast import Span
-from archc.dsl.diagnostics import SpecError, did_you_mean
+from archc.dsl.diagnostics import SpecError, closest, did_you_mean, end_of
 from archc.dsl.parser import parse, parse_file
 
 TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float"}
+SCALAR_TYPES = ("int", "float", "bool", "str")
 # Attribute names nn.Module already uses; a module named so would shadow them.
 RESERVED = frozenset({
     "forward", "training", "to", "cuda", "cpu", "float", "half", "double", "type", "train", "eval",
@@ -54,12 +56,9 @@ class Spec:
     def model(self) -> ast.BlockDef:
         models = [b for b in self.module.blocks if b.is_model]
         if not models:
-            source = self.module.source
-            lines = source.text.splitlines() or [""]
-            end = Span(source, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
             blocks = self.module.blocks
             raise SpecError(
-                "this spec defines no `model`", header_span(blocks[0]) if blocks else end,
+                "this spec defines no `model`", header_span(blocks[0]) if blocks else end_of(self.module.source),
                 hint="the entry point is declared with `model`, e.g. `model Name(tokens: Tokens[B, T]) { ... }`")
         if len(models) > 1:
             raise SpecError("a spec defines exactly one `model`", header_span(models[1]),
@@ -70,7 +69,8 @@ class Spec:
 def header_span(block: ast.BlockDef) -> Span:
     """The `block Name` (or `model Name`) words that open a definition."""
     span = block.span
-    match = re.match(r"(block|model)\s+\w+", span.source.line(span.line)[span.column - 1:])
+    line = span.source.text.split("\n")[span.line - 1]  # lines as the parser counts them
+    match = re.match(r"(block|model)\s+\w+", line[span.column - 1:])
     width = match.end() if match else 1
     return Span(span.source, span.line, span.column, span.line, span.column + width)
 
@@ -97,6 +97,11 @@ def _load(module, base, modules, blocks, stack) -> None:
             other = blocks[block.name][0]
             raise SpecError(f"block `{block.name}` is defined twice", header_span(block),
                             notes=[("the other definition is here", header_span(other))])
+        if keyword.iskeyword(block.name):
+            kind = "model" if block.is_model else "block"
+            raise SpecError(f"`{block.name}` cannot name a {kind}: it becomes a Python class, and Python reserves "
+                            "the word", header_span(block),
+                            hint=f"rename it, e.g. `{_camel(block.name)}{kind.title()}`")
         if block.name in ops.REGISTRY or block.name in composites.COMPOSITES:
             raise SpecError(f"block `{block.name}` has the name of a built-in op", header_span(block),
                             hint="rename the block, e.g. `My" + _camel(block.name) + "`")
@@ -137,7 +142,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         return name, raw == "true"
     try:
         value = pyast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: absurdly nested text
         value = raw  # a bare word is a string
     if not isinstance(value, (int, float, bool, str)):
         raise SpecError(f"bad override {text!r}: the value must be a number, true/false or a string")
@@ -149,29 +154,57 @@ def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
     decls = {p.name: p for p in spec.module.params}
     for name in overrides:
         if name not in decls:
-            raise SpecError(f"unknown parameter `{name}` in override", None,
+            near = closest(name, decls)
+            if near:
+                notes = [(f"`{near}` is declared here", decls[near].span)]
+            else:
+                notes = [("the spec's parameters are declared here", p.span) for p in spec.module.params[:1]]
+            raise SpecError(f"unknown parameter `{name}` in override", None, notes=notes,
                             hint=did_you_mean(name, decls) or f"the spec's parameters are: {', '.join(decls) or 'none'}")
     env: dict[str, Any] = {}
     for decl in spec.module.params:
+        check_type(decl.type)
         if decl.name in env:
-            raise SpecError(f"parameter `{decl.name}` is declared twice", decl.span)
+            raise SpecError(f"parameter `{decl.name}` is declared twice", decl.span,
+                            notes=[("the first declaration is here",
+                                    next(p for p in spec.module.params if p.name == decl.name).span)])
         if decl.name in overrides:
             value = overrides[decl.name]
             try:
+                check_size(value, decl.span)
+            except SpecError:
+                raise SpecError(f"bad override -D {decl.name}=...: the number is too large", decl.span) from None
+            try:
                 env[decl.name] = coerce(value, decl.type.name, decl.type.span, f"`{decl.name}`")
             except SpecError as err:
+                try:
+                    example = f", e.g. -D {decl.name}={show(evaluate(decl.default, env))}"
+                except SpecError:
+                    example = ""
+                article = "an" if decl.type.name[:1] in "aeiou" else "a"
                 raise SpecError(
-                    f"bad override -D {decl.name}={value!r}: `{decl.name}` is declared {decl.type.name}",
-                    decl.span, hint=err.hint) from None
+                    f"bad override -D {decl.name}={show(value)}: `{decl.name}` is declared {decl.type.name}",
+                    decl.span, hint=err.hint or f"give it {article} {decl.type.name} value{example}") from None
         else:
             env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
                                     f"parameter `{decl.name}`")
     return env
 
 
+def check_type(t: ast.ScalarType) -> None:
+    """Reject an unknown scalar type where it is written, before any value is checked against it."""
+    if t.name in SCALAR_TYPES:
+        return
+    if t.name in TENSOR_KINDS:
+        raise SpecError(f"`{t.name}` needs its dims here, e.g. `{t.name}[B, T, 64]`", t.span)
+    raise SpecError(f"unknown type `{t.name}`", t.span, hint=did_you_mean(t.name, [*SCALAR_TYPES, *TENSOR_KINDS])
+                    or f"use one of {', '.join(SCALAR_TYPES)}")
+
+
 def _module_params(module: ast.Module) -> dict[str, Any]:
     env: dict[str, Any] = {}
     for decl in module.params:
+        check_type(decl.type)
         env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
                                 f"parameter `{decl.name}`")
     return env
@@ -188,7 +221,9 @@ class _Names:
             if name in RESERVED or name.startswith("__") or keyword.iskeyword(name):
                 raise SpecError(f"`{name}` cannot name a module: nn.Module or Python already uses it", span)
             if name in self.taken:
-                raise SpecError(f"the name `{name}` is already used in this block", span)
+                raise SpecError(f"the name `{name}` is already used in this block", span,
+                                notes=[(f"`{name}` is first used here", self.taken[name])],
+                                hint="give each module its own label")
             self.taken[name] = span
             return name
         candidate, i = name, 0
@@ -260,6 +295,7 @@ class Lowerer:
             if any(n == name for n, _ in g.outputs):
                 raise SpecError(f"output `{name}` is returned twice", expr.span)
             g.outputs.append((name, value.node))
+        add_aux_losses(g)
         g.meta["source"] = self.spec.module.source.name
         g.meta["sha256"] = hashlib.sha256(
             "\n".join(m.source.text for m in self.spec.modules).encode()
@@ -267,6 +303,7 @@ class Lowerer:
         return g
 
     def _param_default(self, p: ast.Param, env) -> Any:
+        check_type(p.type)
         if p.default is None:
             raise SpecError(f"model parameter `{p.name}` needs a default", p.span)
         return coerce(evaluate(p.default, env), p.type.name, p.default.span, f"`{p.name}`")
@@ -348,7 +385,8 @@ class Lowerer:
             step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
             frame.env[stmt.var] = i
             if self._body(stmt.body, step) is not None:
-                raise SpecError("`return` cannot appear inside `repeat`", stmt.span)
+                raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
+                                hint="return after the loop, from the enclosing block")
             self._collapse_step(path, first_node)
         frame.env.pop(stmt.var, None)
 
@@ -362,7 +400,7 @@ class Lowerer:
             return
         child = children[0]
         child_scope = g.scopes[child]
-        if child_scope.kind != "block":
+        if child_scope.kind not in ("block", "composite"):
             return
         del g.scopes[path]
         for p in [p for p in g.scopes if p == child or p.startswith(child + ".")]:
@@ -417,6 +455,8 @@ class Lowerer:
     def _call(self, call: ast.Call, frame: _Frame) -> Any:
         if call.func in self.spec.blocks:
             return self._call_block(call, frame)
+        if call.func == "experts":
+            return lower_experts(self, call, frame)
         if call.func in composites.COMPOSITES:
             return self._call_composite(call, frame)
         op = ops.REGISTRY.get(call.func)
@@ -424,7 +464,8 @@ class Lowerer:
             return self._call_op(op, call, frame)
         if call.func in BUILTINS:
             return evaluate(call, {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)})
-        known = [*self.spec.blocks, *composites.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
+        known = [*self.spec.blocks, *composites.COMPOSITES, "experts", *(n for n, o in ops.REGISTRY.items() if o.user),
+                 *BUILTINS]
         raise SpecError(f"unknown op or block `{call.func}`", call.func_span, hint=did_you_mean(call.func, known))
 
     def _bind(self, call: ast.Call, names: list[str], what: str) -> dict[str, ast.Expr]:
@@ -474,15 +515,16 @@ class Lowerer:
         return TensorRef(node.id)
 
     def _tie_target(self, expr: ast.Expr, frame: _Frame) -> str:
-        if not isinstance(expr, ast.Name) or expr.id not in frame.labels:
-            name = expr.id if isinstance(expr, ast.Name) else "?"
-            raise SpecError(
-                "`tie=` names an embedding labelled with `as` in this block, e.g. "
-                "`embedding(tokens, vocab, d) as wte` ... `linear(x, vocab, tie=wte)`",
-                expr.span, hint=did_you_mean(name, frame.labels))
+        how = "label the embedding, e.g. `embedding(tokens, vocab, d) as wte`, and write `tie=wte`"
+        if not isinstance(expr, ast.Name):
+            raise SpecError("`tie=` takes the label of an embedding in this block, as in `tie=wte`", expr.span,
+                            hint=how)
+        if expr.id not in frame.labels:
+            raise SpecError(f"`tie=` names an embedding labelled with `as`, but nothing in this block is labelled "
+                            f"`{expr.id}`", expr.span, hint=did_you_mean(expr.id, frame.labels) or how)
         target = self.graph.node(frame.labels[expr.id])
         if target.op != "embedding":
-            raise SpecError(f"`tie=` must name an embedding, but `{expr.id}` is a {target.op}", expr.span)
+            raise SpecError(f"`tie=` must name an embedding, but `{expr.id}` is a {target.op}", expr.span, hint=how)
         return target.id
 
     def _call_composite(self, call: ast.Call, frame: _Frame) -> TensorRef:
@@ -538,7 +580,9 @@ class Lowerer:
                 env[p.name] = ref
                 scope.inputs.append(ref.node)
                 scope.arg_names.append(p.name)
-            elif p.name in bound:
+                continue
+            check_type(p.type)
+            if p.name in bound:
                 value = evaluate(bound[p.name], caller_scalars)
                 env[p.name] = coerce(value, p.type.name, bound[p.name].span, f"`{p.name}` of `{block.name}`")
             elif p.default is not None:
@@ -564,6 +608,19 @@ class Lowerer:
         scope.outputs = [value.node]
         scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out"]
         return value
+
+
+def _first_return(stmts) -> Span | None:
+    """The span of the first `return` in `stmts`, looking into `if` branches."""
+    for stmt in stmts:
+        if isinstance(stmt, ast.Return):
+            return stmt.span
+        if isinstance(stmt, ast.If):
+            for body in [*(b for _c, b in stmt.branches), stmt.orelse]:
+                found = _first_return(body)
+                if found:
+                    return found
+    return None
 
 
 def _camel(name: str) -> str:

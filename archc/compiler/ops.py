@@ -11,11 +11,13 @@ are left out.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any, ClassVar
 
 from archc.compiler.ir import Graph, Node, Shape
-from archc.dsl.diagnostics import SpecError
+from archc.dsl.diagnostics import SpecError, closest
 
 REQUIRED = object()
 
@@ -37,13 +39,15 @@ class A:
         if float in types and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-            want = " or ".join(_TYPE_WORDS[t] for t in types)
+            want = " or ".join(_TYPE_WORDS[t] for t in types if t in _TYPE_WORDS)  # not internal ones (Width)
             return f"`{name}` must be {want}, got {_show(value)}"
         if self.choices and value not in self.choices:
-            return f"`{name}` must be one of {', '.join(map(repr, self.choices))}, got {value!r}"
-        if self.positive and value <= 0:
+            near = closest(value, self.choices) if isinstance(value, str) else None
+            return (f"`{name}` must be one of {', '.join(map(_quote, self.choices))}, got {_quote(value)}"
+                    + (f"; did you mean {_quote(near)}?" if near else ""))
+        if self.positive and value is not None and value <= 0:
             return f"`{name}` must be positive, got {value}"
-        if self.unit and not 0.0 <= value < 1.0:
+        if self.unit and value is not None and not 0.0 <= value < 1.0:
             return f"`{name}` must be in [0, 1), got {value}"
         return None
 
@@ -52,11 +56,15 @@ _TYPE_WORDS = {int: "an int", float: "a float", bool: "a bool (true/false)", str
                type(None): "nothing"}
 
 
+def _quote(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {_quote(value)}"
     if isinstance(value, list):
         return f"list {value!r}"
     return f"{type(value).__name__} {value!r}"
@@ -66,8 +74,26 @@ def fmt_shape(shape: Shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def dim_value(dim, sizes: dict[str, int]) -> float:
+    """The size of a dim: a number, a symbol, or a product/quotient of them such as `B*T*2/8`."""
+    if isinstance(dim, int):
+        return dim
+    value, op = 1.0, "*"
+    for part in re.split(r"([*/])", dim):
+        if part in ("*", "/"):
+            op = part
+            continue
+        factor = float(part) if part.isdigit() else sizes[part]
+        value = value * factor if op == "*" else value / factor
+    return value
+
+
+def dim_symbols(dim) -> list[str]:
+    return [] if isinstance(dim, int) else [p for p in re.split(r"[*/]", dim) if not p.isdigit()]
+
+
 def numel(shape: Shape, sizes: dict[str, int]) -> int:
-    return math.prod(sizes[d] if isinstance(d, str) else d for d in shape)
+    return round(math.prod(dim_value(d, sizes) for d in shape))
 
 
 class OpDef:
@@ -111,7 +137,10 @@ def register(cls: type[OpDef]) -> type[OpDef]:
 
 
 def _need_width(node: Node, shape: Shape, what: str) -> int:
-    width = shape[-1] if shape else None
+    if not shape:
+        raise SpecError(f"{node.op} needs a tensor with a width (a last dim), but the {what} is a single number "
+                        "(shape [])", node.span)
+    width = shape[-1]
     if not isinstance(width, int):
         raise SpecError(
             f"{node.op} needs a known width to create its weights, but the {what} has shape "
@@ -210,7 +239,7 @@ class Linear(OpDef):
                                 f"the width {base} times {out.num}/{out.den} is not a whole number", node.span)
             out = node.attrs["out"] = base * out.num // out.den
         if out <= 0:
-            raise SpecError(f"`out` must be positive, got {out}", node.span)
+            raise SpecError(f"`linear`: `out` must be positive, got {out}", node.span)
         tie = node.attrs.get("tie")
         if tie is not None:
             target = graph.node(tie)
@@ -434,9 +463,15 @@ class AttentionCore(OpDef):
     def infer(self, node, ins, graph):
         a = node.attrs
         q, k, v = ins
+        if len(q) != 3:
+            raise SpecError(f"attention expects a [B, T, D] stream, got {fmt_shape(q)}", node.span)
         width = _need_width(node, q, "query")
         if width % a["heads"]:
-            raise SpecError(f"the query width {width} does not split into heads={a['heads']}", node.span)
+            near = [h for d in range(1, 1000) for h in (a["heads"] - d, a["heads"] + d)
+                    if 0 < h <= width and width % h == 0][:2]
+            such = f", such as {' or '.join(map(str, sorted(near)))}" if near else ""
+            raise SpecError(f"the query width {width} does not split into heads={a['heads']}", node.span,
+                            hint=f"use heads that divide {width}{such}, or give head_dim")
         if a["head_dim"] is None:
             a["head_dim"] = width // a["heads"]
         hd = a["head_dim"]
@@ -539,3 +574,6 @@ class NextTokenLoss(OpDef):
             f"    {logits}[:, :-1].reshape(-1, {logits}.shape[-1]).float(), {tokens}[:, 1:].reshape(-1)",
             ")",
         ]
+
+
+from archc.compiler import ops_moe  # noqa: E402,F401  (registers the mixture-of-experts ops)

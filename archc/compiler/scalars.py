@@ -48,7 +48,8 @@ def show(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):
-        return "[" + ", ".join(show(v) for v in value) + "]"
+        text = "[" + ", ".join(show(v) for v in value) + "]"
+        return text if len(text) <= 60 else text[:56] + " ...]"
     return repr(value)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from archc.dsl.ast import Span
+from archc.dsl.ast import SourceFile, Span
 
 # What each grammar terminal means, in the user's words (never a Lark name).
 TOKEN_WORDS = {
@@ -83,19 +83,38 @@ class SpecError(Exception):
 def _located(kind: str, message: str, span: Span | None) -> str:
     if span is None:
         return f"{kind}: {message}"
-    text = span.source.line(span.line).expandtabs(4)
-    width = 1
+    # Lines as the parser counts them: only "\n" ends one (not "\r", "\f" or U+2028).
+    lines = span.source.text.split("\n")
+    raw = lines[span.line - 1] if 0 < span.line <= len(lines) else ""
+    # Tabs expand, so the caret is placed by the expanded prefix, not by the column.
+    start = len(raw[:span.column - 1].expandtabs(4))
+    end = start + 1
     if span.end_line == span.line and span.end_column > span.column:
-        width = span.end_column - span.column
+        end = len(raw[:span.end_column - 1].expandtabs(4))
+    text = "".join(c if c.isprintable() else " " for c in raw.rstrip("\r").expandtabs(4))
     gutter = f"{span.line:>4} | "
-    caret = " " * (len(gutter) + span.column - 1) + "^" * max(1, width)
+    caret = " " * (len(gutter) + start) + "^" * max(1, end - start)
     return f"{span}: {kind}: {message}\n{gutter}{text}\n{caret}"
+
+
+def end_of(source: SourceFile) -> Span:
+    """Just after the last character of the last non-blank line: where a missing `}` or `model` goes."""
+    lines = source.text.split("\n")
+    line = max((i for i, text in enumerate(lines, 1) if text.strip()), default=1)
+    column = len(lines[line - 1].rstrip()) + 1
+    return Span(source, line, column, line, column + 1)
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The known name closest to a misspelling, or None."""
+    matches = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)
+    return matches[0] if matches else None
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
     """The closest known name to a misspelling, as a hint, or None."""
-    matches = difflib.get_close_matches(name, sorted(set(choices)), n=1, cutoff=0.6)
-    return f"did you mean `{matches[0]}`?" if matches else None
+    match = closest(name, choices)
+    return f"did you mean `{match}`?" if match else None
 
 
 def expected_words(terminals: Iterable[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast as pyast
 import functools
+import warnings
 from pathlib import Path
 
 import lark
@@ -11,7 +12,7 @@ from lark import Token, Transformer, v_args
 
 from archc.dsl import ast
 from archc.dsl.ast import SourceFile, Span
-from archc.dsl.diagnostics import SpecError, expected_words
+from archc.dsl.diagnostics import SpecError, end_of, expected_words
 
 KEYWORDS = {
     "use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else",
@@ -37,6 +38,7 @@ def parse(text: str, name: str = "<spec>") -> ast.Module:
         tree = _lark().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise _syntax_error(err, source) from None
+    _check_depth(tree, source)
     try:
         return _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as err:  # unwrap, so no Lark frames reach users
@@ -48,12 +50,29 @@ def parse(text: str, name: str = "<spec>") -> ast.Module:
 def parse_file(path: str | Path) -> ast.Module:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # editors may write a byte-order mark
     except FileNotFoundError:
         raise SpecError(f"no such spec file: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"cannot read spec file {path}: {err}") from None
     return parse(text, str(path))
+
+
+# Nesting deeper than this would exhaust Python's stack in the recursive passes
+# that follow (tree -> AST, evaluation, lowering); no real spec comes close.
+MAX_DEPTH = 200
+
+
+def _check_depth(tree: lark.Tree, source: SourceFile) -> None:
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            line, column = getattr(node.meta, "line", 1), getattr(node.meta, "column", 1)
+            raise SpecError(f"this expression nests more than {MAX_DEPTH} levels deep",
+                            Span(source, line, column, line, column + 1),
+                            hint="split it into several assignments")
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
 
 
 # ---- syntax errors -----------------------------------------------------------
@@ -84,9 +103,7 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
     token: Token = err.token
     expected = set(getattr(err, "expected", ()) or ())
     if token.type == "$END":
-        lines = source.text.splitlines() or [""]
-        line, column = len(lines), len(lines[-1]) + 1
-        span = Span(source, line, column, line, column + 1)
+        span = end_of(source)
         if "RBRACE" in expected:
             return SpecError("the file ended inside a block: a closing `}` is missing", span)
         return SpecError(f"the file ended early; expected {expected_words(expected)}", span)
@@ -94,15 +111,27 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
     span = Span(source, line, column, line, column + width)
     if token.value in KEYWORDS and "NAME" in expected:
         return SpecError(f"`{token}` is a reserved word and cannot be used as a name", span)
+    previous = (getattr(err, "token_history", None) or [None])[-1]
+    if previous is not None and previous.value in KEYWORDS and token.type in ("EQUAL", "PLUS_EQUAL", "COLON"):
+        # `return = ...`, `in: int`: a keyword where the user meant a name
+        return SpecError(f"`{previous}` is a reserved word and cannot be used as a name",
+                         _tok_span(source, previous), hint=f"rename it, e.g. `{previous}_`")
     message = f"unexpected {_describe(token)}; expected {expected_words(expected)}"
     hint = None
     if token.type == "EQUAL" and "EQUAL" not in expected:
         hint = "a statement is `name = expression`; to compare values use `==`"
     elif expected >= {"EQUAL", "PLUS_EQUAL"}:
         hint = "statements are assignments (`x = f(x)`), residual updates (`x += f(x)`), `repeat`, `if` or `return`"
-    elif "COLON" in expected and token.type in ("EQUAL", "RPAR", "COMMA"):
-        hint = "parameters need a type, as in `d_model: int = 512`"
+    elif "COLON" in expected:
+        hint = "parameters need a type, as in `d_model: int = 512` or `x: Tensor[B, T, d_model]`"
+    elif expected == {"EQUAL"}:
+        hint = "a spec parameter needs a default, as in `param d_model: int = 512`"
+    elif token.type in _CLOSERS and token.type not in expected:
+        hint = f"this `{token}` has no matching `{_CLOSERS[token.type]}`"
     return SpecError(message, span, hint=hint)
+
+
+_CLOSERS = {"RPAR": "(", "RSQB": "[", "RBRACE": "{"}
 
 
 def _char_hint(char: str) -> str | None:
@@ -110,6 +139,11 @@ def _char_hint(char: str) -> str | None:
         return 'strings use double quotes: "like this"'
     if char == ";":
         return "statements need no separator; put each on its own line"
+    if char == "\ufeff":
+        return "remove the byte-order mark (an invisible character some editors write)"
+    lookalike = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "*", "\u201c": '"', "\u201d": '"'}
+    if char in lookalike:
+        return f"this is a typographic character; write `{lookalike[char]}`"
     return None
 
 
@@ -146,9 +180,12 @@ class _ToAst(Transformer):
         # The grammar admits only "..." with backslash escapes; literal_eval reads
         # exactly that and never executes anything.
         try:
-            value = pyast.literal_eval(str(c[0]))
-        except (ValueError, SyntaxError):
-            raise SpecError("malformed string literal", self._s(meta)) from None
+            with warnings.catch_warnings():  # an unknown escape such as "\d" is an error, not a warning
+                warnings.simplefilter("error")
+                value = pyast.literal_eval(str(c[0]))
+        except (ValueError, SyntaxError, Warning):
+            raise SpecError("malformed string: a bad escape after `\\`", self._s(meta),
+                            hint='escapes are \\n, \\t, \\" and \\\\ (a backslash itself)') from None
         return ast.Str(value, self._s(meta))
 
     def true(self, meta, c):
@@ -179,13 +216,14 @@ class _ToAst(Transformer):
         return ast.UnaryOp("not", c[1], self._s(meta))
 
     def kwarg(self, meta, c):
-        return ast.Kwarg(str(c[0]), c[2], self._s(meta))
+        return ast.Kwarg(self._check_name(c[0]), c[2], self._s(meta))
 
     def args(self, meta, c):
         return [x for x in c if not isinstance(x, Token)]
 
     def call(self, meta, c):
         func, _lpar, args, _rpar = c
+        self._check_name(func)
         positional, keywords, seen = [], [], set()
         for arg in args or ():
             if isinstance(arg, ast.Kwarg):
@@ -207,7 +245,7 @@ class _ToAst(Transformer):
 
     def labelled(self, meta, c):
         call, _as, label = c
-        return ast.Call(call.func, call.args, call.kwargs, str(label), self._s(meta), call.func_span)
+        return ast.Call(call.func, call.args, call.kwargs, self._check_name(label), self._s(meta), call.func_span)
 
     # types
     def scalar_type(self, meta, c):
@@ -224,14 +262,15 @@ class _ToAst(Transformer):
         return ast.Assign(self._check_name(c[0]), c[2], self._s(meta))
 
     def aug_assign(self, meta, c):
-        return ast.AugAssign(str(c[0]), c[2], self._s(meta))
+        return ast.AugAssign(self._check_name(c[0]), c[2], self._s(meta))
 
     def body(self, meta, c):
         return tuple(x for x in c if not isinstance(x, Token))
 
     def repeat_stmt(self, meta, c):
         _kw, var, _in, start, _range, stop, _as, name, body = c
-        return ast.Repeat(self._check_name(var), start, stop, str(name) if name else None, body, self._s(meta))
+        return ast.Repeat(self._check_name(var), start, stop, self._check_name(name) if name else None, body,
+                          self._s(meta))
 
     def elif_clause(self, meta, c):
         return (c[1], c[2])
@@ -279,11 +318,11 @@ class _ToAst(Transformer):
 
     def block_def(self, meta, c):
         _kw, name, _l, params, _r, body = c
-        return ast.BlockDef(str(name), params or (), body, self._s(meta))
+        return ast.BlockDef(self._check_name(name), params or (), body, self._s(meta))
 
     def model_def(self, meta, c):
         _kw, name, _l, params, _r, body = c
-        return ast.BlockDef(str(name), params or (), body, self._s(meta), is_model=True)
+        return ast.BlockDef(self._check_name(name), params or (), body, self._s(meta), is_model=True)
 
     def start(self, meta, c):
         uses = tuple(x for x in c if isinstance(x, ast.Use))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding, rotate-half convention (as in Llama / Hugging Face).
@@ -72,8 +74,8 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 
 def init_weights(module: nn.Module) -> None:
-    """GPT-2 style initialisation: N(0, 0.02) weights for linears and embeddings, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    """GPT-2 style initialisation: N(0, 0.02) weights for linears, embeddings and stacked experts, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)

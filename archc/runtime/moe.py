@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archc.compiler.ops_moe import BALANCE_RULES as BALANCE
+from archc.compiler.ops_moe import ROUTER_KINDS as ROUTERS
 from archc.kernels.grouped_gemm import combine, dispatch, gather_sorted
-
-ROUTERS = ("softmax", "switch", "deepseek_v3")
-BALANCE = ("aux_loss", "aux_free", "seq_aux", "none")
 
 
 @attrs.define(eq=False)
@@ -245,3 +244,21 @@ def update_expert_biases(model: nn.Module) -> None:
 def load_stats(model: nn.Module) -> dict[str, dict]:
     """Per router: the expert-load histogram, max/mean load, dropped fraction and aux loss of the last step."""
     return {name: dict(router.stats) for name, router in routers(model)}
+
+
+class GroupedLinear(nn.Module):
+    """Stacked expert weights [E, in, out] applied to expert-sorted rows with one grouped GEMM."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from archc.kernels.grouped_gemm import grouped_mm
+
+        return grouped_mm(x, self.weight.to(x.dtype), counts)
+
+    def extra_repr(self) -> str:
+        e, i, o = self.weight.shape
+        return f"experts={e}, in_features={i}, out_features={o}"

@@ -118,6 +118,7 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
     from archc.runtime import checkpoint as ckpt
     from archc.runtime import data as data_mod
     from archc.runtime.evaluate import generate, perplexity
+    from archc.runtime.moe import load_stats, routers, update_expert_biases
     from archc.runtime.optim import build_optimizer, lr_lambda
     from archc.runtime.perf import matmul_peak_flops
     from archc.runtime.weights import fused_layout
@@ -170,6 +171,7 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
         metrics_path.write_text("")
     (out_dir / "config.json").write_text(json.dumps({**meta, "device": str(device)}, indent=2, default=str) + "\n")
 
+    has_moe = bool(routers(model))
     forward = torch.compile(model) if config.compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -209,6 +211,7 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip).item() if config.clip
                      else _grad_norm(model))
         optimizer.step()
+        update_expert_biases(model)  # aux-free MoE balancing acts after the step (a no-op without it)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -219,6 +222,8 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
         mfu = step_flops / dt / peak
         record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_second": tok_s, "mfu": mfu, "seconds": dt}
+        if has_moe:
+            record["moe"] = load_stats(model)
         done = step + 1 == config.steps
         if (step + 1) % config.eval_every == 0 or done:
             val = evaluate()

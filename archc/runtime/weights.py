@@ -54,52 +54,62 @@ def fused_layout(compiled) -> dict[str, list[tuple[str, int, int]]]:
     return layout
 
 
-def to_canonical(compiled, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A model state dict in canonical names (fused weights split back into their parts)."""
-    layout = fused_layout(compiled)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key in layout:
-            for name, start, size in layout[key]:
-                out[name] = tensor[start:start + size]
+def stacked_layout(compiled) -> dict[str, list[tuple[str, int]]]:
+    """Stacked expert weight name ([E, in, out]) -> [(canonical name of expert e's linear, e)]."""
+    layout: dict[str, list[tuple[str, int]]] = {}
+    for node in compiled.ir.nodes():
+        if node.op == "grouped_linear":
+            layout[f"{node.path}.weight"] = [(f"{node.scope}.{e}.{node.name}.weight", e)
+                                             for e in range(node.attrs["experts"])]
+    return layout
+
+
+def _where(compiled, target: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Canonical name -> where it lives in the model: ("same", key), ("rows", key, start, size), ("expert", key, e)."""
+    rows, stacked = fused_layout(compiled), stacked_layout(compiled)
+    where: dict[str, tuple] = {}
+    for key in target:
+        if key in rows:
+            for name, start, size in rows[key]:
+                where[name] = ("rows", key, start, size)
+        elif key in stacked:
+            for name, e in stacked[key]:
+                where[name] = ("expert", key, e)
         else:
-            out[key] = tensor
-    return out
+            where[key] = ("same", key)
+    return where
+
+
+def _view(target: dict[str, torch.Tensor], place: tuple) -> torch.Tensor:
+    """The canonical tensor as a view into the model's tensor (an expert's weight is transposed)."""
+    if place[0] == "rows":
+        return target[place[1]][place[2]:place[2] + place[3]]
+    if place[0] == "expert":
+        return target[place[1]][place[2]].t()
+    return target[place[1]]
+
+
+def to_canonical(compiled, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model state dict in canonical names (fused and stacked weights split back into their parts)."""
+    return {name: _view(state, place) for name, place in _where(compiled, state).items()}
 
 
 def load_canonical(model: torch.nn.Module, compiled, weights: dict[str, torch.Tensor],
                    strict: bool = True) -> LoadReport:
     """Copy canonically named `weights` into `model`; raise WeightsError on any mismatch if strict."""
-    layout = fused_layout(compiled)
     target = model.state_dict()
-    expected: dict[str, tuple[str, int, int] | None] = {}
-    for key in target:
-        if key in layout:
-            for name, start, size in layout[key]:
-                expected[name] = (key, start, size)
-        else:
-            expected[key] = None
-    missing = tuple(k for k in expected if k not in weights)
-    unexpected = tuple(k for k in weights if k not in expected)
-    mismatched = []
-    for name, tensor in weights.items():
-        if name not in expected:
-            continue
-        where = expected[name]
-        want = tuple(target[name].shape) if where is None else (where[2], *target[where[0]].shape[1:])
-        if tuple(tensor.shape) != want:
-            mismatched.append((name, want, tuple(tensor.shape)))
-    report = LoadReport(missing, unexpected, tuple(mismatched))
+    where = _where(compiled, target)
+    missing = tuple(k for k in where if k not in weights)
+    unexpected = tuple(k for k in weights if k not in where)
+    mismatched = tuple((name, tuple(_view(target, where[name]).shape), tuple(tensor.shape))
+                       for name, tensor in weights.items()
+                       if name in where and tuple(tensor.shape) != tuple(_view(target, where[name]).shape))
+    report = LoadReport(missing, unexpected, mismatched)
     if strict and not report.ok:
         raise WeightsError(report.render())
+    bad = {m[0] for m in mismatched}
     with torch.no_grad():
         for name, tensor in weights.items():
-            where = expected.get(name, "?")
-            if where == "?" or any(m[0] == name for m in mismatched):
-                continue
-            if where is None:
-                target[name].copy_(tensor)
-            else:
-                key, start, size = where
-                target[key][start:start + size].copy_(tensor)
+            if name in where and name not in bad:
+                _view(target, where[name]).copy_(tensor)
     return report

@@ -4,6 +4,7 @@ from archc.compiler.passes.choose_attention_kernel import choose_attention_kerne
 from archc.compiler.passes.cse import cse
 from archc.compiler.passes.dce import dce
 from archc.compiler.passes.fold_params import fold_params
+from archc.compiler.passes.fuse_experts import fuse_experts
 from archc.compiler.passes.fuse_projections import fuse_projections
 from archc.compiler.passes.infer_shapes import infer_shapes
 
@@ -13,10 +14,11 @@ PASSES = (
     ("infer_shapes", infer_shapes, False),
     ("dce", dce, True),
     ("cse", cse, True),
+    ("fuse_experts", fuse_experts, True),
     ("fuse_projections", fuse_projections, True),
     ("choose_attention_kernel", choose_attention_kernel, False),
 )
 PASS_NAMES = tuple(name for name, _fn, _optional in PASSES)
 
 __all__ = ["PASSES", "PASS_NAMES", "choose_attention_kernel", "cse", "dce", "fold_params",
-           "fuse_projections", "infer_shapes"]
+           "fuse_experts", "fuse_projections", "infer_shapes"]
