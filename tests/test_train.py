@@ -128,3 +128,21 @@ def test_example_research_script_runs(tmp_path):
     spec.loader.exec_module(module)
     rows = module.main(steps=2, out=str(tmp_path))
     assert len(rows) == 3 and all(r[2] > 0 for r in rows)
+
+
+def test_bfloat16_autocast_and_grad_accumulation_train(tmp_path):
+    result = train(str(SPECS / "llama.arch"), config(tmp_path, "bf16", steps=2, dtype="bfloat16", grad_accum=2,
+                                                     optimizer="muon", schedule="wsd"), TINY)
+    assert result.final_loss == result.final_loss  # finite, not NaN
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2
+
+
+def test_moe_training_logs_router_statistics(tmp_path):
+    moe = dict(n_layers=2, d_model=32, n_heads=2, d_ff=64, n_experts=8, top_k=2, n_shared=1, d_expert=16,
+               groups=2, top_groups=1)
+    train(str(SPECS / "deepseek_moe.arch"), config(tmp_path, "moe", steps=2), moe)
+    rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    stats = rows[-1]["moe"]["layers.1.moe.router"]
+    assert len(stats["load"]) == 8 and sum(stats["load"]) == 2 * 32 * 2
+    assert stats["max_over_mean_load"] >= 1.0 and stats["dropped_fraction"] == 0.0
