@@ -393,8 +393,15 @@ class Lowerer:
     def _collapse_step(self, path: str, first_node: int) -> None:
         """A step whose only content is one block call becomes that block itself."""
         g = self.graph
-        new_nodes = [n for n in g.nodes() if int(n.id[1:]) >= first_node]
-        children = [p for p in g.scopes if p.startswith(path + ".") and "." not in p[len(path) + 1:]]
+        # Only what this step created can change: the nodes numbered since it began, and the
+        # scopes inserted after its own (dicts keep insertion order).
+        new_nodes = [g.node(f"n{i}") for i in range(first_node, g._next) if f"n{i}" in g]
+        inner = []
+        for p in reversed(g.scopes):
+            if p == path:
+                break
+            inner.append(p)
+        children = [p for p in inner if p.startswith(path + ".") and "." not in p[len(path) + 1:]]
         direct = [n for n in new_nodes if n.scope == path]
         if len(children) != 1 or direct:
             return
@@ -403,7 +410,7 @@ class Lowerer:
         if child_scope.kind not in ("block", "composite"):
             return
         del g.scopes[path]
-        for p in [p for p in g.scopes if p == child or p.startswith(child + ".")]:
+        for p in [p for p in reversed(inner) if p == child or p.startswith(child + ".")]:
             scope = g.scopes.pop(p)
             scope.path = path + p[len(child):]
             g.scopes[scope.path] = scope
