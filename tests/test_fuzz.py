@@ -1,16 +1,19 @@
 """Fuzz the front end: whatever text comes in, the only exception is a renderable SpecError.
 
-Three sources of text: (a) random sequences of the language's tokens, (b) random
+Four sources: (a) random sequences of the language's tokens, (b) random
 mutations of the specs in specs/, (c) random scalar expressions planted where a
 spec evaluates one (parameter defaults, op arguments, repeat bounds, `if`
-conditions, tensor dims). `archc.compile()` parses, lowers, runs the passes and
-generates source; it never builds a torch module, so each example is cheap.
+conditions, tensor dims), (d) random overrides and `-D` text. `archc.compile()`
+parses, lowers, runs the passes and generates source; it never builds a torch
+module, so each example is cheap. Whatever compiles must generate valid Python.
 """
 
 from __future__ import annotations
 
 import builtins
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +66,34 @@ def check(text: str) -> None:
     builtins.compile(compiled.source, "<generated>", "exec")
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# ARCHC_FUZZ_SCALE=20 runs twenty times as many examples (a soak run);
+# the default keeps this file near 30 s of CPU on 2 cores.
+SCALE = float(os.environ.get("ARCHC_FUZZ_SCALE", "1"))
+
+
+def fuzz(examples: int) -> settings:
+    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+FUZZ = fuzz(400)
+
+
+class Budget:
+    """Seconds a test may spend compiling; past them its remaining examples return at once.
+
+    specs/ keeps growing and some specs take a second to compile, so the tests
+    that mutate them are bounded by time rather than by a count of examples.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds * SCALE
+        self.start: float | None = None
+
+    def spent(self) -> bool:
+        if self.start is None:
+            self.start = time.monotonic()
+        return time.monotonic() - self.start > self.seconds
 
 
 # ---- (a) random token soup ---------------------------------------------------
@@ -87,8 +117,8 @@ def test_random_tokens_in_a_model(pieces):
 
 # ---- (b) mutations of real specs --------------------------------------------
 
-LEX = re.compile(r"\s+|#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*|\*\*|\+=|\.\.|[=!<>]=|//|.",
-                 re.S)
+LEX = re.compile(r"\s+|#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*"
+                 r"|\*\*|\+=|\.\.|[=!<>]=|//|.", re.S)
 IDENT = re.compile(r"[A-Za-z_]\w*\Z")
 NUMBER = re.compile(r"\d")
 
@@ -144,10 +174,14 @@ def mutated_spec(draw) -> str:
     return "".join(tokens)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MUTATION_BUDGET = Budget(12)
+
+
+@fuzz(700)
 @given(mutated_spec())
 def test_mutated_specs(text):
-    check(text)
+    if not MUTATION_BUDGET.spent():
+        check(text)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -159,7 +193,8 @@ def test_specs_round_trip_the_tokenizer(name):
 # ---- (c) random scalar expressions where the spec evaluates one ---------------
 
 ATOMS = st.sampled_from(["0", "1", "2", "3", "64", "0.5", "1e-5", "1e300", "1e400", "true", "false", '"gelu"', '""',
-                         "d", "flag", "name", "x", "tokens", "[]", "[1, 2]", "[d, 2.5]", "B", "nope"])
+                         "d", "flag", "name", "x", "tokens", "[]", "[1, 2]", "[d, 2.5]", "B", "nope", "-1",
+                         "(10 ** 60)", "(2 ** 0.5)", "wte", "i"])
 UNARY = ["-", "not "]
 BINARY = ["+", "-", "*", "/", "//", "%", "**", "==", "!=", "<", "<=", ">", ">=", "in", "and", "or"]
 
@@ -203,7 +238,7 @@ model M(tokens: Tokens[B, T]) {{
 PLAIN = ["1", "d", "1", "d", "true", "(4 * d)", '"gelu"', "0", "2", "1", "flag", "4", "2", "0.0", "1"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz(600)
 @given(st.sampled_from(["int", "float", "bool", "str", "list", "Int"]), st.integers(0, len(PLAIN) - 1), EXPRS)
 def test_random_expressions(ptype, slot, expr):
     # One slot holds a random expression, the others their ordinary values, so lowering gets that far.
@@ -213,3 +248,44 @@ def test_random_expressions(ptype, slot, expr):
 
 def test_template_compiles_as_is():
     archc.compile(TEMPLATE.format(ptype="int", **{f"e{k}": v for k, v in enumerate(PLAIN)}), name="fuzz.arch")
+
+
+# ---- (d) overrides: random -D text, random values for real specs --------------
+
+VALUES = st.one_of(st.integers(-10, 10**6), st.sampled_from([0, 2**999, 2**1001, 10**400]), st.floats(allow_nan=True),
+                   st.booleans(), st.text(max_size=8), st.none(), st.lists(st.integers(), max_size=2))
+
+
+OVERRIDE_BUDGET = Budget(6)
+
+
+@fuzz(200)
+@given(st.sampled_from(sorted(SPECS)), st.dictionaries(
+    st.one_of(st.sampled_from(["d_model", "vocab", "n_heads", "n_kv_heads", "eps", "dropout", "tie_embeddings",
+                               "n_layers", "max_len", "rope_theta", "d_ff"]), st.sampled_from(NAMES)),
+    VALUES, max_size=3))
+def test_random_overrides(spec_name, overrides):
+    if OVERRIDE_BUDGET.spent():
+        return
+    if isinstance(overrides.get("n_layers"), int) and not isinstance(overrides["n_layers"], bool):
+        overrides["n_layers"] %= 8  # a valid but deep model only costs time
+    try:
+        archc.compile(SPECS[spec_name], overrides, name="fuzz.arch")
+    except archc.SpecError as err:
+        rendered = err.render()
+        assert "fuzz.arch" in rendered, rendered  # located at the declaration, or a note pointing at one
+        assert "Traceback" not in rendered
+
+
+@fuzz(300)
+@given(st.one_of(st.text(max_size=30), st.tuples(st.sampled_from(NAMES + ["", " ", "1x"]), st.text(max_size=20))
+                 .map(lambda t: f"{t[0]}={t[1]}")))
+def test_random_define_text(text):
+    from archc.compiler.lower import parse_override
+
+    try:
+        name, value = parse_override(text)
+    except archc.SpecError as err:
+        assert err.render()
+    else:
+        assert isinstance(value, (int, float, bool, str)) and name.isidentifier()
