@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -42,7 +43,7 @@ def run_eval(args, options: dict) -> int:
     from archc.runtime.evaluate import evaluate_reasoning, generate, perplexity, surprisal_report
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    compiled, model, meta = load_run(args.spec, args.checkpoint, options, device)
+    compiled, model, meta = load_run(Path(args.spec), args.checkpoint, options, device)
     config = meta.get("config", {})
     tokenizer = data_mod.make_tokenizer(meta.get("tokenizer", "byte"))
     seq_len, batch = config.get("seq_len", 256), config.get("batch_size", 8)
