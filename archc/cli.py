@@ -56,7 +56,7 @@ def compile_options(args) -> dict:
 def _compile(args, spec: str | None = None):
     import archc
 
-    compiled = archc.compile(spec or args.spec, **compile_options(args))
+    compiled = archc.compile(Path(spec or args.spec), **compile_options(args))  # a path, never spec text
     if getattr(args, "dump_dir", None):
         _write(Path(args.dump_dir) / "model.py", compiled.source)
     return compiled
@@ -165,7 +165,17 @@ def cmd_train(args) -> int:
 
     options = compile_options(args)
     config = _train_config(args)
-    result = train(args.spec, config, options.pop("overrides"), resume=args.resume, **options)
+    if _distributed(args):
+        from archc.runtime.distributed.diloco import parse_diloco
+        from archc.runtime.distributed.trainer import train_distributed
+
+        diloco = parse_diloco(args.diloco) if args.diloco else None
+        result = train_distributed(args.spec, config, options.pop("overrides"), nproc=args.nproc or 1,
+                                   diloco=diloco, resume=args.resume, **options)
+        if result is None:  # a torchrun worker other than rank 0
+            return 0
+    else:
+        result = train(Path(args.spec), config, options.pop("overrides"), resume=args.resume, **options)
     start = f"{result.initial_val_perplexity:.2f} -> " if result.initial_val_perplexity else ""
     print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, "
           f"val perplexity {start}{result.val_perplexity:.2f}, {result.tokens_per_second:,.0f} tokens/s, "
@@ -176,11 +186,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _distributed(args) -> bool:
+    from archc.runtime.distributed.launch import under_torchrun
+
+    return bool(getattr(args, "nproc", None) or getattr(args, "diloco", None) or under_torchrun())
+
+
 def cmd_sweep(args) -> int:
     from archc.runtime import sweep
 
     options = compile_options(args)
-    points = sweep.run_sweep(args.spec, args.multirun, _train_config(args), options.pop("overrides"), **options)
+    points = sweep.run_sweep(Path(args.spec), args.multirun, _train_config(args), options.pop("overrides"), **options)
     print(sweep.table(points), end="")
     return 0
 
@@ -261,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train a spec on next-token prediction")
     p.add_argument("spec")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel FSDP2 over N gloo processes (same global batch); under torchrun: its group")
+    p.add_argument("--diloco", metavar="KEY=VALUE,...",
+                   help="DiLoCo, one process per replica: replicas=R,inner_steps=H[,outer_lr=0.7,"
+                        "outer_momentum=0.9,streaming=FRAGMENTS,assign=strided|sequential,tau=T,alpha=A,"
+                        "fp4=e3m0|e2m1,block=128]")
     _add_train_options(p)
     p.set_defaults(run=cmd_train)
 
@@ -327,11 +349,12 @@ def _user_errors() -> tuple[type, ...]:
     """Exceptions that describe a problem with the user's input, shown as one line."""
     from archc.runtime.checkpoint import CheckpointError
     from archc.runtime.data import DataError
+    from archc.runtime.distributed.diloco import DiLoCoError
     from archc.runtime.optim import OptimizerError
     from archc.runtime.train import TrainError
     from archc.runtime.weights import WeightsError
 
-    return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, OSError)
+    return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, OSError)
 
 
 if __name__ == "__main__":

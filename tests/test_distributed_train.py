@@ -1,0 +1,103 @@
+"""FSDP2 on 2 gloo processes trains like one process; DCP checkpoints saved on 2 resume on 1; CLI flags."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from archc.cli import main
+from archc.runtime.distributed.trainer import train_distributed
+from archc.runtime.train import TrainConfig, train
+from conftest import SPECS
+
+TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
+SPEC = str(SPECS / "llama.arch")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text((SPECS.parent / "archc" / "runtime" / "train.py").read_text() * 3)
+    return str(path)
+
+
+def config(tmp_path, corpus, name, **kw):
+    base = dict(data=corpus, batch_size=4, seq_len=32, steps=4, eval_every=2, eval_batches=2, checkpoint_every=100,
+                sample_tokens=0, progress=False, out_dir=str(tmp_path / name), lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run_dir):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows(run_dir)]
+
+
+def assert_same_curve(a, b, tol):
+    assert [s for s, *_ in a] == [s for s, *_ in b]
+    for (_, la, va), (_, lb, vb) in zip(a, b):
+        for x, y in ((la, lb), (va, vb)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert abs(x - y) <= tol, (a, b)
+
+
+def test_fsdp2_on_two_processes_matches_single_process(tmp_path, corpus):
+    single = train(SPEC, config(tmp_path, corpus, "single"), TINY)
+    two = train_distributed(SPEC, config(tmp_path, corpus, "two"), TINY, nproc=2)
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "single"), 1e-5)
+    assert abs(two.final_loss - single.final_loss) < 1e-5
+    logged = rows(tmp_path / "two")
+    assert all(r["comm_bytes"] > 0 for r in logged[1:])
+
+
+def test_dcp_checkpoint_saved_on_two_processes_resumes_on_one(tmp_path, corpus):
+    two = train_distributed(SPEC, config(tmp_path, corpus, "two", checkpoint_every=2), TINY, nproc=2)
+    # DCP: saved by 2 processes at steps 2 and 4; drop step 4 and resume on 1 process from step 2
+    assert (tmp_path / "two" / "dcp" / "step_00000002" / "trainer.json").exists()
+    shutil.rmtree(tmp_path / "two" / "dcp" / "step_00000004")
+    full = curve(tmp_path / "two")
+    resumed = train_distributed(SPEC, config(tmp_path, corpus, "two", checkpoint_every=2), TINY, nproc=1,
+                                resume=True)
+    assert_same_curve(curve(tmp_path / "two"), full, 1e-5)
+    assert abs(resumed.final_loss - two.final_loss) < 1e-5
+
+
+def test_diloco_one_replica_h1_outer_sgd_lr1_equals_plain_training(tmp_path, corpus):
+    from archc.runtime.distributed.diloco import parse_diloco
+
+    plain = train(SPEC, config(tmp_path, corpus, "plain", steps=5), TINY)
+    diloco = parse_diloco("replicas=1,inner_steps=1,outer_lr=1,outer_momentum=0")
+    one = train_distributed(SPEC, config(tmp_path, corpus, "diloco", steps=5), TINY, diloco=diloco)
+    assert_same_curve(curve(tmp_path / "diloco"), curve(tmp_path / "plain"), 1e-6)
+    assert abs(one.final_loss - plain.final_loss) <= 1e-6
+
+
+def test_cli_streaming_diloco_two_replicas_logs_bytes_and_schedule(tmp_path, corpus, capsys):
+    out = tmp_path / "stream"
+    code = main(["train", SPEC, *sum((["-D", f"{k}={v}"] for k, v in TINY.items()), []), "--data", corpus,
+                 "--batch-size", "2", "--seq-len", "32", "--steps", "8", "--eval-every", "8", "--eval-batches", "2",
+                 "--sample-tokens", "0", "--no-progress", "--out-dir", str(out),
+                 "--diloco", "replicas=2,inner_steps=4,streaming=2,tau=1,fp4=e3m0"])
+    assert code == 0, capsys.readouterr()
+    logged = rows(out)
+    sent = [r["comm_bytes"] for r in logged[1:]]
+    assert [s > 0 for s in sent] == [False, True, False, True, False, True, False, True]  # a fragment every 2 steps
+    assert all("comm_seconds" in r for r in logged[1:]) and logged[-1]["val_loss"] > 0
+    schedule = json.loads((out / "sync_schedule.json").read_text())
+    starts = {(s, f) for s, f, kind in schedule if kind == "start"}
+    applies = {(s, f) for s, f, kind in schedule if kind == "apply"}
+    assert starts == {(2, 0), (6, 0), (4, 1), (8, 1)}
+    assert applies == {(3, 0), (7, 0), (5, 1), (8, 1)}  # tau = 1 later; the last one is drained at the end
+
+
+def test_cli_bad_diloco_keys_are_one_line_errors(capsys):
+    assert main(["train", SPEC, "--diloco", "replicas=2,inner_stpes=4"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key `inner_stpes`" in err and "did you mean `inner_steps`" in err and err.count("\n") == 1
+    assert main(["train", SPEC, "--diloco", "replicas=2,fp4=e3m1"]) == 1
+    assert "did you mean" in capsys.readouterr().err
