@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go, for a CUDA machine: GPU-marked tests (if any), then the
 # benchmarks at GPU-sized configs. Prints everything; finishes in < 8 minutes
-# (each stage has its own timeout). Usage, from anywhere:
+# (each stage has its own timeout; together they add up to 450 s). Usage, from anywhere:
 #
 #     bash benchmarks/gpu.sh            # OUT=dir to also keep a copy of the log there
 #
@@ -50,7 +50,7 @@ fi
 $PY -m pytest -m gpu --collect-only -p no:cacheprovider >/dev/null 2>&1
 collect_rc=$?
 if [ $collect_rc -eq 0 ]; then
-    stage "pytest -m gpu" 60 $PY -m pytest -q -m gpu -p no:cacheprovider
+    stage "pytest -m gpu" 50 $PY -m pytest -q -m gpu -p no:cacheprovider
 elif [ $collect_rc -eq 5 ]; then
     echo; echo "== no tests marked 'gpu': skipping pytest -m gpu"
 else
@@ -60,19 +60,29 @@ fi
 
 # 2. Training-step time, generated vs hand-written LlamaFast, bf16, a ~0.9B-parameter Llama
 #    (d_model 2048, 16 layers, 32 heads / 16 kv heads, d_ff 5504, vocab 32000), 16k tokens/step.
-stage "step_time Llama bf16 d2048 L16 B8 T2048" 150 $PY benchmarks/step_time.py --models llama \
-    --device cuda --dtype bf16 --d-model 2048 --layers 16 --vocab 32000 --batch 8 --seq 2048 --steps 12 --warmup 3
+stage "step_time Llama bf16 d2048 L16 B8 T2048" 100 $PY benchmarks/step_time.py --models llama \
+    --device cuda --dtype bf16 --d-model 2048 --layers 16 --vocab 32000 --batch 8 --seq 2048 --steps 10 --warmup 3
 
 # 3. GPT-2 (~GPT-2 medium width) vs the reference GPT2, whose explicit attention keeps [B, H, T, T]
 #    scores per layer: a shorter sequence keeps that in memory.
-stage "step_time GPT-2 bf16 d1024 L12 B8 T1024" 90 $PY benchmarks/step_time.py --models gpt2 \
-    --device cuda --dtype bf16 --d-model 1024 --layers 12 --vocab 32000 --batch 8 --seq 1024 --steps 12 --warmup 3
+stage "step_time GPT-2 bf16 d1024 L12 B8 T1024" 60 $PY benchmarks/step_time.py --models gpt2 \
+    --device cuda --dtype bf16 --d-model 1024 --layers 12 --vocab 32000 --batch 8 --seq 1024 --steps 10 --warmup 3
 
 # 4. The small CPU default config on the GPU in fp32: launch-overhead bound, so it shows per-op overhead.
-stage "step_time Llama fp32 default config" 60 $PY benchmarks/step_time.py --models llama --device cuda --dtype fp32
+stage "step_time Llama fp32 default config" 40 $PY benchmarks/step_time.py --models llama --device cuda --dtype fp32
 
 # 5. Compile time (CPU work; the GPU machine's faster cores, up to 256 layers, with a profile).
-stage "compile_time" 75 $PY benchmarks/compile_time.py --layers 8 16 32 64 128 256 --profile
+stage "compile_time" 60 $PY benchmarks/compile_time.py --layers 8 16 32 64 128 256 --profile
+
+# 6. Training throughput (full steps with AdamW, as `archc train` runs them): generated Llama vs LlamaFast,
+#    fp32 (TF32 matmuls) and bf16 autocast, a ~0.2B-parameter Llama (d_model 1024, 12 layers), 16k tokens/step.
+stage "train_throughput Llama fp32+bf16 d1024 L12 B8 T2048" 60 $PY benchmarks/train_throughput.py --device cuda \
+    --d-model 1024 --layers 12 --vocab 32000 --batch 8 --seq 2048 --steps 8 --warmup 2 --budget 30
+
+# 7. One MoE layer, bf16: grouped GEMMs (Triton) vs the per-expert loop vs a dense SwiGLU of the same active
+#    FLOPs, d_model 2048, 16k tokens, k·H = 4096 at 8/64/256 experts (top-2/8/32), with each size's top ops.
+stage "moe layer bf16 d2048 16k tokens" 80 $PY benchmarks/moe.py --device cuda --dtype bf16 --d-model 2048 \
+    --batch 8 --seq 2048 --active 4096 --steps 10 --warmup 2 --budget 30 --profile
 
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"

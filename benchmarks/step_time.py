@@ -25,6 +25,8 @@ so this ratio also measures SDPA vs eager attention).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -114,17 +116,24 @@ def gpt2_pair(args, device, dtype):
     return compiled, gen.to(device=device, dtype=dtype), ref.to(device=device, dtype=dtype), desc
 
 
-# ---- timing ----------------------------------------------------------------------------------------
+# ---- timing (shared with benchmarks/train_throughput.py and benchmarks/moe.py) -------------------
 
-def make_step(model, tokens, generated: bool, lr: float = 1e-4):
+def make_step(model, tokens, generated: bool, lr: float = 1e-4, autocast: torch.dtype | None = None):
+    """One full training step: forward (under `autocast` when given) + loss + backward + AdamW + zero_grad."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
 
+    def context():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(tokens.device.type, dtype=autocast)
+
     def step():
-        if generated:
-            loss = model(tokens)["loss"]
-        else:
-            loss = next_token_loss(model(tokens), tokens)
+        with context():
+            if generated:
+                loss = model(tokens)["loss"]
+            else:
+                loss = next_token_loss(model(tokens), tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -147,34 +156,123 @@ def check_same(gen, ref, tokens, dtype) -> str:
     return f"{diff:.2e} ({rel:.1e} of max |logit|){note}"
 
 
-def interleaved(step_a, step_b, steps: int, warmup: int, device) -> tuple[list[float], list[float]]:
+def interleaved_many(fns, steps: int, warmup: int, device, budget_s: float | None = None,
+                     min_steps: int = 3) -> list[list[float]]:
+    """Seconds of each call of each of `fns`, run in rounds: forward order, then reversed (ABBA for two).
+
+    Rotating the order spreads drift in machine load over all functions alike; every timed call is
+    bracketed by a device sync. With `budget_s`, stops after the round that exceeds it once
+    `min_steps` rounds are done (so a loaded machine cannot stretch the run without bound)."""
     for _ in range(warmup):
-        step_a(), step_b()
+        for fn in fns:
+            fn()
     synchronize(device)
-    ta, tb = [], []
+    out: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
     for i in range(steps):
-        order = ((step_a, ta), (step_b, tb)) if i % 2 == 0 else ((step_b, tb), (step_a, ta))  # ABBA
-        for fn, out in order:
+        order = list(range(len(fns))) if i % 2 == 0 else list(reversed(range(len(fns))))
+        for j in order:
             synchronize(device)
             t0 = time.perf_counter()
-            fn()
+            fns[j]()
             synchronize(device)
-            out.append(time.perf_counter() - t0)
+            out[j].append(time.perf_counter() - t0)
+        if budget_s is not None and i + 1 >= min_steps and time.perf_counter() - start > budget_s:
+            break
+    return out
+
+
+def interleaved(step_a, step_b, steps: int, warmup: int, device) -> tuple[list[float], list[float]]:
+    ta, tb = interleaved_many((step_a, step_b), steps, warmup, device)
     return ta, tb
 
 
-def compare(name, pair_fn, args, device, dtype, peak) -> float:
-    compiled, gen, ref, desc = pair_fn(args, device, dtype)
+def setup_device(name: str, threads: int = 0) -> torch.device:
+    """The torch device for `--device` (exits if CUDA is asked for but missing); TF32 allowed on CUDA."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device available")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def auto_threads(value: str, device) -> tuple[int, str | None]:
+    """`--threads auto`: torch's default, or 1 when other processes already load this machine's CPUs.
+
+    With every core busy, a parallel region waits for its slowest thread, and a descheduled one stalls
+    each of the hundreds of small ops in a step (MoE steps slowed 10-50x that way here); one thread
+    keeps the ratios meaningful. Returns (threads for `setup_device`, a note to print or None)."""
+    if value != "auto":
+        return int(value), None
+    if torch.device(device).type != "cpu" or not hasattr(os, "getloadavg"):
+        return 0, None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if cpus > 1 and load > cpus - 0.5:
+        return 1, (f"--threads auto: load average {load:.1f} on {cpus} CPUs before starting, so 1 thread "
+                   f"(pass --threads N to override)")
+    return 0, None
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def peak_size(device, dtype) -> int:
+    """Side of the square matmul whose rate is the peak: large on CUDA; on CPU 1024 (512 for 16-bit
+    dtypes, which CPUs without native bf16/fp16 run ~50x slower)."""
+    if torch.device(device).type == "cuda":
+        return 8192
+    return 1024 if dtype == torch.float32 else 512
+
+
+def measured_peak(dtype, device, seconds: float = 1.0) -> tuple[float, int]:
+    n = peak_size(device, dtype)
+    return matmul_peak_flops(dtype, n=n, device=device, seconds=seconds), n
+
+
+def load_warning(device) -> str | None:
+    """A warning when other processes compete for this machine's CPUs (timings then drift)."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    busy = load > cpus + 0.5 if torch.device(device).type == "cpu" else load > cpus
+    if busy:
+        return (f"WARNING: load average {load:.1f} on {cpus} CPUs: other processes compete for the CPU, so timings "
+                f"are noisy (ratios from interleaved steps hold up best; --threads 1 avoids idle-waiting threads)")
+    return None
+
+
+def make_tokens(args, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+
+
+def time_pair(pair_fn, args, device, dtype, autocast: torch.dtype | None = None, budget_s: float | None = None):
+    """Build a generated/reference pair with identical weights, check their logits, time interleaved
+    training steps. Returns (compiled, ref, desc, logits diff, generated seconds, reference seconds)."""
+    compiled, gen, ref, desc = pair_fn(args, device, dtype)
+    tokens = make_tokens(args, device)
     diff = check_same(gen, ref, tokens, dtype)
+    tg, tr = interleaved_many((make_step(gen, tokens, True, autocast=autocast),
+                               make_step(ref, tokens, False, autocast=autocast)),
+                              args.steps, args.warmup, device, budget_s=budget_s)
+    return compiled, ref, desc, diff, tg, tr
+
+
+def compare(name, pair_fn, args, device, dtype, peak) -> float:
+    compiled, ref, desc, diff, tg, tr = time_pair(pair_fn, args, device, dtype)
     fwd = compiled.flops(args.batch, args.seq)
     train_flops = 3 * fwd
     print(f"\n== {name}: {desc}")
     print(f"   batch={args.batch} seq={args.seq} device={device} dtype={str(dtype).split('.')[-1]}  "
           f"params={compiled.num_params():,}  max |logits diff| before training = {diff}")
     print(f"   model FLOPs/step = 3 x fwd {fwd / 1e9:.2f} GFLOP = {train_flops / 1e9:.2f} GFLOP")
-    tg, tr = interleaved(make_step(gen, tokens, True), make_step(ref, tokens, False), args.steps, args.warmup, device)
     tokens_per_step = args.batch * args.seq
     print(f"   per-step seconds ({args.steps} interleaved steps after {args.warmup} warmup)")
     print(f"     generated : " + " ".join(f"{t * 1e3:.1f}" for t in tg) + " ms")
@@ -219,18 +317,11 @@ def main(argv=None) -> int:
                     help="comma-separated: llama (vs LlamaFast), gpt2 (vs the eager reference GPT2)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device available")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = setup_device(args.device, args.threads)
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    peak_n = 8192 if device.type == "cuda" else 1024
+    name = device_name(device)
+    peak_n = peak_size(device, dtype)
     peak = matmul_peak_flops(dtype, n=peak_n, device=device)
     print(f"torch {torch.__version__} on {name}; measured matmul peak ({peak_n}^3, "
           f"{str(dtype).split('.')[-1]}): {peak / 1e12:.3f} TFLOP/s  (MFU below is against this)")

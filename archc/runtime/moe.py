@@ -96,7 +96,20 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts))
             self.register_buffer("load", torch.zeros(num_experts), persistent=False)
         self.aux_loss = torch.zeros(())
-        self.stats: dict[str, float | list[int]] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # counts, kept, aux
+
+    @property
+    def stats(self) -> dict[str, float | list[int]]:
+        """Expert-load histogram, max/mean load, dropped fraction and aux loss of the last forward.
+
+        Computed when read, from tensors the forward kept: reading them in the forward would
+        cost a device->host sync per router per step, stalling the launch queue on GPUs."""
+        if self._last is None:
+            return {}
+        counts, kept, aux = self._last
+        loads = counts.float()
+        return {"load": counts.tolist(), "max_over_mean_load": (loads.max() / loads.mean().clamp_min(1e-9)).item(),
+                "dropped_fraction": 1.0 - kept.float().mean().item(), "aux_loss": float(aux)}
 
     def extra_repr(self) -> str:
         return f"{self.kind}, experts={self.num_experts}, top_k={self.top_k}, balance={self.balance}"
@@ -117,14 +130,10 @@ class Router(nn.Module):
             aux = aux + self.aux_weight * sequence_balance_loss(scores, experts, self.num_experts, seq_len or x.shape[0])
         order, counts, inverse = dispatch(experts, self.num_experts)
         if self.balance == "aux_free" and self.training:
-            with torch.no_grad():
-                self.load += torch.zeros_like(self.load).scatter_add_(0, experts[kept], torch.ones_like(
-                    experts[kept], dtype=self.load.dtype))
+            with torch.no_grad():  # dropped assignments add 0 (a boolean-mask index would sync on GPUs)
+                self.load.scatter_add_(0, experts.reshape(-1), kept.reshape(-1).to(self.load.dtype))
         self.aux_loss = aux
-        with torch.no_grad():
-            loads = counts.float()
-            self.stats = {"load": counts.tolist(), "max_over_mean_load": (loads.max() / loads.mean().clamp_min(1e-9)).item(),
-                          "dropped_fraction": 1.0 - kept.float().mean().item(), "aux_loss": float(aux.detach())}
+        self._last = (counts, kept.detach(), aux.detach())
         return Routing(experts, weights.to(x.dtype), order, counts, inverse, kept)
 
     def _softmax(self, x, logits):
@@ -257,7 +266,12 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from archc.kernels.grouped_gemm import grouped_mm
 
-        return grouped_mm(x, self.weight.to(x.dtype), counts)
+        dtype = x.dtype
+        # As nn.Linear under autocast: compute in the autocast dtype (fp64 stays, as autocast leaves it).
+        if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+        return grouped_mm(x, self.weight.to(dtype), counts)
 
     def extra_repr(self) -> str:
         e, i, o = self.weight.shape
