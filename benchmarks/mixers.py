@@ -17,7 +17,7 @@ column is the exponent p of time ~ T^p fitted over the measured lengths
 (1 = linear, 2 = quadratic). Kernel-level shapes: B=1, H=4, K=V=64 (SSD:
 head_dim P=64, state N=64), chunk 64, fp32 (bf16 on CUDA with --dtype bf16).
 
-    python benchmarks/mixers.py                      # CPU, < 3 minutes on two cores
+    python benchmarks/mixers.py --threads 1          # CPU, < 3 minutes
     python benchmarks/mixers.py --device cuda --dtype bf16 --lengths 1024 4096 16384 65536
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,11 +105,12 @@ def reference_bytes(B: int, T: int, H: int, K: int) -> int:
     return 6 * 4 * B * H * K * K * T
 
 
-def measure(mixer, impl, B, T, H, K, device, dtype, iters: int) -> float:
+def measure(mixer, impl, B, T, H, K, device, dtype, iters: int, warmup: bool = False) -> float:
+    """Median seconds of forward + backward (one untimed call first when `warmup`; never for the recurrence)."""
     tensors, _ = inputs("linear_attn" if impl == "sdpa" else mixer, B, T, H, K, device, dtype)
     weight = torch.randn(B, T, H, K, device=device)
-    return time_fn(lambda: fwd_bwd(mixer, impl, tensors, weight), warmup=0 if iters == 1 else 1, iters=iters,
-                   device=device)
+    return time_fn(lambda: fwd_bwd(mixer, impl, tensors, weight), warmup=int(warmup and impl != "recurrent"),
+                   iters=iters, device=device)
 
 
 def probe(mixer, B, H, K, device, dtype, lengths=(64, 128)):
@@ -128,19 +130,24 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2, help="timed calls per cell (one at T >= 16k)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a shared, busy machine")
     p.add_argument("--max-reference-s", type=float, default=30.0,
                    help="skip the recurrence where its predicted time exceeds this")
     p.add_argument("--max-reference-gb", type=float, default=4.0)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here")
         return 1
     B, H, K = args.batch, args.heads, args.head_dim
     impls = ["chunked", *(["triton"] if device.type == "cuda" else []), "recurrent", "sdpa"]
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, B={B}, H={H}, head_dim={K}, "
-          f"chunk 64; forward + backward, median of {args.iters}")
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"device {device} ({torch.get_num_threads()} threads{load}), {args.dtype}, B={B}, H={H}, head_dim={K}, "
+          f"chunk 64; forward + backward, median of {args.iters} (1 at T >= 16k and for the recurrence)")
     start = time.perf_counter()
     header = f"{'mixer':<15} {'kernel':<10}" + "".join(f"{'T=' + str(t):>11}" for t in args.lengths) + "   slope"
     print(header)
@@ -162,7 +169,8 @@ def main(argv=None) -> int:
                         skipped.append(f"{mixer} recurrent at T={T}: {why}")
                         cells.append(f"{'skipped':>11}")
                         continue
-                seconds = measure(mixer, impl, B, T, H, K, device, dtype, 1 if impl == "recurrent" else args.iters)
+                iters = 1 if impl == "recurrent" or T >= 16384 else args.iters
+                seconds = measure(mixer, impl, B, T, H, K, device, dtype, iters, warmup=T == args.lengths[0])
                 points.append((T, seconds))
                 cells.append(f"{seconds * 1e3:>9.0f}ms")
             s = slope(points)

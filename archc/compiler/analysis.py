@@ -163,7 +163,56 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
     lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")
     lines.append(f"weights (fp32)      {human(model.params * 4)}B")
+    lines += mixer_lines(graph, batch, seq, dims)
     return "\n".join(lines) + "\n"
+
+
+# ---- linear-attention mixers: recurrent state and cost growth -----------------------------------
+
+
+def _mixer_op(node: Node):
+    op = ops.REGISTRY[node.op]
+    return op if getattr(op, "mixer", None) else None
+
+
+def recurrent_state(graph: Graph) -> dict[str, int]:
+    """Mixer core path -> floats of recurrent state it keeps per sequence (kernel state + conv cache).
+
+    Constant in the sequence length, unlike attention's KV cache."""
+    return {node.path: _mixer_op(node).state_numel(node, [graph.node(a).shape for a in graph.args(node.id)])
+            for node in graph.nodes() if _mixer_op(node)}
+
+
+def flops_growth(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None,
+                 factors: tuple[int, ...] = (1, 2, 4)) -> list[int]:
+    """Forward FLOPs at seq × each factor: mixers (chunked form) grow linearly, attention quadratically."""
+    return [forward_flops(graph, batch, seq * f, dims) for f in factors]
+
+
+def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> list[str]:
+    """Summary footer for specs with linear-attention mixers (nothing otherwise)."""
+    mixers = [n for n in graph.nodes() if _mixer_op(n)]
+    if not mixers:
+        return []
+    kinds: dict[str, int] = {}
+    for node in mixers:
+        kinds[_mixer_op(node).mixer] = kinds.get(_mixer_op(node).mixer, 0) + 1
+    attention = [n for n in graph.nodes() if n.op == "attention_core"]
+    text = ", ".join(f"{count} {kind}" for kind, count in kinds.items()) + " (linear in T)"
+    if attention:
+        text += f"; {len(attention)} attention (quadratic in T)"
+    lines = [f"mixers              {text}"]
+    state = sum(recurrent_state(graph).values())
+    text = f"{human(state)} floats per sequence ({human(4 * state)}B fp32), constant in T"
+    if attention:
+        kv = sum(2 * n.attrs["kv_heads"] * n.attrs["head_dim"] for n in attention)
+        text += f"; KV cache {human(kv)} floats per token"
+    lines.append(f"recurrent state     {text}")
+    growth = flops_growth(graph, batch, seq, dims)
+    steps = [f"T={seq}: {human(growth[0])}"]
+    steps += [f"{seq * f}: {human(g)} (x{g / prev:.2f})" for f, g, prev in zip((2, 4), growth[1:], growth)]
+    lines.append("FLOPs vs seq        " + ", ".join(steps))
+    return lines
 
 
 def param_roles(graph: Graph) -> dict[str, str]:

@@ -103,3 +103,8 @@ COMPOSITES: dict[str, Composite] = {
         "out_bias": A((bool, type(None)), None),
     }, _lower_attention),
 }
+
+from archc.compiler import composites_mla  # noqa: E402,F401  (registers COMPOSITES["mla"], Multi-head Latent Attention)
+
+from archc.compiler.composites_mixers import MIXERS  # noqa: E402  (linear_attn, ssd, gated_deltanet, kda)
+COMPOSITES.update(MIXERS)

@@ -1,35 +1,83 @@
-"""choose_attention_kernel: pick how each attention runs, and record why.
+"""choose_attention_kernel: pick how each attention and each linear-attention mixer runs, and record why.
 
-`sdpa` is torch's scaled_dot_product_attention, with `is_causal=True` when the
-mask is plain causal, so torch can pick its flash or memory-efficient back end.
-`math` is the explicit-mask reference (softmax of masked scores), chosen only
-on request. Overrides come from `--kernel PATTERN=KERNEL` (glob on node paths).
+Attention: `sdpa` is torch's scaled_dot_product_attention, with `is_causal=True`
+when the mask is plain causal, so torch can pick its flash or memory-efficient
+back end. `math` is the explicit-mask reference (softmax of masked scores),
+chosen only on request.
+
+Mixers (`linear_attn`, `ssd`, `gated_deltanet`, `kda`): `reference` (the
+per-token recurrence), `chunked` (the chunkwise PyTorch form), `triton`,
+`fla` (flash-linear-attention; needs it installed, and CUDA at run time) or
+`auto`. The device is only known at run time, so the default is `auto`:
+the runtime picks Triton on CUDA and the chunked form elsewhere. Where the
+Triton kernels cannot run (head or state dims above 256) the pass records
+`chunked` instead.
+
+Overrides come from `--kernel PATTERN=KERNEL`: PATTERN is a glob on module
+paths (`layers.*.mixer`), `*`, or a family (`attention`, `mixers`, or a
+mixer's name such as `kda`). A kernel applies only to the nodes it fits
+(`math` to attention, `chunked` to mixers); a pattern that matches nodes but
+fits none of them is an error, as is naming a family it does not fit.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 
+from archc.compiler import ops
 from archc.compiler.ir import Graph
 from archc.compiler.ops import ATTENTION_KERNELS
 from archc.dsl.diagnostics import SpecError, did_you_mean
 
 
+def _mixer_op(node):
+    op = ops.REGISTRY[node.op]
+    return op if getattr(op, "mixer", None) else None
+
+
+def _families(node) -> tuple[str, ...]:
+    if node.op == "attention_core":
+        return ("attention",)
+    op = _mixer_op(node)
+    return ("mixers", op.mixer) if op else ()
+
+
+def _fits(node, kernel: str) -> bool:
+    if node.op == "attention_core":
+        return kernel in ATTENTION_KERNELS
+    op = _mixer_op(node)
+    return op is not None and kernel in op.kernels
+
+
 def choose_attention_kernel(graph: Graph, options=None) -> Graph:
-    """Invariant after: every attention_core has `kernel` in ATTENTION_KERNELS and a `kernel_reason`."""
+    """Invariant after: every attention_core and mixer core has a `kernel` it accepts and a `kernel_reason`."""
     graph = graph.copy()
     overrides = dict(getattr(options, "kernels", None) or {})
+    targets = [n for n in graph.nodes() if _families(n)]
+    mixer_kernels = list(dict.fromkeys(k for op in ops.REGISTRY.values() if getattr(op, "mixer", None)
+                                       for k in op.kernels))
+    known = (*ATTENTION_KERNELS, *(k for k in mixer_kernels if k not in ATTENTION_KERNELS))
     for pattern, kernel in overrides.items():
-        if kernel not in ATTENTION_KERNELS:
+        if kernel not in known:
             raise SpecError(f"--kernel {pattern}={kernel}: unknown kernel `{kernel}`",
-                            hint=did_you_mean(kernel, ATTENTION_KERNELS) or f"choose one of {', '.join(ATTENTION_KERNELS)}")
-    for node in graph.nodes():
-        if node.op != "attention_core":
-            continue
-        forced = [k for p, k in overrides.items() if p in ("attention", "*") or fnmatch.fnmatch(node.scope, p)]
+                            hint=did_you_mean(kernel, known) or f"choose one of {', '.join(known)}")
+        if kernel == "fla" and importlib.util.find_spec("fla") is None:
+            raise SpecError(f"--kernel {pattern}={kernel}: flash-linear-attention (`fla`) is not installed here",
+                            hint="pip install flash-linear-attention, or choose triton / chunked")
+        matched = [n for n in targets if _matches(pattern, n)]
+        if matched and not any(_fits(n, kernel) for n in matched):
+            kinds = sorted({f for n in matched for f in _families(n)[-1:]})
+            raise SpecError(f"--kernel {pattern}={kernel}: `{kernel}` is not a kernel of {', '.join(kinds)}",
+                            hint="attention kernels: " + ", ".join(ATTENTION_KERNELS)
+                                 + "; mixer kernels: " + ", ".join(mixer_kernels))
+    for node in targets:
+        forced = [k for p, k in overrides.items() if _matches(p, node) and _fits(node, k)]
         if forced:
             node.attrs["kernel"] = forced[-1]
             node.attrs["kernel_reason"] = "chosen with --kernel"
+        elif node.op != "attention_core":
+            node.attrs["kernel"], node.attrs["kernel_reason"] = _mixer_op(node).choose_kernel(node)
         elif node.attrs["causal"]:
             node.attrs["kernel"] = "sdpa"
             node.attrs["kernel_reason"] = "plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)"
@@ -37,3 +85,7 @@ def choose_attention_kernel(graph: Graph, options=None) -> Graph:
             node.attrs["kernel"] = "sdpa"
             node.attrs["kernel_reason"] = "no mask: SDPA without a mask (flash / memory-efficient back ends)"
     return graph
+
+
+def _matches(pattern: str, node) -> bool:
+    return pattern == "*" or pattern in _families(node) or fnmatch.fnmatch(node.scope, pattern)
