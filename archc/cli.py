@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-D", dest="define", action="append", metavar="NAME=VALUE",
                         help="override a spec parameter (repeatable), e.g. -D d_model=512")
     common.add_argument("--kernel", action="append", metavar="PATTERN=KERNEL",
-                        help="force an attention kernel (sdpa|math) for nodes whose path matches PATTERN "
-                             "(glob, or `attention` for all)")
+                        help="force a kernel for nodes whose path matches PATTERN (a glob; `attention` or `mixers` "
+                             "for all of a family): attention sdpa|math, mixers auto|reference|chunked|triton|fla")
     common.add_argument("--no-pass", action="append", metavar="PASS", help="turn an optional pass off (repeatable)")
     common.add_argument("--print-ir-after", metavar="PASS|all", help="print the IR after a pass (or all) to stderr")
     common.add_argument("--dump-dir", metavar="DIR", help="write the IR after every stage and the module into DIR")

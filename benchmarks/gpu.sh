@@ -84,6 +84,10 @@ stage "train_throughput Llama fp32+bf16 d1024 L12 B8 T2048" 60 $PY benchmarks/tr
 stage "moe layer bf16 d2048 16k tokens" 80 $PY benchmarks/moe.py --device cuda --dtype bf16 --d-model 2048 \
     --batch 8 --seq 2048 --active 4096 --steps 10 --warmup 2 --budget 30 --profile
 
+# 8. Linear-attention mixers (linear attention, Mamba-2 SSD, Gated DeltaNet, KDA): forward+backward of the Triton
+#    and chunked PyTorch paths vs the per-token recurrence vs causal SDPA, bf16, B=2, 8 heads x 64, T = 1k, 4k, 16k.
+stage "mixers bf16 B2 H8 T1k-16k" 90 $PY benchmarks/mixers.py --device cuda --dtype bf16 --batch 2 --heads 8
+
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"
 exit $status

@@ -6,9 +6,10 @@ For each mixer kernel — causal linear attention, Mamba-2 SSD, Gated DeltaNet
 - `chunked`: the chunkwise-parallel PyTorch form (the CPU path of `impl="auto"`);
   on CUDA also `triton`;
 - `recurrent`: the per-token reference (`impl="reference"`), skipped where its
-  predicted time exceeds --max-reference-s (30 s; predicted from two short probe
-  runs, T = 64 and 128, with their fitted exponent) or its autograd graph would
-  not fit in memory — each skip is printed;
+  predicted time exceeds --max-reference-s (30 s; predicted from short probe
+  runs at T = 64 and 128 and the lengths measured so far, with the fitted
+  exponent but at least 1.5) or its autograd graph would not fit in memory —
+  each skip is printed;
 - `sdpa`: causal `F.scaled_dot_product_attention` at the same B, H and head dim.
 
 One call = forward, sum of the output times a fixed random tensor, backward
@@ -113,12 +114,16 @@ def measure(mixer, impl, B, T, H, K, device, dtype, iters: int, warmup: bool = F
                    iters=iters, device=device)
 
 
-def probe(mixer, B, H, K, device, dtype, lengths=(64, 128)):
-    """Time the recurrence at two short lengths; predict T -> seconds with the fitted exponent (at least 1)."""
-    points = [(T, measure(mixer, "recurrent", B, T, H, K, device, dtype, 1)) for T in lengths]
-    p = max(1.0, slope(points))
+def probe(mixer, B, H, K, device, dtype, lengths=(64, 128)) -> list[tuple[int, float]]:
+    """(T, seconds) of the recurrence at two short lengths, to predict the long ones."""
+    return [(T, measure(mixer, "recurrent", B, T, H, K, device, dtype, 1)) for T in lengths]
+
+
+def predict(points: list[tuple[int, float]], T: int) -> float:
+    """Seconds at T from the last measured point and the fitted exponent, at least 1.5: the references'
+    backward grows faster than linearly (autograd of per-token indexing), so the prediction errs long."""
     T0, t0 = points[-1]
-    return lambda T: t0 * (T / T0) ** p
+    return t0 * (T / T0) ** max(1.5, slope(points))
 
 
 def main(argv=None) -> int:
@@ -158,10 +163,10 @@ def main(argv=None) -> int:
             if impl == "sdpa" and mixer != args.mixers[0]:
                 continue  # one SDPA row: it does not depend on the mixer
             points, cells = [], []
-            predict = probe(mixer, B, H, K, device, dtype) if impl == "recurrent" else None
+            probes = probe(mixer, B, H, K, device, dtype) if impl == "recurrent" else []
             for T in args.lengths:
                 if impl == "recurrent":
-                    predicted = predict(T)
+                    predicted = predict(probes + points, T)
                     gb = reference_bytes(B, T, H, K) / 1e9
                     if predicted > args.max_reference_s or gb > args.max_reference_gb:
                         why = (f"predicted {predicted:.0f} s > {args.max_reference_s:.0f} s"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import attrs
 
-from archc.compiler import analysis
+from archc.compiler import analysis, ops
 from archc.compiler.codegen import GeneratedCode, generate
 from archc.compiler.ir import Graph, verify
 from archc.compiler.lower import Spec, load_spec, lower, resolve_params
@@ -148,6 +148,15 @@ def _header(graph: Graph, params: dict[str, Any]) -> list[str]:
         lines += ["", "Attention kernels:"]
         for (kernel, reason), scopes in kernels.items():
             lines.append(f"    {kernel} for {len(scopes)} layer(s): {reason}")
+    mixers: dict[tuple, list[str]] = {}
+    for node in graph.nodes():
+        family = getattr(ops.REGISTRY[node.op], "mixer", None)
+        if family:
+            mixers.setdefault((family, node.attrs["kernel"], node.attrs["kernel_reason"]), []).append(node.scope)
+    if mixers:
+        lines += ["", "Mixer kernels:"]
+        lines += [f"    {family}: {kernel} for {len(scopes)} layer(s): {reason}"
+                  for (family, kernel, reason), scopes in mixers.items()]
     lines += ["", f"Parameters: {analysis.total_params(graph):,}"]
     return lines
 

@@ -610,19 +610,3 @@ MIXERS: dict[str, Composite] = {
         **_BIAS,
     }, _lower_kda),
 }
-
-
-def _expose_runtime() -> None:
-    """Make the cores reachable as `AF.<Core>` in generated code.
-
-    Stop-gap until `archc/runtime/functional.py` imports them itself (one line, like the MoE
-    runtime): `from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore`.
-    """
-    from archc.runtime import functional, mixers
-
-    for core in mixers.CORES:
-        if not hasattr(functional, core.__name__):
-            setattr(functional, core.__name__, core)
-
-
-_expose_runtime()

@@ -10,6 +10,7 @@ from torch import nn
 
 from archc.runtime.mla import InterleavedRotaryEmbedding  # noqa: F401
 from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
+from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401
 
 
 class RotaryEmbedding(nn.Module):

@@ -53,6 +53,7 @@ __all__ = [
     "KDACore",
     "causal_conv",
     "l2norm",
+    "rms_norm",
     "recurrent",
     "generate_recurrent",
 ]
@@ -68,6 +69,13 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, in fp32 (FLA's `l2norm`)."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm, groups: int = 1) -> torch.Tensor:
+    """`norm` applied in fp32 over each of `groups` equal slices of the last dim; x's dtype out."""
+    size = x.shape[-1] // groups
+    y = F.rms_norm(x.float().unflatten(-1, (groups, size)), (size,), eps=norm.eps).flatten(-2)
+    return (y * norm.weight.float()).to(x.dtype)
 
 
 def causal_conv(x: torch.Tensor, conv: nn.Conv1d, cache: torch.Tensor | None = None):
@@ -101,7 +109,8 @@ def _A_log(n: int, low: float, high: float) -> torch.Tensor:
     return torch.empty(n).uniform_(low, high).clamp(min=1e-4).log()
 
 
-def _fla(module: str, name: str, x: torch.Tensor):
+def _fla_kernel(module: str, name: str, x: torch.Tensor):
+    """A flash-linear-attention kernel, or a clear error off CUDA or without FLA."""
     if not x.is_cuda:
         raise RuntimeError("kernel 'fla' (flash-linear-attention) runs on CUDA tensors only; "
                            "compile with --kernel PATTERN=chunked for the CPU")
@@ -180,7 +189,7 @@ class LinearAttentionCore(MixerCore):
 
     def _fla(self, q, k, v, state):
         """FLA's chunk_linear_attn for the numerator; the normaliser (with its carried z) here, as the Triton face."""
-        chunk_linear_attn = _fla("fla.ops.linear_attn", "chunk_linear_attn", q)
+        chunk_linear_attn = _fla_kernel("fla.ops.linear_attn", "chunk_linear_attn", q)
         S0, z0 = state if (state is not None and self.normalize) else (state, None)
         scale = self.head_dim ** -0.5
         num, S = chunk_linear_attn(q=q, k=k, v=v, scale=scale, initial_state=S0,
@@ -247,20 +256,12 @@ class SSDCore(MixerCore):
         self.keep(conv=conv_cache, h=h)
         y = y.reshape(B, T, H * P) * z
         if self.norm is not None:
-            y = self._group_norm(y)
+            y = rms_norm(y, self.norm, self.groups)  # per group of heads, as Mamba-2's group_size = inner / groups
         return y
-
-    def _group_norm(self, y: torch.Tensor) -> torch.Tensor:
-        """RMSNorm over each group's channels (Mamba-2's group_size = inner / groups), one weight per channel."""
-        if self.groups == 1:
-            return self.norm(y)
-        size = y.shape[-1] // self.groups
-        y = F.rms_norm(y.unflatten(-1, (self.groups, size)), (size,), eps=self.norm.eps).flatten(-2)
-        return y * self.norm.weight
 
     def _fla(self, x, dt, A, b, c, h0):
         """FLA's chunk_simple_gla with q = C, k = B, v = dt x, g = dt A, scale 1; its state is h^T."""
-        chunk_simple_gla = _fla("fla.ops.simple_gla", "chunk_simple_gla", x)
+        chunk_simple_gla = _fla_kernel("fla.ops.simple_gla", "chunk_simple_gla", x)
         H = self.heads
         dt = F.softplus(dt.float() + self.dt_bias.float())
         q, k = (t.repeat_interleave(H // self.groups, dim=2).to(x.dtype) for t in (c, b))
@@ -325,7 +326,7 @@ class _DeltaRuleCore(MixerCore):
             o, S = delta_rule(q, k, v, decay, beta, initial_state=self.carried("S"),
                               output_final_state=self.recurrent, chunk_size=self.chunk_size, impl=impl)
         self.keep(conv=conv_cache, S=S)
-        o = self.o_norm(o)
+        o = rms_norm(o, self.o_norm)
         if g is not None:
             o = o * g.view(B, T, H, V)
         return o.reshape(B, T, H * V)
@@ -359,7 +360,7 @@ class GatedDeltaNetCore(_DeltaRuleCore):
         return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [B, T, H]
 
     def _fla(self, q, k, v, g, beta, S0):
-        chunk_gated_delta_rule = _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", q)
+        chunk_gated_delta_rule = _fla_kernel("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", q)
         return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=self.head_dim ** -0.5,
                                       initial_state=S0, output_final_state=self.recurrent)
 
@@ -395,7 +396,7 @@ class KDACore(_DeltaRuleCore):
         return -rate * F.softplus(f)  # [B, T, H, K]
 
     def _fla(self, q, k, v, g, beta, S0):
-        chunk_kda = _fla("fla.ops.kda", "chunk_kda", q)
+        chunk_kda = _fla_kernel("fla.ops.kda", "chunk_kda", q)
         return chunk_kda(q=q, k=k, v=v, g=g, beta=beta, scale=self.head_dim ** -0.5, initial_state=S0,
                          output_final_state=self.recurrent)
 

@@ -10,6 +10,9 @@ Spec parameters:
     d_ff = 344
     eps = 1e-05
 
+Mixer kernels:
+    gated_deltanet: auto for 4 layer(s): at run time: Triton on CUDA, else chunked PyTorch; one-token steps use the recurrence
+
 Parameters: 1,131,936
 """
 

@@ -18,6 +18,9 @@ Spec parameters:
 Attention kernels:
     sdpa for 1 layer(s): plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
 
+Mixer kernels:
+    kda: auto for 3 layer(s): at run time: Triton on CUDA, else chunked PyTorch; one-token steps use the recurrence
+
 Parameters: 1,183,724
 """
 

@@ -9,6 +9,9 @@ Spec parameters:
     feature = 'elu1'
     eps = 1e-05
 
+Mixer kernels:
+    linear_attn: auto for 4 layer(s): at run time: Triton on CUDA, else chunked PyTorch; one-token steps use the recurrence
+
 Parameters: 857,216
 """
 

@@ -10,6 +10,9 @@ Spec parameters:
     expand = 2
     eps = 1e-05
 
+Mixer kernels:
+    ssd: auto for 6 layer(s): at run time: Triton on CUDA, else chunked PyTorch; one-token steps use the recurrence
+
 Parameters: 737,992
 """
 
