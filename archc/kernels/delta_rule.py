@@ -244,10 +244,13 @@ def delta_rule_chunked(
     e = e[..., None, None] if per_head else e[..., None]  # broadcast over the state's rows / columns
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     outs = []
-    for n in range(N):  # inter-chunk recurrence: the only sequential part
-        v_new = U[:, :, n] - W[:, :, n] @ S
-        outs.append(Qg[:, :, n] @ S + P[:, :, n] @ v_new)
-        S = e[:, :, n] * S + Kd[:, :, n].mT @ v_new
+    # Unbind once: indexing [:, :, n] inside the loop makes each backward write a full-size
+    # zero tensor per chunk, which is quadratic in the number of chunks.
+    chunks = zip(*(t.unbind(2) for t in (U, W, Qg, P, e, Kd)))
+    for Un, Wn, Qn, Pn, en, Kn in chunks:  # inter-chunk recurrence: the only sequential part
+        v_new = Un - Wn @ S
+        outs.append(Qn @ S + Pn @ v_new)
+        S = en * S + Kn.mT @ v_new
     o = _from_chunks(torch.stack(outs, dim=2), T).to(v.dtype)
     return o, (S if output_final_state else None)
 
