@@ -512,6 +512,8 @@ class Lowerer:
                 attrs_[name] = Unfolded(bound[name], scalars)
             elif spec.default is ops.REQUIRED:
                 raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
+            elif name == "bias" and "tie" in bound:
+                attrs_[name] = False  # a tied linear borrows the embedding's weight and has no bias
             else:
                 attrs_[name] = spec.default
         name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if not op.pure \

@@ -241,6 +241,9 @@ class Linear(OpDef):
         if out <= 0:
             raise SpecError(f"`linear`: `out` must be positive, got {out}", node.span)
         tie = node.attrs.get("tie")
+        if tie is not None and node.attrs["bias"]:
+            raise SpecError("a tied linear reuses the embedding's weight and has no bias of its own", node.span,
+                            hint="write `bias=false` with `tie=`")
         if tie is not None:
             target = graph.node(tie)
             want = (out, width)
