@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go, for a CUDA machine: GPU-marked tests (if any), then the
-# benchmarks at GPU-sized configs. Prints everything; finishes in < 8 minutes
-# (each stage has its own timeout; together they add up to 450 s). Usage, from anywhere:
+# benchmarks at GPU-sized configs. Prints everything; finishes in < 11 minutes
+# (each stage has its own timeout; together they add up to 630 s). Usage, from anywhere:
 #
 #     bash benchmarks/gpu.sh            # OUT=dir to also keep a copy of the log there
 #
@@ -87,6 +87,11 @@ stage "moe layer bf16 d2048 16k tokens" 80 $PY benchmarks/moe.py --device cuda -
 # 8. Linear-attention mixers (linear attention, Mamba-2 SSD, Gated DeltaNet, KDA): forward+backward of the Triton
 #    and chunked PyTorch paths vs the per-token recurrence vs causal SDPA, bf16, B=2, 8 heads x 64, T = 1k, 4k, 16k.
 stage "mixers bf16 B2 H8 T1k-16k" 90 $PY benchmarks/mixers.py --device cuda --dtype bf16 --batch 2 --heads 8
+
+# 9. Native Sparse Attention (paper sizes, 16 query heads on one KV head, head_dim 64): the Triton selection kernel
+#    and the gather path vs causal SDPA (flash), forward+backward, bf16, T = 2k-64k; first checks triton == gather.
+stage "nsa vs sdpa bf16 T2k-64k" 90 $PY benchmarks/attention.py --device cuda --dtype bf16 \
+    --lengths 2048 8192 32768 65536
 
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"

@@ -95,6 +95,16 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "norm_of_a_number": (
         model("loss = next_token_loss(linear(x, 100), tokens)", "y = layer_norm(loss)", "return y"), {}, (4, 9),
         "shape []"),
+    # ---- attention masks ----
+    "window_not_positive": (model("x = attention(x, heads=4, window=0)", "return x"), {}, (3, 38), "must be positive"),
+    "sinks_negative": (model("x = attention(x, heads=4, window=8, sinks=0 - 1)", "return x"), {}, (3, 9),
+                       "`sinks` must be 0 or more"),
+    "sinks_without_window": (model("x = attention(x, heads=4, sinks=4)", "return x"), {}, (3, 9), "needs a window"),
+    "prefix_without_effect": (
+        model("x = attention(x, heads=4, causal=false, prefix=8)", "return x"), {}, (3, 9), "has no effect"),
+    "cross_attention_other_batch": (
+        "model M(x: Tensor[B, T, 32], m: Tensor[C, S, 32]) {\n    y = cross_attention(x, m, heads=4)\n"
+        "    return y\n}\n", {}, (2, 9), "queries' batch dim B"),
     # ---- overrides ----
     "override_unknown_name": (
         model("return x", head="param d_model: int = 64\n"), {"d_modle": 128}, (1, 1), "did you mean `d_model`?"),

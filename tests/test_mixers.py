@@ -254,13 +254,6 @@ def test_recurrent_state_size_is_what_the_summary_says():
     assert kept == sum(analysis.recurrent_state(compiled.ir).values())
 
 
-def test_hybrids_are_refused_for_recurrent_decoding_until_attention_has_a_kv_cache():
-    model = archc.compile(SPECS / "kimi_linear.arch", d_model=32, n_heads=2, head_dim=16, d_ff=32,
-                          n_experts=4, d_expert=16).build()
-    with pytest.raises(NotImplementedError, match="KV cache"):
-        generate_recurrent(model, [1, 2, 3], steps=2)
-
-
 # ---- kernel choice ------------------------------------------------------------------------------------
 
 

@@ -173,6 +173,62 @@ def test_every_kernel_choice_matches_the_explicit_mask_reference(causal):
     torch.testing.assert_close(a(tokens)["y"], b(tokens)["y"], atol=1e-5, rtol=1e-5)
 
 
+LOCAL_GLOBAL = """
+model M(tokens: Tokens[B, T]) {
+    x = embedding(tokens, 32, 16)
+    repeat i in 0..4 as layers {
+        if i == 3 { x += attention(x, heads=2) as attn } else { x += attention(x, heads=2, window=4) as attn }
+    }
+    x += attention(x, heads=2, window=4, dropout=0.1) as drop_attn
+    return x
+}
+"""
+
+
+def _kernels(graph):
+    return {n.scope: n.attrs["kernel"] for n in graph.nodes() if n.op == "attention_core"}
+
+
+def test_choose_attention_kernel_sends_windows_to_auto_with_a_reason():
+    graph = choose_attention_kernel(fuse_projections(shaped(LOCAL_GLOBAL)))
+    assert _kernels(graph) == {"layers.0.attn": "auto", "layers.1.attn": "auto", "layers.2.attn": "auto",
+                               "layers.3.attn": "sdpa", "drop_attn": "auto"}
+    reasons = {n.scope: n.attrs["kernel_reason"] for n in graph.nodes() if n.op == "attention_core"}
+    assert reasons["layers.0.attn"].startswith("causal, window=4: at run time flex_attention")
+    assert "local kernel (linear in T)" in reasons["layers.0.attn"]
+    assert reasons["drop_attn"].endswith("and while dropout is on")
+
+
+def test_attention_kernel_overrides_apply_where_they_fit():
+    graph = fuse_projections(shaped(LOCAL_GLOBAL))
+
+    class Opts:
+        kernels = {"attention": "local", "layers.1.*": "math"}
+
+    assert _kernels(choose_attention_kernel(graph, Opts())) == {
+        "layers.0.attn": "local", "layers.1.attn": "math", "layers.2.attn": "local", "layers.3.attn": "sdpa",
+        "drop_attn": "local"}
+
+    class Flex:
+        kernels = {"attention": "flex"}
+
+    assert _kernels(choose_attention_kernel(graph, Flex()))["drop_attn"] == "auto"  # flex has no dropout
+
+
+@pytest.mark.parametrize("pattern, kernel, why", [
+    ("layers.3.*", "local", "`local` needs a window"),
+    ("layers.0.attn", "sdpa", "is_causal cannot express causal, window=4"),
+    ("drop_attn", "flex", "no attention dropout"),
+])
+def test_attention_kernel_that_cannot_run_a_layer_is_a_located_error(pattern, kernel, why):
+    class Opts:
+        kernels = {pattern: kernel}
+
+    with pytest.raises(archc.SpecError, match=why) as info:
+        choose_attention_kernel(fuse_projections(shaped(LOCAL_GLOBAL)), Opts())
+    assert info.value.span is not None and "can run with: auto" in info.value.hint
+
+
 def test_verifier_catches_broken_ir():
     graph = shaped(SMALL)
     nodes = graph.nodes()

@@ -194,18 +194,22 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     mixers = [n for n in graph.nodes() if _mixer_op(n)]
     if not mixers:
         return []
-    kinds: dict[str, int] = {}
+    kinds: dict[tuple[str, str], int] = {}
     for node in mixers:
-        kinds[_mixer_op(node).mixer] = kinds.get(_mixer_op(node).mixer, 0) + 1
+        op = _mixer_op(node)
+        key = (op.mixer, getattr(op, "growth", "linear in T"))  # NSA says how its branches grow
+        kinds[key] = kinds.get(key, 0) + 1
     attention = [n for n in graph.nodes() if n.op == "attention_core"]
-    text = ", ".join(f"{count} {kind}" for kind, count in kinds.items()) + " (linear in T)"
+    text = "; ".join(f"{', '.join(f'{c} {k}' for (k, g2), c in kinds.items() if g2 == g)} ({g})"
+                     for g in dict.fromkeys(g for _k, g in kinds))
     if attention:
         text += f"; {len(attention)} attention (quadratic in T)"
     lines = [f"mixers              {text}"]
     state = sum(recurrent_state(graph).values())
     text = f"{human(state)} floats per sequence ({human(4 * state)}B fp32), constant in T"
-    if attention:
-        kv = sum(2 * n.attrs["kv_heads"] * n.attrs["head_dim"] for n in attention)
+    kv = sum(2 * n.attrs["kv_heads"] * n.attrs["head_dim"] for n in attention)
+    kv += sum(_mixer_op(n).kv_per_token(n) for n in mixers if hasattr(_mixer_op(n), "kv_per_token"))
+    if kv:
         text += f"; KV cache {human(kv)} floats per token"
     lines.append(f"recurrent state     {text}")
     growth = flops_growth(graph, batch, seq, dims)

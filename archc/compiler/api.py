@@ -55,7 +55,7 @@ class Compiled:
         raise KeyError(pass_name)
 
     def summary(self, batch: int = 1, seq: int = 128, depth: int = 1, dims: dict[str, int] | None = None) -> str:
-        return analysis.table(self.ir, batch, seq, depth, dims)
+        return analysis.table(self.ir, batch, seq, depth, dims) + _attention_summary(self.ir, batch, seq, dims)
 
     def num_params(self) -> int:
         return analysis.total_params(self.ir)
@@ -159,6 +159,32 @@ def _header(graph: Graph, params: dict[str, Any]) -> list[str]:
                   for (family, kernel, reason), scopes in mixers.items()]
     lines += ["", f"Parameters: {analysis.total_params(graph):,}"]
     return lines
+
+
+def _attention_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None) -> str:
+    """Summary footer: each attention kernel with its reason, and attention FLOPs at T, 2T, 4T
+    (windowed attention grows linearly, full attention quadratically)."""
+    nodes = [n for n in graph.nodes() if n.op == "attention_core"]
+    if not nodes:
+        return ""
+    groups: dict[tuple, int] = {}
+    for node in nodes:
+        key = (node.attrs["kernel"], node.attrs["kernel_reason"])
+        groups[key] = groups.get(key, 0) + 1
+    lines = [f"attention kernel    {kernel} for {count} layer(s): {reason}"
+             for (kernel, reason), count in groups.items()]
+
+    def flops(t: int) -> int:
+        sizes = analysis.sizes_for(graph, batch, t, dims)
+        return sum(analysis.node_cost(graph, n, sizes)[1] for n in nodes)
+
+    growth = [flops(seq * f) for f in (1, 2, 4)]
+    steps = [f"T={seq}: {analysis.human(growth[0])}"]
+    steps += [f"{seq * f}: {analysis.human(g)} (x{g / prev:.2f})" for f, g, prev in zip((2, 4), growth[1:], growth)]
+    windowed = sum(n.attrs["window"] is not None for n in nodes)
+    lines.append(f"attention FLOPs     {', '.join(steps)}; {windowed} windowed (linear in T), "
+                 f"{len(nodes) - windowed} full (quadratic in T)")
+    return "\n".join(lines) + "\n"
 
 
 def print_stage(stream=sys.stderr, which: str = "all") -> Callable[[str, Graph], None]:

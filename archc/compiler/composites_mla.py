@@ -64,23 +64,31 @@ class MLACore(OpDef):
     def extra_modules(self, node, ins):
         a = node.attrs
         cls = "AF.InterleavedRotaryEmbedding" if a["rope_interleave"] else "AF.RotaryEmbedding"
-        return [("rope", f"{cls}({a['qk_rope_head_dim']!r}, theta={a['rope_theta']!r})")]
+        mods = [("rope", f"{cls}({a['qk_rope_head_dim']!r}, theta={a['rope_theta']!r})")]
+        return mods + [("kv_cache", "AF.KVCache()")] if a["causal"] else mods
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
         q, kv, k_pe = args
         h, nope, rope, dv = a["heads"], a["qk_nope_head_dim"], a["qk_rope_head_dim"], a["v_head_dim"]
         pairs = "interleaved pairs, as DeepSeek-V3" if a["rope_interleave"] else "rotate-half"
+        # Causal MLA decodes from a cache of the full per-head keys and values (not the latent).
+        offset, decode, indent = "", [], ""
+        if a["causal"]:
+            offset, indent = ", offset=self.kv_cache.length", "    "
+            decode = ["if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far",
+                      f"    {out} = self.kv_cache.attend({q}_BHTd, k_BHTd, v_BHTd, causal=True)", "else:"]
         return [
             f"B, T, _ = {q}.shape",
             f"{q}_nope, {q}_pe = {q}.view(B, T, {h!r}, {nope + rope!r}).transpose(1, 2).split(({nope!r}, {rope!r}), dim=-1)",
             f"k_nope, v_BHTd = {kv}.view(B, T, {h!r}, {nope + dv!r}).transpose(1, 2).split(({nope!r}, {dv!r}), dim=-1)",
             f"{k_pe} = {k_pe}.view(B, T, 1, {rope!r}).transpose(1, 2)  # one RoPE key for all heads",
-            f"{q}_pe, {k_pe} = self.rope({q}_pe, {k_pe})  # {pairs}",
+            f"{q}_pe, {k_pe} = self.rope({q}_pe, {k_pe}{offset})  # {pairs}",
             f"{q}_BHTd = torch.cat(({q}_nope, {q}_pe), dim=-1)",
             f"k_BHTd = torch.cat((k_nope, {k_pe}.expand(-1, {h!r}, -1, -1)), dim=-1)",
             f"# scale 1/√{nope + rope} (nope + rope head dims): SDPA's default for these queries",
-            f"{out} = F.scaled_dot_product_attention({q}_BHTd, k_BHTd, v_BHTd, is_causal={a['causal']!r})",
+            *decode,
+            f"{indent}{out} = F.scaled_dot_product_attention({q}_BHTd, k_BHTd, v_BHTd, is_causal={a['causal']!r})",
             f"{out} = {out}.transpose(1, 2).reshape(B, T, {h * dv!r})",
         ]
 

@@ -202,10 +202,10 @@ class PosEmbedding(OpDef):
         return {"weight": (node.attrs["max_len"], ins[0][-1])}
 
     def init(self, node, ins):
-        return f"nn.Embedding({node.attrs['max_len']!r}, {ins[0][-1]!r})"
+        return f"AF.LearnedPositions({node.attrs['max_len']!r}, {ins[0][-1]!r})"
 
     def forward(self, node, args, out, mod, ins):
-        return [f"{out} = {mod}.weight[: {args[0]}.shape[1]]"]
+        return [f"{out} = {mod}({args[0]})"]
 
 
 # ---- linear maps -------------------------------------------------------------
@@ -438,12 +438,20 @@ for _name, _sym, _verb in (("add", "+", "add"), ("sub", "-", "subtract"), ("mul"
 
 # ---- attention ---------------------------------------------------------------
 
-ATTENTION_KERNELS = ("sdpa", "math")
+# auto: decided at run time (archc.runtime.attention.resolve); sdpa: torch's SDPA, no mask or is_causal;
+# sdpa_mask: SDPA with a boolean mask; flex: flex_attention with a BlockMask; local: blocked sliding
+# window, linear in T; math: the explicit-mask reference.
+ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_mask", "flex", "local", "math")
 
 
 @register
 class AttentionCore(OpDef):
-    """softmax(q kᵀ / √d) v over heads, after RoPE and QK-norm; q, k, v come in as [B, T, H·d]."""
+    """softmax(q kᵀ / √d + mask) v over heads, after RoPE and QK-norm; q comes in as [B, T, H·d],
+    k and v as [B, S, K·d] (S = T for self-attention).
+
+    The mask: `causal`, a sliding `window`, `sinks` always-visible first keys,
+    a bidirectional `prefix` (archc.runtime.attention has the exact predicate).
+    """
 
     name = "attention_core"
     inputs = ("q", "k", "v")
@@ -452,6 +460,9 @@ class AttentionCore(OpDef):
         "kv_heads": A(int, positive=True),
         "head_dim": A((int, type(None)), None),
         "causal": A(bool, True),
+        "window": A((int, type(None)), None, positive=True),
+        "sinks": A(int, 0),
+        "prefix": A(int, 0),
         "rope": A(bool, False),
         "rope_theta": A(float, 10000.0, positive=True),
         "qk_norm": A(bool, False),
@@ -468,6 +479,10 @@ class AttentionCore(OpDef):
         q, k, v = ins
         if len(q) != 3:
             raise SpecError(f"attention expects a [B, T, D] stream, got {fmt_shape(q)}", node.span)
+        if len(k) != 3 or k[:2] != v[:2] or k[0] != q[0]:
+            raise SpecError(f"keys and values must be [B, S, D] streams with the queries' batch dim {q[0]}, "
+                            f"got {fmt_shape(k)} and {fmt_shape(v)}", node.span)
+        self._check_mask(node)
         width = _need_width(node, q, "query")
         if width % a["heads"]:
             near = [h for d in range(1, 1000) for h in (a["heads"] - d, a["heads"] + d)
@@ -497,6 +512,56 @@ class AttentionCore(OpDef):
             raise SpecError(f"RoPE needs an even head_dim, got {hd}", node.span)
         return q
 
+    @staticmethod
+    def _check_mask(node) -> None:
+        a = node.attrs
+        if a["window"] is not None and a["window"] < 1:
+            raise SpecError(f"attention: `window` must be at least 1 (key j is visible to query i when "
+                            f"i-window < j <= i), got {a['window']}", node.span,
+                            hint="leave `window` out for no window")
+        for name in ("sinks", "prefix"):
+            if a[name] < 0:
+                raise SpecError(f"attention: `{name}` must be 0 or more, got {a[name]}", node.span)
+        if a["sinks"] and a["window"] is None:
+            raise SpecError(f"attention: sinks={a['sinks']} needs a window: without one every earlier key is "
+                            "visible already", node.span, hint="add window=N, or drop sinks")
+        if a["prefix"] and not a["causal"] and a["window"] is None:
+            raise SpecError(f"attention: prefix={a['prefix']} has no effect on bidirectional attention without a "
+                            "window: every position sees every other already", node.span,
+                            hint="drop prefix, or use causal=true (prefix-LM)")
+
+    @staticmethod
+    def mask_words(node) -> str:
+        """The mask in the spec's words, for kernel reasons: `causal, window=64, sinks=4`."""
+        a = node.attrs
+        words = ["causal" if a["causal"] else "bidirectional"]
+        words += [f"{k}={a[k]}" for k in ("window", "sinks", "prefix") if a[k]]
+        return ", ".join(words)
+
+    def masked(self, node) -> bool:
+        """A mask beyond what SDPA's is_causal expresses."""
+        a = node.attrs
+        return a["window"] is not None or bool(a["sinks"]) or bool(a["prefix"])
+
+    def unfit(self, node, kernel: str, graph: Graph) -> str | None:
+        """Why `kernel` cannot compute this attention, or None."""
+        a = node.attrs
+        if kernel == "sdpa" and self.masked(node):
+            return f"SDPA's is_causal cannot express {self.mask_words(node)}"
+        if kernel == "sdpa" and a["causal"] and not self.same_length(node, graph):
+            return ("SDPA's is_causal aligns queries with the first keys, but keys here have another length "
+                    "(archc aligns them at the end)")
+        if kernel == "local" and a["window"] is None:
+            return "`local` needs a window"
+        if kernel == "flex" and a["dropout"]:
+            return "flex_attention has no attention dropout"
+        return None
+
+    @staticmethod
+    def same_length(node, graph: Graph) -> bool:
+        q, k, _v = graph.args(node.id)
+        return graph.node(q).shape[1] == graph.node(k).shape[1]
+
     weights_at_scope = True
 
     def weights(self, node, ins):
@@ -511,42 +576,67 @@ class AttentionCore(OpDef):
                      ("k_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})")]
         if a["rope"]:
             mods.append(("rope", f"AF.RotaryEmbedding({a['head_dim']!r}, theta={a['rope_theta']!r})"))
+        if self.decodes(node, ins):
+            mods.append(("kv_cache", "AF.KVCache()"))
         return mods
+
+    @staticmethod
+    def decodes(node, ins) -> bool:
+        """Causal self-attention (keys as long as queries) decodes token by token from a KV cache."""
+        return node.attrs["causal"] and ins[0][1] == ins[1][1]
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
         q, k, v = args
         h, kv, hd = a["heads"], a["kv_heads"], a["head_dim"]
+        s = "T" if ins[0][1] == ins[1][1] else "S"  # the keys' length, in the local names
         lines = [
             f"B, T, _ = {q}.shape",
             f"{q}_BHTd = {q}.view(B, T, {h!r}, {hd!r}).transpose(1, 2)",
-            f"{k}_BKTd = {k}.view(B, -1, {kv!r}, {hd!r}).transpose(1, 2)",
-            f"{v}_BKTd = {v}.view(B, -1, {kv!r}, {hd!r}).transpose(1, 2)",
+            f"{k}_BK{s}d = {k}.view(B, -1, {kv!r}, {hd!r}).transpose(1, 2)",
+            f"{v}_BK{s}d = {v}.view(B, -1, {kv!r}, {hd!r}).transpose(1, 2)",
         ]
-        qh, kh, vh = f"{q}_BHTd", f"{k}_BKTd", f"{v}_BKTd"
+        qh, kh, vh = f"{q}_BHTd", f"{k}_BK{s}d", f"{v}_BK{s}d"
         if a["qk_norm"]:
             lines.append(f"{qh}, {kh} = self.q_norm({qh}), self.k_norm({kh})")
+        decodes = self.decodes(node, ins)
         if a["rope"]:
-            lines.append(f"{qh}, {kh} = self.rope({qh}, {kh})")
-        dropout = f"{a['dropout']!r} if self.training else 0.0" if a["dropout"] else "0.0"
-        if a["kernel"] == "math":
-            call = f"AF.attention_math({qh}, {kh}, {vh}, causal={a['causal']!r}, dropout_p={dropout})"
-        else:
+            offset = ", offset=self.kv_cache.length" if decodes else ""
+            lines.append(f"{qh}, {kh} = self.rope({qh}, {kh}{offset})")
+        drop = f", dropout_p={a['dropout']!r} if self.training else 0.0" if a["dropout"] else ""
+        mask = "".join(f", {name}={a[name]!r}" for name in ("window", "sinks", "prefix") if a[name])
+        if a["kernel"] == "sdpa":
             gqa = ", enable_gqa=True" if kv != h else ""
-            drop = f", dropout_p={dropout}" if a["dropout"] else ""
             call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{gqa})"
-        lines.append(f"# kernel: {a['kernel']} — {a['kernel_reason']}")
-        lines.append(f"{out} = {call}")
+        else:
+            call = f"AF.attention_{a['kernel']}({qh}, {kh}, {vh}, causal={a['causal']!r}{mask}{drop})"
+        chosen = [f"# kernel: {a['kernel']} — {a['kernel_reason']}", f"{out} = {call}"]
+        if decodes:
+            lines += ["if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far",
+                      f"    {out} = self.kv_cache.attend({qh}, {kh}, {vh}, causal=True{mask})",
+                      "else:", *("    " + line for line in chosen)]
+        else:
+            lines += chosen
         lines.append(f"{out} = {out}.transpose(1, 2).reshape(B, T, {h * hd!r})")
         return lines
 
+    def keys_per_query(self, node, s: int) -> int:
+        """Keys each query is counted against: all S, or with a window the keys it reaches
+        (w causal, 2w-1 bidirectional) plus the max(sinks, prefix) first ones, at most S."""
+        a = node.attrs
+        if a["window"] is None:
+            return s
+        reach = a["window"] if a["causal"] else 2 * a["window"] - 1
+        return min(s, reach + max(a["sinks"], a["prefix"]))
+
     def flops(self, node, ins, out, sizes):
-        # Two batched products per head (q kᵀ and p v), counted in full even when
-        # causal, as FlopCounterMode does for SDPA.
+        # Two batched products per head (q kᵀ and p v). Without a window every key is
+        # counted, even when causal, as FlopCounterMode does for SDPA; with one, the
+        # band a query reaches is counted in full, so the cost grows linearly in T.
         q, k, _v = ins
         b_t = numel(q[:-1], sizes)
-        s = sizes[k[-2]] if isinstance(k[-2], str) else k[-2]
-        return 4 * b_t * s * node.attrs["heads"] * node.attrs["head_dim"]
+        s = round(dim_value(k[-2], sizes))
+        return 4 * b_t * self.keys_per_query(node, s) * node.attrs["heads"] * node.attrs["head_dim"]
 
 
 # ---- objectives --------------------------------------------------------------

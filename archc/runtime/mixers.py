@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any, Iterator
 
 import torch
@@ -42,6 +43,7 @@ from torch import nn
 from archc.kernels.delta_rule import delta_rule
 from archc.kernels.linear_attention import elu_plus_one, linear_attention
 from archc.kernels.ssd import ssd
+from archc.runtime.decoding import Decoding, LearnedPositions
 
 __all__ = [
     "KERNELS",
@@ -414,30 +416,54 @@ def _cores(model: nn.Module) -> list[MixerCore]:
     return [m for m in model.modules() if isinstance(m, MixerCore)]
 
 
+# Generated attention classes (their docstrings name the built-in); they decode iff they hold a KV cache.
+_ATTENTION_DOC = re.compile(r"The built-in `(Attention|CrossAttention|MLA)`")
+
+
+def _undecodable(model: nn.Module) -> list[str]:
+    """Time-mixing modules that cannot continue a sequence call by call, by class name."""
+    names = set()
+    for m in model.modules():
+        if getattr(m, "decodes", True) is False:
+            names.add(type(m).__name__)
+        elif _ATTENTION_DOC.match(type(m).__doc__ or "") and not isinstance(getattr(m, "kv_cache", None), Decoding):
+            names.add(f"{type(m).__name__} (not causal self-attention)")
+    return sorted(names)
+
+
+def can_decode(model: nn.Module) -> bool:
+    """Whether `recurrent(model)` accepts the model: it carries sequence state and every layer can decode."""
+    return not _undecodable(model) and any(isinstance(m, (MixerCore, Decoding, LearnedPositions))
+                                           for m in model.modules())
+
+
 @contextlib.contextmanager
 def recurrent(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` as a recurrence: each call continues from the state the previous call left.
 
-    Inside the block every mixer core starts empty, carries its state (kernel state and
-    conv cache) from call to call, and is reset on exit. Full-attention layers have no
-    KV cache in generated code yet: such models are refused.
+    Inside the block every mixer core starts empty and carries its state (kernel state
+    and conv cache) from call to call, every causal self-attention layer keeps a KV cache,
+    and positions (RoPE, learned) continue from the tokens seen; all is reset on exit.
+    Layers that cannot decode (bidirectional or cross-attention, NSA) are refused.
     """
-    attention = sorted({type(m).__name__ for m in model.modules() if "built-in `Attention`" in (type(m).__doc__ or "")})
-    if attention:
-        raise NotImplementedError(
-            f"recurrent decoding needs a KV cache for full attention ({', '.join(attention)}), which the generated "
-            "attention code does not have yet; only models whose mixers are all linear-attention mixers decode "
-            "recurrently")
+    blocked = _undecodable(model)
+    if blocked:
+        raise NotImplementedError(f"cannot decode call by call: {', '.join(blocked)}")
     cores = _cores(model)
-    if not cores:
-        raise ValueError("the model has no linear-attention mixers to run recurrently")
+    stateful = [m for m in model.modules() if isinstance(m, (Decoding, LearnedPositions))]
+    if not cores and not stateful:
+        raise ValueError("the model has no sequence state to carry: nothing to run recurrently")
     for core in cores:
         core.recurrent, core.state = True, None
+    for m in stateful:
+        m.start()
     try:
         yield model
     finally:
         for core in cores:
             core.recurrent, core.state = False, None
+        for m in stateful:
+            m.stop()
 
 
 @torch.no_grad()

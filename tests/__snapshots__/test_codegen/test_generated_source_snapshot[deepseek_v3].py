@@ -47,6 +47,7 @@ class MLA(nn.Module):
         self.kv_norm = nn.RMSNorm(32, eps=1e-06)  # deepseek_v3.arch:33
         self.kv_b = nn.Linear(32, 256, bias=False)  # deepseek_v3.arch:33
         self.rope = AF.InterleavedRotaryEmbedding(16, theta=10000.0)
+        self.kv_cache = AF.KVCache()
         self.o = nn.Linear(128, 128, bias=False)  # deepseek_v3.arch:33
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +62,14 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(B, T, 4, 48).transpose(1, 2).split((32, 16), dim=-1)
         k_nope, v_BHTd = kv.view(B, T, 4, 64).transpose(1, 2).split((32, 32), dim=-1)
         k_pe = k_pe.view(B, T, 1, 16).transpose(1, 2)  # one RoPE key for all heads
-        q_pe, k_pe = self.rope(q_pe, k_pe)  # interleaved pairs, as DeepSeek-V3
+        q_pe, k_pe = self.rope(q_pe, k_pe, offset=self.kv_cache.length)  # interleaved pairs, as DeepSeek-V3
         q_BHTd = torch.cat((q_nope, q_pe), dim=-1)
         k_BHTd = torch.cat((k_nope, k_pe.expand(-1, 4, -1, -1)), dim=-1)
         # scale 1/√48 (nope + rope head dims): SDPA's default for these queries
-        y = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True)
+        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+            y = self.kv_cache.attend(q_BHTd, k_BHTd, v_BHTd, causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, 128)
         o = self.o(y)
         return o

@@ -30,6 +30,7 @@ class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv = nn.Linear(128, 384, bias=True)  # fused: q, k, v (gpt2.arch:13)
+        self.kv_cache = AF.KVCache()
         self.o = nn.Linear(128, 128, bias=True)  # gpt2.arch:13
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,11 @@ class Attention(nn.Module):
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
         v_BKTd = v.view(B, -1, 4, 32).transpose(1, 2)
-        # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-        y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
+        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
+        else:
+            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
+            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, 128)
         o = self.o(y)
         return o
@@ -86,14 +90,14 @@ class GPT2(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.wte = nn.Embedding(256, 128)  # gpt2.arch:19
-        self.wpe = nn.Embedding(256, 128)  # gpt2.arch:20
+        self.wpe = AF.LearnedPositions(256, 128)  # gpt2.arch:20
         self.h = nn.ModuleList([Block() for _ in range(4)])
         self.ln_f = nn.LayerNorm(128, eps=1e-05, bias=True)  # gpt2.arch:25
         self.apply(AF.init_weights)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.wte(tokens)
-        wpe = self.wpe.weight[: x.shape[1]]
+        wpe = self.wpe(x)
         x = x + wpe
         x = F.dropout(x, p=0.0, training=self.training)
         for block in self.h:

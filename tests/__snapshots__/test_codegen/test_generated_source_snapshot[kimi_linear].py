@@ -174,6 +174,7 @@ class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (kimi_linear.arch:35)
+        self.kv_cache = AF.KVCache()
         self.o = nn.Linear(128, 128, bias=False)  # kimi_linear.arch:35
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,8 +183,11 @@ class Attention(nn.Module):
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
         v_BKTd = v.view(B, -1, 4, 32).transpose(1, 2)
-        # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-        y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
+        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
+        else:
+            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
+            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, 128)
         o = self.o(y)
         return o

@@ -35,6 +35,7 @@ class Attention(nn.Module):
         super().__init__()
         self.qkv = nn.Linear(128, 256, bias=False)  # fused: q, k, v (mixtral.arch:18)
         self.rope = AF.RotaryEmbedding(32, theta=10000.0)
+        self.kv_cache = AF.KVCache()
         self.o = nn.Linear(128, 128, bias=False)  # mixtral.arch:18
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +44,12 @@ class Attention(nn.Module):
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 2, 32).transpose(1, 2)
         v_BKTd = v.view(B, -1, 2, 32).transpose(1, 2)
-        q_BHTd, k_BKTd = self.rope(q_BHTd, k_BKTd)
-        # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-        y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True, enable_gqa=True)
+        q_BHTd, k_BKTd = self.rope(q_BHTd, k_BKTd, offset=self.kv_cache.length)
+        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
+        else:
+            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
+            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, 128)
         o = self.o(y)
         return o

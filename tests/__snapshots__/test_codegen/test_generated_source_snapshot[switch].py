@@ -32,6 +32,7 @@ class Attention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (switch.arch:19)
+        self.kv_cache = AF.KVCache()
         self.o = nn.Linear(128, 128, bias=False)  # switch.arch:19
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,11 @@ class Attention(nn.Module):
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
         v_BKTd = v.view(B, -1, 4, 32).transpose(1, 2)
-        # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-        y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
+        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
+        else:
+            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
+            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, 128)
         o = self.o(y)
         return o
@@ -88,6 +92,7 @@ class Attention2(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (switch.arch:25)
+        self.kv_cache = AF.KVCache()
         self.o = nn.Linear(128, 128, bias=False)  # switch.arch:25
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +101,11 @@ class Attention2(nn.Module):
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
         v_BKTd = v.view(B, -1, 4, 32).transpose(1, 2)
-        # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-        y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
+        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
+        else:
+            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
+            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, 128)
         o = self.o(y)
         return o
@@ -160,14 +168,14 @@ class Switch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.wte = nn.Embedding(256, 128)  # switch.arch:32
-        self.wpe = nn.Embedding(1024, 128)  # switch.arch:33
+        self.wpe = AF.LearnedPositions(1024, 128)  # switch.arch:33
         self.layers = nn.ModuleList([DenseLayer(), SwitchLayer(), DenseLayer(), SwitchLayer()])
         self.ln_f = nn.LayerNorm(128, eps=1e-05, bias=True)  # switch.arch:37
         self.apply(AF.init_weights)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.wte(tokens)
-        wpe = self.wpe.weight[: x.shape[1]]
+        wpe = self.wpe(x)
         x = x + wpe
         for layer in self.layers:
             x = layer(x)

@@ -1,0 +1,80 @@
+"""State that generated modules carry while decoding one call after another: KV caches and positions.
+
+Outside decoding they hold nothing (no parameters, nothing in the state dict)
+and generated code does not call them. `archc.runtime.mixers.recurrent(model)` switches every one of them
+— and every linear-attention core — into decoding, where each call continues
+the sequence the previous calls fed: attention sees the keys and values of all
+earlier tokens, RoPE and learned positions start at the number of tokens seen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from archc.runtime.attention import attention_auto
+
+
+class Decoding(nn.Module):
+    """A module with per-sequence state while decoding; `start()` / `stop()` are called by `recurrent()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = False
+        self.length = 0  # tokens seen so far in this decoding: the position of the next one
+
+    def start(self) -> None:
+        self.active, self.length = True, 0
+
+    def stop(self) -> None:
+        self.active, self.length = False, 0
+
+
+class KVCache(Decoding):
+    """Keys and values of every token a causal self-attention layer has seen while decoding.
+
+    `attend(q, k, v, **mask)` appends this call's keys and values ([B, K, T, d])
+    and attends this call's queries over all of them with the layer's mask
+    aligned at the end (the queries are the last T of S positions), through
+    `attention_auto`. The whole history is kept (a windowed layer masks what it
+    does not see), so memory grows with the decoded length.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
+        self.k, self.v, self.length = k, v, k.shape[-2]
+        return attention_auto(q, k, v, **mask)
+
+    def stop(self) -> None:
+        super().stop()
+        self.k = self.v = None
+
+
+class LearnedPositions(nn.Embedding):
+    """Learned absolute positions (`pos_embedding`): rows offset..offset+T of the table, offset > 0 only while decoding."""
+
+    def __init__(self, max_len: int, dim: int) -> None:
+        super().__init__(max_len, dim)
+        self.active = False
+        self.length = 0
+
+    start = Decoding.start
+    stop = Decoding.stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> the [T, D] rows to add."""
+        # A lookup rather than a slice of the weight: a module returning a view of its own
+        # parameter trips module hooks (FlopCounterMode's module tracker) under no_grad.
+        if not self.active:  # no Python arithmetic on the length here, so torch.fx can trace it
+            return super().forward(torch.arange(x.shape[1], device=self.weight.device))
+        start, length = self.length, x.shape[1]
+        if start + length > self.num_embeddings:
+            raise ValueError(f"positions {start}..{start + length - 1} exceed the table's max_len={self.num_embeddings}")
+        self.length = start + length
+        return super().forward(torch.arange(start, start + length, device=self.weight.device))
