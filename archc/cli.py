@@ -161,7 +161,7 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from archc.runtime.train import train
+    from archc.runtime.train import TrainError, train
 
     options = compile_options(args)
     config = _train_config(args)
@@ -170,8 +170,14 @@ def cmd_train(args) -> int:
         from archc.runtime.distributed.trainer import train_distributed
 
         diloco = parse_diloco(args.diloco) if args.diloco else None
+        ft = None
+        if args.fault_tolerant:
+            from archc.runtime.distributed.ft import FTConfig
+            ft = FTConfig(lighthouse=args.lighthouse, replica_id=args.replica_id)
+        elif args.lighthouse or args.replica_id is not None:
+            raise TrainError("--lighthouse and --replica-id go with --fault-tolerant")
         result = train_distributed(args.spec, config, options.pop("overrides"), nproc=args.nproc or 1,
-                                   diloco=diloco, resume=args.resume, **options)
+                                   diloco=diloco, resume=args.resume, fault_tolerant=ft, **options)
         if result is None:  # a torchrun worker other than rank 0
             return 0
     else:
@@ -189,7 +195,8 @@ def cmd_train(args) -> int:
 def _distributed(args) -> bool:
     from archc.runtime.distributed.launch import under_torchrun
 
-    return bool(getattr(args, "nproc", None) or getattr(args, "diloco", None) or under_torchrun())
+    return bool(getattr(args, "nproc", None) or getattr(args, "diloco", None) or getattr(args, "fault_tolerant", None)
+                or under_torchrun())
 
 
 def cmd_sweep(args) -> int:
@@ -233,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a spec parameter (repeatable), e.g. -D d_model=512")
     common.add_argument("--kernel", action="append", metavar="PATTERN=KERNEL",
                         help="force a kernel for nodes whose path matches PATTERN (a glob; `attention` or `mixers` "
-                             "for all of a family): attention sdpa|math, mixers auto|reference|chunked|triton|fla")
+                             "for all of a family): attention auto|sdpa|sdpa_mask|flex|local|math, "
+                             "mixers auto|reference|chunked|triton|fla")
     common.add_argument("--no-pass", action="append", metavar="PASS", help="turn an optional pass off (repeatable)")
     common.add_argument("--print-ir-after", metavar="PASS|all", help="print the IR after a pass (or all) to stderr")
     common.add_argument("--dump-dir", metavar="DIR", help="write the IR after every stage and the module into DIR")
@@ -283,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiLoCo, one process per replica: replicas=R,inner_steps=H[,outer_lr=0.7,"
                         "outer_momentum=0.9,streaming=FRAGMENTS,assign=strided|sequential,tau=T,alpha=A,"
                         "fp4=e3m0|e2m1,block=128]")
+    p.add_argument("--fault-tolerant", action="store_true",
+                   help="with --diloco: each replica is a torchft replica group; a killed one is restarted "
+                        "and heals from a live peer while the others keep going")
+    p.add_argument("--lighthouse", metavar="URL",
+                   help="with --fault-tolerant: the torchft lighthouse to join (default: start one here)")
+    p.add_argument("--replica-id", type=int, metavar="I",
+                   help="with --fault-tolerant --lighthouse: run only replica group I in this process")
     _add_train_options(p)
     p.set_defaults(run=cmd_train)
 

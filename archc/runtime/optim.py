@@ -23,6 +23,14 @@ Choices (see shared/reference/algorithms.md §8 and runtime.md §6):
   parameter may carry `row_splits`: each row block is orthogonalised on its own
   with its own shape factor, exactly as if the parts were separate parameters
   (momentum and decay are elementwise, so only NS and the factor care).
+- **Sharded weights (FSDP2).** NS needs the whole matrix, and orthogonalising
+  each shard alone gives a different (wrong) update. A DTensor parameter's
+  Nesterov update is gathered (`full_tensor()`: one all-gather per matrix per
+  step), every rank orthogonalises the full matrix (row_splits included) and
+  keeps its own shard of the result (`distribute_tensor(..., src_data_rank=None)`
+  slices locally, no communication); momentum and decay stay elementwise on the
+  shards. This is the simple gather-orthogonalise-reshard recipe: each rank
+  redoes NS for every matrix (Moonlight's owner-per-matrix variant would not).
 - **NS precision.** `ns_dtype="auto"` runs NS in bf16 on CUDA (as Keller and
   torch do) and in fp32 elsewhere, so CPU training is exact and reproducible;
   `"bfloat16"` reproduces `torch.optim.Muon` bit for bit.
@@ -113,6 +121,12 @@ def _check_row_splits(p: torch.Tensor, splits: list[int] | None, where: str) -> 
         raise ValueError(f"{where}: row_splits {list(splits)} must be positive and sum to {p.shape[0]} rows")
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _muon_group_step(group: dict, state: dict) -> None:
     lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
     for p, splits in zip(group["params"], group["row_splits"]):
@@ -128,10 +142,18 @@ def _muon_group_step(group: dict, state: dict) -> None:
         dtype = _ns_dtype(group["ns_dtype"], p.device)
         blocks = [(0, p.shape[0])] if splits is None else \
             [(sum(splits[:i]), n) for i, n in enumerate(splits)]
-        ortho = [newton_schulz(update[s:s + n].to(dtype), group["ns_steps"], group["eps"]) for s, n in blocks]
+        sharded = _is_dtensor(update)
+        full = update.full_tensor() if sharded else update  # NS needs the whole matrix (see the docstring)
+        ortho = [newton_schulz(full[s:s + n].to(dtype), group["ns_steps"], group["eps"]) for s, n in blocks]
+        alphas = [-lr * shape_scale(n, p.shape[1], group["adjust_lr"]) for _, n in blocks]
         p.mul_(1 - lr * wd)  # decoupled decay with the unadjusted lr
-        for (s, n), o in zip(blocks, ortho):
-            p[s:s + n].add_(o, alpha=-lr * shape_scale(n, p.shape[1], group["adjust_lr"]))
+        if sharded:
+            from torch.distributed.tensor import distribute_tensor
+            step = torch.cat([o.to(p.dtype) * a for o, a in zip(ortho, alphas)])
+            p.add_(distribute_tensor(step, p.device_mesh, p.placements, src_data_rank=None))  # this rank's shard
+        else:
+            for (s, n), o, a in zip(blocks, ortho, alphas):
+                p[s:s + n].add_(o, alpha=a)
 
 
 def _adamw_group_step(group: dict, state: dict) -> None:

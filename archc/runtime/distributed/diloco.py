@@ -22,10 +22,18 @@ of `block` values, summed in fp32.
 
 Bytes are counted as what this rank sends with ring algorithms: all_reduce
 2·(W−1)/W·n·4, all_gather of packed codes (W−1)·packed bytes.
+
+The collective goes through a `comm` seam: by default torch.distributed on the
+default group; under --fault-tolerant, ft.FTComm routes it through a torchft
+Manager (quorum, fault-tolerant all_reduce, commit vote). A sync whose commit
+vote fails is dropped: the fragment's local copy returns to the global copy
+and the outer optimizer does not step (as torchft's own DiLoCo does).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -183,9 +191,10 @@ class SyncStats:
 class DiLoCo:
     """Outer loop around a replica's model: call `after_inner_step(t)` after inner step t (1-based)."""
 
-    def __init__(self, model: torch.nn.Module, fragments: list[list[str]], config: DiLoCoConfig, group=None):
-        self.config, self.group = config, group
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+    def __init__(self, model: torch.nn.Module, fragments: list[list[str]], config: DiLoCoConfig, group=None,
+                 comm=None):
+        self.config, self.group, self.comm = config, group, comm
+        self.world = dist.get_world_size(group) if comm is None and dist.is_initialized() else 1
         params = dict(model.named_parameters())
         H, P = config.inner_steps, len(fragments)
         self.fragments = []
@@ -199,10 +208,14 @@ class DiLoCo:
 
     # -- the outer step, split into start (send) and apply (consume) so it can overlap inner steps
     def _start(self, frag: _Fragment, step: int) -> None:
+        # under torchft the quorum comes first: it may heal this replica (replacing every state it holds)
+        weight = self.comm.begin(frag.index) if self.comm is not None else 1.0
         with torch.no_grad():
             delta = torch.cat([(g - l.detach().float()).reshape(-1) for g, l in zip(frag.glob, frag.local)])
         W, n = self.world, delta.numel()
-        if self.config.fp4:
+        if self.comm is not None:
+            handle, sent = self.comm.average(delta, weight)
+        elif self.config.fp4:
             sent = (W - 1) * fp4.packed_bytes(n, self.config.block)
             handle = (fp4.quantized_all_reduce(delta, self.group, self.config.fp4, self.config.block, async_op=True)
                       if W > 1 else _Done(fp4.dequantize(fp4.quantize(delta, self.config.fp4, self.config.block))))
@@ -221,7 +234,14 @@ class DiLoCo:
         frag.pending = None
         t0 = time.perf_counter()
         delta = handle.wait()
+        committed = self.comm.commit() if self.comm is not None else True
         self.stats.comm_seconds += time.perf_counter() - t0
+        if not committed:  # drop this sync: back to the last global copy, no outer step
+            with torch.no_grad():
+                for g, l in zip(frag.glob, frag.local):
+                    l.copy_(g)
+            self.stats.schedule.append((step, frag.index, "dropped"))
+            return
         i = 0
         for g in frag.glob:
             g.grad = delta[i:i + g.numel()].view_as(g).clone()
@@ -236,13 +256,15 @@ class DiLoCo:
                     l.copy_(alpha * l.float() + (1 - alpha) * g)
         self.stats.schedule.append((step, frag.index, "apply"))
 
-    def after_inner_step(self, step: int) -> None:
-        for frag in self.fragments:
-            if frag.pending is not None and frag.pending[0] == step:
-                self._apply(frag, step)
-        H = self.config.inner_steps
-        for frag in self.fragments:
-            if step % H == frag.offset:
+    def after_inner_step(self, step: int, first: int = 0) -> None:
+        """Run the syncs due after inner step `step`; `first` > 0 resumes a step's syncs at that fragment
+        (a replica that joined through a quorum already open for it: applied syncs are done then)."""
+        if first == 0:
+            for frag in self.fragments:
+                if frag.pending is not None and frag.pending[0] == step:
+                    self._apply(frag, step)
+        for frag in self.fragments[first:]:
+            if step % self.config.inner_steps == frag.offset:
                 self._start(frag, step)
                 if self.config.tau == 0:
                     self._apply(frag, step)
@@ -278,7 +300,39 @@ class DiLoCo:
         return ctx()
 
     def state_dict(self) -> dict:
-        return {"global": self.global_state(), "outer": [f.outer.state_dict() for f in self.fragments]}
+        """Global copies, outer optimizer states, sync statistics, and the syncs in flight (overlap τ > 0).
+
+        An in-flight collective is waited for here and its averaged outer gradient
+        stored with the step it is due at: the same value a later wait returns, so
+        saving changes no number. (Not under torchft: there the commit vote
+        belongs to the apply step; ft.check keeps heals away from syncs in flight.)
+        """
+        pending = []
+        for f in self.fragments:
+            if f.pending is not None:
+                if self.comm is not None:
+                    raise RuntimeError("DiLoCo.state_dict() under torchft with a sync in flight")
+                due, handle = f.pending
+                t0 = time.perf_counter()
+                delta = handle.wait()
+                self.stats.comm_seconds += time.perf_counter() - t0
+                f.pending = (due, _Done(delta))
+                pending.append({"fragment": f.index, "due": due, "delta": delta.clone()})
+        return {"global": self.global_state(), "outer": [copy.deepcopy(f.outer.state_dict()) for f in self.fragments],
+                "stats": dataclasses.asdict(self.stats), "pending": pending}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for f, outer in zip(self.fragments, state["outer"], strict=True):
+            for n, g in zip(f.names, f.glob):
+                g.copy_(state["global"][n])
+            f.outer.load_state_dict(outer)
+            f.pending = None
+        for item in state.get("pending", []):
+            self.fragments[item["fragment"]].pending = (item["due"], _Done(item["delta"].clone()))
+        stats = dict(state["stats"])
+        stats["schedule"] = [tuple(e) for e in stats["schedule"]]
+        self.stats = SyncStats(**stats)
 
 
 class _Work:

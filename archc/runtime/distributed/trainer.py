@@ -6,12 +6,21 @@ takes its contiguous slice of the same global batch the single-process run
 draws (`Batches.get(step)`), so the averaged gradients — and the loss curve —
 are those of the single-process run up to float rounding. The logged loss is
 the mean over ranks. Checkpoints are written with torch.distributed.checkpoint
-(`dcp/step_N/`), so a run saved on N processes can resume on M.
+(`dcp/step_N/`), so a run saved on N processes can resume on M. Muon works on
+the sharded weights (optim.py: gather each matrix's update, orthogonalise it
+whole, keep this rank's shard).
 
 DiLoCo: one process per replica; replica r draws batch `k·R + r` where the
 single-process run draws batch `k` (so one replica sees exactly the plain run's
 data). Inner optimizer and scheduler are local; the outer step is in diloco.py.
 Logged loss is replica 0's inner loss; evaluation uses the global parameters.
+`--resume` continues from per-replica checkpoints (see "DiLoCo checkpoints").
+
+Fault tolerance (`--fault-tolerant`, ft.py): each DiLoCo replica is its own
+torchft replica group (one process, no torch.distributed group between
+replicas); syncs go through its Manager. Replica 0 logs to metrics.jsonl,
+replica r > 0 to replica_r/metrics.jsonl; every replica writes
+replica_r/ft_final.json (Manager step, inner step, hash of the global copy).
 
 Both modes log the single-process metrics plus `comm_bytes` (bytes this rank
 sent during the step, ring-algorithm count; for FSDP2: parameter all-gathers
@@ -26,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,17 +44,25 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from archc.runtime.distributed import ft
 from archc.runtime.distributed.diloco import DiLoCo, DiLoCoConfig, fragment_params, layer_scopes
+from archc.runtime.distributed.ft import FTConfig
 from archc.runtime.distributed.launch import init, spawn, under_torchrun
 from archc.runtime.train import RunResult, TrainConfig, TrainError, _check_vocab, _log, _plot, prepare
 
 
 def train_distributed(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | None = None, *,
                       nproc: int = 1, diloco: DiLoCoConfig | None = None, resume: bool = False,
-                      **compile_kw) -> RunResult:
-    """Train on `nproc` gloo processes (spawned here, or the torchrun group when under torchrun)."""
+                      fault_tolerant: FTConfig | None = None, **compile_kw) -> RunResult:
+    """Train on `nproc` gloo processes (spawned here, or the torchrun group when under torchrun).
+
+    With `fault_tolerant`, DiLoCo replicas run as torchft replica groups (ft.py): all of them supervised
+    here, or only `fault_tolerant.replica_id` when it is set (one group per machine or per launch).
+    """
     config = config or TrainConfig()
     compile_kw.pop("on_stage", None)  # hooks print from every rank; not carried across processes
+    if fault_tolerant is not None:
+        return _train_ft(spec, config, overrides, diloco, resume, fault_tolerant, compile_kw)
     if diloco is not None and not under_torchrun():
         nproc = diloco.replicas
     if under_torchrun():
@@ -65,8 +83,40 @@ def train_distributed(spec, config: TrainConfig | None = None, overrides: dict[s
     return spawn(_worker, nproc, spec, config, overrides, diloco, resume, compile_kw)
 
 
+def _train_ft(spec, config, overrides, diloco, resume, ft_config: FTConfig, compile_kw) -> RunResult | None:
+    if diloco is None:
+        raise TrainError("--fault-tolerant needs --diloco replicas=R,...: each replica is a torchft replica group")
+    if resume:
+        raise TrainError("--fault-tolerant restarts heal from a live peer; --resume is not supported with it")
+    try:
+        import torchft  # noqa: F401
+    except ImportError as err:
+        raise TrainError(f"--fault-tolerant needs torchft (pip install torchft==0.2.0): {err}") from None
+    ft.check(diloco)
+    if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise TrainError("--fault-tolerant runs one process per replica group: start each group with "
+                         "`archc train ... --fault-tolerant --lighthouse URL --replica-id I` "
+                         "(under torchrun: --nproc_per_node 1, one torchrun per group)")
+    if ft_config.replica_id is not None:
+        if ft_config.lighthouse is None:
+            raise TrainError("--replica-id needs --lighthouse URL (the lighthouse all replica groups share)")
+        if not 0 <= ft_config.replica_id < diloco.replicas:
+            raise TrainError(f"--replica-id {ft_config.replica_id}: must be in [0, {diloco.replicas})")
+        ft.quiet()
+        result = _ft_worker(ft_config.replica_id, ft_config.lighthouse, spec, config, overrides, diloco, ft_config,
+                            compile_kw)
+        return result if ft_config.replica_id == 0 else None
+    return ft.supervise(_ft_worker, diloco.replicas, ft_config, spec, config, overrides, diloco, ft_config,
+                        compile_kw)
+
+
+def _ft_worker(replica: int, lighthouse: str, spec, config, overrides, diloco, ft_config, compile_kw) -> RunResult:
+    return _worker(replica, diloco.replicas, spec, config, overrides, diloco, False, compile_kw,
+                   ft_setup=(ft_config, lighthouse))
+
+
 def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco: DiLoCoConfig | None,
-            resume: bool, compile_kw: dict) -> RunResult:
+            resume: bool, compile_kw: dict, ft_setup: tuple[FTConfig, str] | None = None) -> RunResult:
     import archc
     from archc.runtime import data as data_mod
     from archc.runtime.evaluate import generate, perplexity
@@ -81,7 +131,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         raise TrainError("distributed training supports --tokenizer byte for now")
     if config.device not in ("auto", "cpu") or config.compile:
         raise TrainError("distributed training runs on the CPU with gloo, without --compile, for now")
-    if lead:
+    if lead or ft_setup:
         out_dir.mkdir(parents=True, exist_ok=True)
     compiled = archc.compile(spec, overrides, **compile_kw)
     prepare(compiled, config)
@@ -101,16 +151,19 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
             raise TrainError(f"--batch-size {config.batch_size} does not split over {world} processes")
         per_rank = config.batch_size // world
         _shard(model, compiled, world)  # also on 1 process, so DCP checkpoints reshard between N and M
-        if config.optimizer == "muon" and world > 1:
-            raise TrainError("Muon on FSDP2-sharded weights is not supported yet; use --optimizer adamw "
-                             "or --diloco")
     optimizer = build_optimizer(model, compiled.param_roles(), fused_layout(compiled), name=config.optimizer,
                                 lr=config.lr, weight_decay=config.weight_decay, muon_lr=config.muon_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.schedule, config.steps // 10 if config.warmup is None else config.warmup,
                              config.steps, min_ratio=config.min_lr_ratio))
+    manager = comm = None
+    clock = {"step": 0}  # the inner step done; travels with the state a healing replica fetches
     if diloco is not None:
-        outer = DiLoCo(model, fragment_params(compiled, model, diloco.fragments, diloco.assign), diloco)
+        if ft_setup is not None:
+            manager = ft.make_manager(rank, ft_setup[0], ft_setup[1])
+            comm = ft.FTComm(manager)
+        outer = DiLoCo(model, fragment_params(compiled, model, diloco.fragments, diloco.assign), diloco,
+                       comm=comm)
     batches = data_mod.Batches(dataset.train, config.batch_size, config.seq_len, config.seed)
     meta = {"spec_sha": compiled.ir.meta["sha256"], "params": compiled.params, "config": attrs.asdict(config),
             "tokenizer": config.tokenizer, "data": config.data, "spec": str(spec), "world": world,
@@ -118,17 +171,27 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
             "diloco": dataclasses.asdict(diloco) if diloco is not None else None}
 
     start = 0
-    metrics_path = out_dir / "metrics.jsonl"
-    if resume:
-        if diloco is not None:
-            raise TrainError("--resume with --diloco is not supported yet")
-        start = _dcp_load(out_dir, model, optimizer, scheduler)
+    metrics_path = out_dir / "metrics.jsonl" if lead else out_dir / f"replica_{rank}" / "metrics.jsonl"
+    if manager is not None:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        ft.register(manager, comm, clock, model, optimizer, scheduler, outer)
+        ft.mark_started(out_dir, rank)
+        if ft.join(manager, comm, outer, clock, world, ft_setup[0].join_wait):
+            start = clock["step"]
+            from archc.runtime.train import _truncate_metrics
+            _truncate_metrics(metrics_path, start)
+            _log(metrics_path, {"step": start, "event": "healed", "ft_step": manager.current_step()})
+        else:
+            metrics_path.write_text("")
+    elif resume:
+        start = (_dcp_load(out_dir, model, optimizer, scheduler) if diloco is None else
+                 _diloco_load(out_dir, rank, world, model, _ReplicaState(optimizer, outer), scheduler, meta))
         if lead:
             from archc.runtime.train import _truncate_metrics
             _truncate_metrics(metrics_path, start)
     elif lead:
         metrics_path.write_text("")
-    if lead:
+    if lead and manager is None or lead and start == 0:
         (out_dir / "config.json").write_text(json.dumps({**meta, "device": "cpu"}, indent=2, default=str) + "\n")
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * (1 if diloco is None else world)
@@ -153,6 +216,8 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
     model.train()
     fsdp_bytes = 3 * (world - 1) * n_params * 4 // world if diloco is None else 0
     for step in range(start, config.steps):
+        if manager is not None:
+            ft.inject(out_dir, rank, step + 1, "before")
         t0 = time.perf_counter()
         total = 0.0
         bytes_before = outer.stats.bytes_sent if outer else 0
@@ -180,8 +245,12 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        clock["step"] = step + 1
         if outer is not None:
             outer.after_inner_step(step + 1)
+        if clock["step"] != step + 1:  # healed mid-run from a peer at another point of the schedule
+            raise TrainError(f"replica {rank} healed at inner step {clock['step']} during its sync after step "
+                             f"{step + 1}; replicas must sync at the same inner steps")
         dt = time.perf_counter() - t0
         step_bytes = (outer.stats.bytes_sent - bytes_before) if outer else fsdp_bytes
         total_bytes += step_bytes
@@ -192,6 +261,8 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
                   "comm_bytes_total": total_bytes}
         if outer is not None:
             record["comm_seconds"] = outer.stats.comm_seconds - wait_before
+        if manager is not None:
+            record.update(ft_step=manager.current_step(), participants=manager.num_participants())
         done = step + 1 == config.steps
         if done and outer is not None:
             outer.finish(step + 1)
@@ -199,10 +270,16 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
             if diloco is None or lead:
                 val = evaluate()
                 record.update(val_loss=val[0], val_perplexity=val[1])
-        if lead:
+        if lead or manager is not None:
             _log(metrics_path, record)
-        if diloco is None and ((step + 1) % config.checkpoint_every == 0 or done):
-            _dcp_save(out_dir, step + 1, model, optimizer, scheduler)
+        if manager is not None:
+            ft.inject(out_dir, rank, step + 1, "after")
+        if manager is None and ((step + 1) % config.checkpoint_every == 0 or done):
+            if diloco is None:
+                _dcp_save(out_dir, step + 1, model, optimizer, scheduler)
+            else:
+                _diloco_save(out_dir, rank, step + 1, model, _ReplicaState(optimizer, outer), scheduler, meta,
+                             config.keep)
     sample = ""
     if config.sample_tokens and (diloco is None or lead):
         prompt = dataset.tokenizer.encode("\n")
@@ -213,12 +290,27 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         sample = dataset.tokenizer.decode(new)
         if lead:
             (out_dir / "sample.txt").write_text(sample)
+    if manager is not None:
+        _ft_final(out_dir / f"replica_{rank}" / "ft_final.json", manager, outer, clock["step"])
     if lead:
         _plot(metrics_path, out_dir / "loss.png")
         if outer is not None:
             (out_dir / "sync_schedule.json").write_text(json.dumps(outer.stats.schedule) + "\n")
     return RunResult(out_dir, config.steps, loss_value, val[0] if val else None, val[1] if val else None,
                      initial_ppl, tok_s, 0.0, sample)
+
+
+def _ft_final(path: Path, manager, outer: DiLoCo, step: int) -> None:
+    """What a fault-tolerant run ends with on this replica: the tests compare these across replicas."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, g in sorted(outer.global_state().items()):
+        digest.update(name.encode() + g.numpy().tobytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ft_step": manager.current_step(), "step": step, "global_sha256": digest.hexdigest(),
+                                "syncs": outer.stats.syncs, "schedule": outer.stats.schedule}) + "\n")
+    manager.shutdown(wait=False)
 
 
 def _shard(model: torch.nn.Module, compiled, world: int) -> None:
@@ -229,6 +321,63 @@ def _shard(model: torch.nn.Module, compiled, world: int) -> None:
     for scope in layer_scopes(compiled):
         fully_shard(model.get_submodule(scope), mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+# ------------------------------------------------------------------------------ DiLoCo checkpoints
+#
+# Each replica writes its own checkpoint (runtime/checkpoint.py: safetensors + JSON, atomic) under
+# diloco/replica_r/checkpoints/step_N: its local model, inner optimizer and scheduler, and the DiLoCo state
+# (global copies, outer optimizer states, syncs in flight) — identical on every replica, stored with each so
+# one directory is a complete, atomically written replica. The data position is the step (batches are a pure
+# function of it). Replicas save at the same steps and meet at a barrier; resume takes the newest step
+# every replica has.
+
+
+class _ReplicaState:
+    """Inner optimizer + outer DiLoCo state as one optimizer-like object, so they land in one checkpoint."""
+
+    def __init__(self, inner: torch.optim.Optimizer, outer: DiLoCo) -> None:
+        self.inner, self.outer = inner, outer
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.outer.load_state_dict(state["outer"])
+
+
+def _replica_dir(out_dir: Path, rank: int) -> Path:
+    return out_dir / "diloco" / f"replica_{rank}"
+
+
+def _diloco_save(out_dir: Path, rank: int, step: int, model, state: _ReplicaState, scheduler, meta: dict,
+                 keep: int) -> None:
+    from archc.runtime.checkpoint import save_checkpoint
+
+    save_checkpoint(_replica_dir(out_dir, rank), step, model, state, scheduler,
+                    meta={**meta, "replica": rank}, keep=keep)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _diloco_load(out_dir: Path, rank: int, world: int, model, state: _ReplicaState, scheduler, meta: dict) -> int:
+    from archc.runtime.checkpoint import load_checkpoint
+
+    steps = None
+    for r in range(world):
+        found = {int(p.parent.name.removeprefix("step_"))
+                 for p in (_replica_dir(out_dir, r) / "checkpoints").glob("step_*/meta.json")}
+        steps = found if steps is None else steps & found
+    if not steps:
+        raise TrainError(f"--resume: no DiLoCo checkpoint saved by all {world} replicas under "
+                         f"{out_dir / 'diloco'}; start without --resume (or with the replica count it was saved with)")
+    step = max(steps)
+    path = _replica_dir(out_dir, rank) / "checkpoints" / f"step_{step:08d}"
+    saved = load_checkpoint(path, model, state, scheduler,
+                            expect={"spec_sha": meta["spec_sha"], "params": meta["params"], "world": world,
+                                    "diloco": meta["diloco"]})
+    return int(saved["step"])
 
 
 # ------------------------------------------------------------------------------ DCP checkpoints
