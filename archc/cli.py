@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--kernel", action="append", metavar="PATTERN=KERNEL",
                         help="force a kernel for nodes whose path matches PATTERN (a glob; `attention` or `mixers` "
                              "for all of a family): attention auto|sdpa|sdpa_mask|flex|local|math, "
-                             "mixers auto|reference|chunked|triton|fla")
+                             "mixers auto|reference|chunked|triton|fla, nsa auto|reference|gather|triton")
     common.add_argument("--no-pass", action="append", metavar="PASS", help="turn an optional pass off (repeatable)")
     common.add_argument("--print-ir-after", metavar="PASS|all", help="print the IR after a pass (or all) to stderr")
     common.add_argument("--dump-dir", metavar="DIR", help="write the IR after every stage and the module into DIR")

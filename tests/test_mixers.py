@@ -357,3 +357,9 @@ def test_mixer_shape_errors_are_located():
         archc.compile(LAYER % "ssd(x, heads=4, head_dim=8, expand=2, state=8)", name="bad.arch")
     with pytest.raises(archc.SpecError, match="`chunk` must be one of 16, 32, 64"):
         archc.compile(LAYER % "kda(x, heads=2, chunk=128)", name="bad.arch")
+
+
+def test_nsa_position_tables_are_embeddings_not_muon_matrices():
+    roles = archc.compile(SPECS / "nsa.arch").param_roles()
+    assert roles["layers.0.mixer.core.k_compress.pos"] == "embedding"
+    assert roles["layers.0.mixer.core.v_compress.fc1.weight"] == "matrix"

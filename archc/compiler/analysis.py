@@ -231,8 +231,12 @@ def param_roles(graph: Graph) -> dict[str, str]:
     loss_inputs = {a for n in graph.nodes() if n.op == "next_token_loss" for a in graph.args(n.id)}
     roles: dict[str, str] = {}
     for node in graph.nodes():
+        declared = ops.REGISTRY[node.op].roles(node)
         for name, shape in node_params(graph, node).items():
-            if node.op in ("embedding", "pos_embedding"):
+            own = [role for key, role in declared.items() if name == key or name.endswith("." + key)]
+            if own:
+                role = own[0]
+            elif node.op in ("embedding", "pos_embedding"):
                 role = "embedding"
             elif name.endswith("bias"):
                 role = "bias"

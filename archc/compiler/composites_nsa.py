@@ -103,6 +103,10 @@ class NSACore(MixerOp):
                       f"{kv}_compress.fc2.bias": (K,)})
         return w
 
+    def roles(self, node):
+        # intra-block position tables: embeddings (AdamW), not hidden matrices for Muon
+        return {f"{kv}_compress.pos": "embedding" for kv in ("k", "v")}
+
     def flops(self, node, ins, out, sizes):
         # Matmuls counted in full per query (as attention's): compression over every complete block,
         # selection over min(top_n·select_block, T) keys, window over min(window, T) keys; plus the

@@ -115,6 +115,11 @@ class OpDef:
     # weights() keys are relative to the node's own path, or to its scope when this is set
     weights_at_scope: ClassVar[bool] = False
 
+    def roles(self, node: Node) -> dict[str, str]:
+        """Optimizer roles (analysis.param_roles) of weights() keys whose shape does not tell it, e.g. a
+        2-D table of positions that is an `embedding`, not a Muon `matrix`."""
+        return {}
+
     # code generation: the modules built in __init__, and the forward lines
     def init(self, node: Node, ins: list[Shape]) -> str | None:
         """The constructor of this node's module (`self.<name> = ...`), if it has one."""

@@ -71,6 +71,12 @@ class TrainConfig:
                 raise TrainError(f"unknown training option `{key}`" + _hint(key, names))
         return cls(**values)
 
+    def __attrs_post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "steps", "grad_accum", "eval_every", "eval_batches",
+                     "checkpoint_every", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
 
 def _hint(name: str, choices) -> str:
     hint = did_you_mean(name, choices)
