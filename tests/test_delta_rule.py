@@ -8,22 +8,32 @@ not, with and without an initial state, head dims 32 and 64. Errors are relative
 - bf16 inputs: 1e-2 (the chunked path computes in fp32 from the same bf16 values, so the
   error is the bf16 rounding of o and of the gradients, ~3e-3); the final state is fp32 and
   stays at 1e-5.
+- very strong decay (g ~ -20 per token): the same 1e-5 for everything but the gradient of g,
+  whose true size is ~exp(g) while the chunked form gets it as a sum of cancelling terms the
+  size of k's gradient (the cumulative sum's backward, as in FLA); its error is bounded by
+  1e-6 * max |dk| (observed ~1e-9).
 The Triton kernels are tested in test_delta_rule_triton.py (in a subprocess, interpreted).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from archc.kernels.delta_rule import (
+    FACTOR_SPAN,
+    SUB_CHUNK,
+    _decayed_grams,
     delta_rule,
     delta_rule_chunked,
     delta_rule_reference,
 )
+from archc.kernels.linear_attention import linear_attention_reference
+from archc.kernels.ssd import ssd_reference
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -57,8 +67,11 @@ def run_with_grads(fn, xs, do, dht, **kw):
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-def compare(xs, *, dtype, chunk_size, tol_o, tol_s, tol_grad):
-    """Chunked on `xs` cast to dtype vs the fp32 reference on the same (rounded) values."""
+def compare(xs, *, dtype, chunk_size, tol_o, tol_s, tol_grad, tol_dg_vs_dk=None):
+    """Chunked on `xs` cast to dtype vs the fp32 reference on the same (rounded) values.
+
+    tol_dg_vs_dk: if given, g's gradient is checked as max |error| <= tol * max |dk| instead.
+    """
     xs_lo = [x.to(dtype) if x is not None else None for x in xs]
     xs_ref = [x.float() if x is not None else None for x in xs_lo]
     gen = torch.Generator().manual_seed(1)
@@ -76,6 +89,10 @@ def compare(xs, *, dtype, chunk_size, tol_o, tol_s, tol_grad):
             continue
         assert a.dtype == dtype
         assert torch.isfinite(a).all(), name
+        if name == "g" and tol_dg_vs_dk is not None:
+            err = (a.double() - b.double()).abs().max().item()
+            assert err <= tol_dg_vs_dk * g_ref[1].abs().max().item(), (name, err)
+            continue
         assert rel(a, b) < tol_grad, (name, rel(a, b))
 
 
@@ -112,6 +129,107 @@ def test_chunked_strong_decay_is_finite_and_exact(decay):
     xs = make_inputs(1, 96, 2, 32, 32, per_head=decay == "per_head", init=True, seed=3, g_min=-100.0)
     xs[3] = xs[3] * 6
     compare(xs, dtype=torch.float32, chunk_size=64, tol_o=FP32_TOL, tol_s=FP32_TOL, tol_grad=FP32_TOL)
+
+
+@pytest.mark.parametrize("decay", ["per_head", "per_channel"])
+def test_chunked_very_strong_decay(decay):
+    # g ~ -20 per token: every diagonal sub-chunk block takes the exact pairwise path, and the
+    # chunk's decay (~-1300 nats) would overflow any exp(+gamma); T = 100 has a ragged chunk.
+    xs = make_inputs(1, 100, 2, 32, 32, per_head=decay == "per_head", init=True, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    xs[3] = (-20 + torch.randn(xs[3].shape, generator=gen)).clamp(max=0)
+    compare(xs, dtype=torch.float32, chunk_size=64, tol_o=FP32_TOL, tol_s=FP32_TOL, tol_grad=FP32_TOL,
+            tol_dg_vs_dk=1e-6)
+
+
+def test_chunked_decay_gentle_then_steep():
+    # Per-channel decay that turns steep (~-4 nats per token, ~60 per sub-chunk) at token 40 and
+    # only in half the channels: one call mixes factored and pairwise diagonal blocks.
+    xs = make_inputs(2, 100, 2, 32, 32, per_head=False, init=True, seed=12)
+    steep = (torch.arange(100)[:, None] >= 40) & (torch.arange(32)[None, :] % 2 == 0)
+    xs[3] = torch.where(steep[:, None, :], xs[3] * 4 - 1, xs[3])
+    compare(xs, dtype=torch.float32, chunk_size=64, tol_o=FP32_TOL, tol_s=FP32_TOL, tol_grad=FP32_TOL)
+
+
+def _gram_by_definition(x, y, gam):
+    """sum_c x_ic y_jc exp(gam_ic - gam_jc) for i >= j, else 0, with an explicit [C, C, D] decay tensor."""
+    C = x.shape[-2]
+    lower = torch.ones(C, C, dtype=torch.bool).tril()[..., None]
+    diff = gam[..., :, None, :] - gam[..., None, :, :]
+    decay = torch.where(lower, diff, torch.full_like(diff, -math.inf)).exp()
+    return torch.einsum("...ic,...jc,...ijc->...ij", x, y, decay)
+
+
+def _spans(gam, block):
+    """How far the cumulative decay falls inside each block of `block` tokens (max over channels)."""
+    g = gam.reshape(*gam.shape[:-2], -1, block, gam.shape[-1])
+    return (g[..., :1, :] - g).amax(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("C", [16, 32, 64])
+def test_decayed_grams_match_definition(C):
+    # Sub-chunks gentle or steep (~6 nats per token), so every path runs in one call: whole
+    # chunks as one matmul, chunks split into sub-chunks whose diagonal blocks are matmuls, and
+    # sub-chunks computed pairwise. float64, so that any discrepancy is the method, not rounding.
+    gen = torch.Generator().manual_seed(C)
+    k, q = (torch.randn(3, 2, C, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    ns = C // SUB_CHUNK
+    steep = torch.rand(6, ns, generator=gen) < 0.5
+    steep[0], steep[1], steep[2, 0] = False, True, False  # one all-gentle chunk, one all-steep, one mixed
+    steep[2, -1] = True
+    steep = steep.reshape(3, 2, ns, 1, 1).expand(3, 2, ns, SUB_CHUNK, 24).reshape(3, 2, C, 24)
+    g = -torch.rand(3, 2, C, 24, generator=gen, dtype=torch.float64) * torch.where(steep, 12.0, 0.5)
+    gam = g.cumsum(-2)
+    for block in (C, SUB_CHUNK):
+        assert (_spans(gam, block) > FACTOR_SPAN).any() and (_spans(gam, block) <= FACTOR_SPAN).any()
+    leaves = [t.clone().requires_grad_() for t in (k, q, gam)]
+    a, p = _decayed_grams((leaves[0], leaves[1]), leaves[0], leaves[2], per_head=False)
+    a_ref, p_ref = _gram_by_definition(k, k, gam), _gram_by_definition(q, k, gam)
+    torch.testing.assert_close(a, a_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-12)
+    # Gradients too (the chunked path is trained through autograd).
+    w1, w2 = torch.randn(a.shape, generator=gen, dtype=torch.float64), torch.randn(a.shape, generator=gen,
+                                                                                 dtype=torch.float64)
+    grads = torch.autograd.grad((a * w1).sum() + (p * w2).sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (k, q, gam)]
+    a_r = _gram_by_definition(ref_leaves[0], ref_leaves[0], ref_leaves[2])
+    p_r = _gram_by_definition(ref_leaves[1], ref_leaves[0], ref_leaves[2])
+    ref_grads = torch.autograd.grad((a_r * w1).sum() + (p_r * w2).sum(), ref_leaves)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _autograd_ops(t):
+    """Names of every node in t's autograd graph."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("face", ["delta_rule", "ssd", "linear_attention"])
+def test_references_backward_is_linear_in_T(face):
+    """The per-token loops take their slices with one unbind: a Select/Slice per token would make
+    each backward step write a full-size zero gradient (quadratic in T)."""
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.randn(1, 9, 2, 4, generator=gen, requires_grad=True) for _ in range(3)]
+    gate = torch.rand(1, 9, 2, generator=gen, requires_grad=True)
+    if face == "delta_rule":
+        o, _ = delta_rule_reference(*x, -gate, gate)
+    elif face == "ssd":
+        A = torch.rand(2, generator=gen).neg().requires_grad_()
+        Bm, Cm = (torch.randn(1, 9, 1, 4, generator=gen, requires_grad=True) for _ in range(2))
+        o, _ = ssd_reference(x[0], gate, A, Bm, Cm)
+    else:
+        o, _ = linear_attention_reference(*x)
+    ops = _autograd_ops(o)
+    assert "UnbindBackward0" in ops
+    assert not ops & {"SelectBackward0", "SliceBackward0", "IndexBackward0"}, ops
 
 
 def test_per_head_decay_equals_broadcast_per_channel_decay():

@@ -38,14 +38,19 @@ chunk), Q already scaled, S the state entering the chunk:
     O     = (exp(gamma) * Q) S + P Vn
     S'    = diag(exp(gamma_C)) S + (exp(gamma_C - gamma) * K)^T Vn
 
-Numerics: every exponent used is <= 0 (no overflow for any g <= 0). For
-per-channel decay the C×C "decayed Gram" matrices A and P cannot be one
-matmul of exp(gamma)Q by exp(-gamma)K (that overflows once a chunk decays by
-more than ~88 nats). The PyTorch path builds them from sub-chunks of 16: blocks
-below the diagonal use an anchor token a between i and j, exp(gamma_i - gamma_a)
-and exp(gamma_a - gamma_j) both <= 1, so they are plain matmuls; the 16×16
-blocks on the diagonal are computed pairwise. The Triton kernels build them one
-column at a time with masked exponents (see `_triton_delta_rule.py`).
+Numerics: no exponent can overflow for any g <= 0. For per-channel decay the
+C×C "decayed Gram" matrices A and P cannot simply be one matmul of exp(gamma)Q by
+exp(-gamma)K (that overflows once a chunk decays by more than ~88 nats). With an
+anchor token a (a block's first), exp(gamma_i - gamma_j) = exp(gamma_i - gamma_a)
+exp(gamma_a - gamma_j), both factors within exp(+-span), span = how far the decay
+falls inside the block. The PyTorch path makes a chunk one matmul when its span is
+at most FACTOR_SPAN nats; steeper chunks are cut into sub-chunks of 16 (FLA's
+secondary chunking): blocks below the diagonal anchor at the row sub-chunk's
+first token, so both factors are <= 1 and each block is a matmul; diagonal blocks
+are matmuls again up to FACTOR_SPAN, and computed pairwise (exactly, with a
+[16, 16, K] decay tensor) only beyond it. A and P share one pass. The Triton
+kernels build them one column at a time with masked exponents (see
+`_triton_delta_rule.py`).
 
 Padding: T is padded up to a multiple of C with q = k = v = g = beta = 0.
 Such tokens leave the state untouched (decay exp(0) = 1, k = 0) and their
@@ -69,7 +74,10 @@ __all__ = [
 ]
 
 CHUNK_SIZES = (16, 32, 64)
-SUB_CHUNK = 16  # diagonal block size for per-channel decayed Gram matrices
+SUB_CHUNK = 16  # sub-chunk size for per-channel decayed Gram matrices of steep chunks
+# Largest decay (nats) inside a chunk or sub-chunk that is still one matmul: its factors
+# reach exp(+-40) ~ 1e17 / 1e-18, far from fp32's overflow (e^88) and denormals (e^-87).
+FACTOR_SPAN = 40.0
 TRITON_MAX_HEAD_DIM = 256  # the kernels hold whole K×V states and C×K tiles in registers
 
 
@@ -128,12 +136,13 @@ def delta_rule_reference(q, k, v, g, beta, initial_state=None, output_final_stat
         g = g[..., None]  # [B, T, H, 1]: the same decay for every key channel
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     outs = []
-    q = q * scale
-    decay = g.exp()[..., None]  # [B, T, H, K or 1, 1]
-    for t in range(T):
-        q_t, k_t, v_t = q[:, t, :, None, :], k[:, t, :, None, :], v[:, t, :, None, :]  # [B, H, 1, K|V]
-        S = S * decay[:, t]  # decay the rows (key channels)
-        u_t = beta[:, t, :, None, None] * (v_t - k_t @ S)  # beta (v_t - S^T k_t)
+    # Per-token slices taken once with unbind: indexing x[:, t] inside the loop would make the
+    # backward write a full-size zero gradient per token (quadratic in T).
+    steps = zip(*(x.unbind(1) for x in (q * scale, k, v, g.exp(), beta)))
+    for q_t, k_t, v_t, decay_t, beta_t in steps:  # q_t [B, H, K], decay_t [B, H, K or 1], beta_t [B, H]
+        q_t, k_t, v_t = q_t[..., None, :], k_t[..., None, :], v_t[..., None, :]  # [B, H, 1, K|V]
+        S = S * decay_t[..., None]  # decay the rows (key channels)
+        u_t = beta_t[..., None, None] * (v_t - k_t @ S)  # beta (v_t - S^T k_t)
         S = S + k_t.mT * u_t  # + k_t u_t^T
         outs.append(q_t @ S)  # (S^T q_t)^T
     o = torch.cat(outs, dim=2).transpose(1, 2).to(out_dtype)  # [B, H, T, V] -> [B, T, H, V]
@@ -148,38 +157,86 @@ def _masked_exp(diff, mask):
     return torch.where(mask, diff, torch.full_like(diff, -math.inf)).exp()
 
 
-def _decayed_gram(x, y, gam, per_head: bool, sub: int = SUB_CHUNK):
-    """G_ij = sum_c x_ic y_jc exp(gam_ic - gam_jc) for i >= j, else 0.
+def _pairwise_gram(x, y, gam):
+    """The definition, with a [C, C, D] decay tensor: G_ij = sum_c x_ic y_jc exp(gam_ic - gam_jc), i >= j.
 
-    x, y: [..., C, D]; gam: [..., C, D] per channel or [..., C] per head (cumulative log-decays,
-    non-increasing along C). Returns [..., C, C], computed without any positive exponent.
+    x, y, gam: [M, C, D]. Exact for any decay; used only for sub-chunks that decay too fast to factor.
     """
     C = x.shape[-2]
-    idx = torch.arange(C, device=x.device)
-    lower = idx[:, None] >= idx[None, :]
+    tri = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+    e = _masked_exp(gam[:, :, None, :] - gam[:, None, :, :], tri[..., None])
+    return (x[:, :, None, :] * y[:, None, :, :] * e).sum(-1)
+
+
+def _decayed_grams(xs, y, gam, per_head: bool, sub: int = SUB_CHUNK):
+    """G_ij = sum_c x_ic y_jc exp(gam_ic - gam_jc) for i >= j, else 0, for each x in xs (sharing y and gam).
+
+    xs: tuple of [..., C, D]; y: [..., C, D]; gam: [..., C, D] per channel or [..., C] per head
+    (cumulative log-decays, non-increasing along C). Returns a list of [..., C, C].
+
+    Per channel, with an anchor token a (the block's first), exp(gam_i - gam_j) =
+    exp(gam_i - gam_a) exp(gam_a - gam_j): the first factor is <= 1, the second at most
+    exp(span), span = how far the decay falls inside the block. Blocks (chunks) with span <=
+    FACTOR_SPAN are one matmul, like per-head decay; steeper ones are cut into sub-chunks
+    (`_split_grams`), down to sub-chunks so steep they are computed pairwise.
+    """
+    C = y.shape[-2]
     if per_head:
-        return (x @ y.mT) * _masked_exp(gam[..., :, None] - gam[..., None, :], lower)
-    sub = min(sub, C)
-    assert C % sub == 0, (C, sub)
-    ns = C // sub
-    D = x.shape[-1]
-    lead = x.shape[:-2]
-    xs = x.reshape(*lead, ns, sub, D)
-    ys = y.reshape(*lead, ns, sub, D)
-    gs = gam.reshape(*lead, ns, sub, D)
-    # Below-diagonal blocks: rows in sub-chunk a, anchor = first token of a, columns before it.
-    anchor = gs[..., :, :1, :]  # [..., ns, 1, D]
-    x_a = xs * (gs - anchor).exp()  # exponent <= 0: i >= anchor
-    before = idx[None, :] < (torch.arange(ns, device=x.device) * sub)[:, None]  # [ns, C]
-    y_a = y[..., None, :, :] * _masked_exp(anchor - gam[..., None, :, :], before[..., None])  # [..., ns, C, D]
-    g_off = (x_a @ y_a.mT).reshape(*lead, C, C)  # rows of block a only see columns before a
-    # Diagonal blocks, pairwise: [..., ns, sub, sub, D].
-    tri = lower[:sub, :sub]
-    e = _masked_exp(gs[..., :, None, :] - gs[..., None, :, :], tri[..., None])
-    g_diag = torch.einsum("...aic,...ajc,...aijc->...aij", xs, ys, e)  # [..., ns, sub, sub]
-    eye = torch.eye(ns, device=x.device, dtype=x.dtype)
-    g_diag = (g_diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, C, C)
-    return g_off + g_diag
+        idx = torch.arange(C, device=y.device)
+        decay = _masked_exp(gam[..., :, None] - gam[..., None, :], idx[:, None] >= idx[None, :])
+        return [(x @ y.mT) * decay for x in xs]
+    grams = _anchored_grams(xs, y, gam, min(sub, C))
+    return list(grams.reshape(*grams.shape[:-2], len(xs), C, C).unbind(-3))
+
+
+def _anchored_grams(xs, y, gam, sub: int):
+    """Per-channel `_decayed_grams` over blocks of C tokens, factored where the span allows, else split;
+    returns every x's Gram matrix stacked along the rows, [..., len(xs) * C, C]."""
+    lead, C, D, nx = y.shape[:-2], y.shape[-2], y.shape[-1], len(xs)
+    rel = gam - gam[..., :1, :]  # <= 0: exponent relative to the block's first token
+    e_x = rel.exp()
+    # The clamp only keeps the steep blocks, recomputed below, finite.
+    y_f = y * (-rel).clamp(max=FACTOR_SPAN).exp()
+    x_f = torch.cat([x * e_x for x in xs], dim=-2)  # every x's rows stacked: one matmul serves all
+    lower = torch.ones(C, C, dtype=torch.bool, device=y.device).tril()
+    grams = (x_f @ y_f.mT) * lower.repeat(nx, 1)  # [..., nx * C, C]
+    steep = (rel.abs().amax(dim=(-2, -1)) > FACTOR_SPAN).flatten().nonzero().squeeze(1)
+    if steep.numel():
+        def blocks(t):  # the steep blocks of t, as [M, C, D]
+            return t.reshape(-1, C, D)[steep]
+
+        xs_s, y_s, gam_s = [blocks(x) for x in xs], blocks(y), blocks(gam)
+        if C > sub:
+            exact = _split_grams(xs_s, y_s, gam_s, sub)
+        else:
+            exact = torch.cat([_pairwise_gram(x, y_s, gam_s) for x in xs_s], dim=-2)
+        grams = grams.reshape(-1, nx * C, C).index_copy(0, steep, exact).reshape(*lead, nx * C, C)
+    return grams
+
+
+def _split_grams(xs, y, gam, sub: int):
+    """`_anchored_grams` of steep blocks [M, C, D] from sub-chunks of `sub` tokens (FLA's secondary chunking).
+
+    Below the diagonal, block (s, b), b < s: rows scaled to s's first token, columns to it too
+    (exp(gam_a - gam_j) <= 1 for j before a): a plain matmul. On the diagonal: `_anchored_grams`.
+    """
+    M, C, D = y.shape
+    ns, nx = C // sub, len(xs)
+    ys, gs = y.reshape(M, ns, sub, D), gam.reshape(M, ns, sub, D)
+    anchor = gs[..., :1, :]  # [M, ns, 1, D]
+    e_x = (gs - anchor).exp()
+    rows, cols = torch.tril_indices(ns, ns, -1, device=y.device)
+    x_off = torch.cat([x.reshape(M, ns, sub, D)[:, rows] * e_x[:, rows] for x in xs], dim=-2)
+    y_off = ys[:, cols] * (anchor[:, rows] - gs[:, cols]).exp()
+    g_off = x_off @ y_off.mT  # [M, pairs, nx * sub, sub]
+    g_diag = _anchored_grams([x.reshape(M, ns, sub, D) for x in xs], ys, gs, sub)  # [M, ns, nx * sub, sub]
+    # Assemble the [ns, ns] grid of blocks (zeros above the diagonal) into [C, C] per x.
+    diag = torch.arange(ns, device=y.device)
+    grid = g_diag.new_zeros(M, ns * ns, nx * sub, sub).index_copy(
+        1, torch.cat([rows * ns + cols, diag * ns + diag]), torch.cat([g_off, g_diag], dim=1)
+    )
+    grid = grid.reshape(M, ns, ns, nx, sub, sub).permute(0, 3, 1, 4, 2, 5)  # [M, nx, ns, sub, ns, sub]
+    return grid.reshape(M, nx * C, C)
 
 
 def _chunk_intra(q, k, v, g, beta, per_head: bool):
@@ -190,20 +247,19 @@ def _chunk_intra(q, k, v, g, beta, per_head: bool):
     Qg = exp(gamma) * Q, Kd = exp(gamma_C - gamma) * K, e = exp(gamma_C) [B, H, N(, K)],
     W, U the WY form, P the masked decayed q-k Gram matrix [B, H, N, C, C].
     """
-    C = q.shape[-2]
     gam = g.cumsum(-1 if per_head else -2)
     gam_last = gam[..., -1] if per_head else gam[..., -1, :]
     gcol = gam[..., None] if per_head else gam  # broadcastable against [.., C, K]
     glast = gam_last[..., None, None] if per_head else gam_last[..., None, :]
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    a = _decayed_gram(k, k, gam, per_head) * strict * beta[..., :, None]
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([beta[..., None] * gcol.exp() * k, beta[..., None] * v], dim=-1)
-    # (I + A) X = rhs by forward substitution: X = T rhs with T the UT transform.
-    wu = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True)
+    eg = gcol.exp()
+    a, P = _decayed_grams((k, q), k, gam, per_head)
+    rhs = torch.cat([beta[..., None] * eg * k, beta[..., None] * v], dim=-1)
+    # (I + A) X = rhs by forward substitution: X = T rhs with T the UT transform. A is the strict
+    # lower triangle of beta * Gram: unitriangular=True reads only that triangle (the unit diagonal
+    # implied), so no mask or identity is needed, and A's gradient comes back strictly lower.
+    wu = torch.linalg.solve_triangular(a * beta[..., :, None], rhs, upper=False, unitriangular=True)
     W, U = wu.split([k.shape[-1], v.shape[-1]], dim=-1)
-    P = _decayed_gram(q, k, gam, per_head)
-    Qg = gcol.exp() * q
+    Qg = eg * q
     Kd = (glast - gcol).exp() * k
     return Qg, Kd, gam_last.exp(), W, U, P
 
@@ -243,15 +299,18 @@ def delta_rule_chunked(
     Qg, Kd, e, W, U, P = _chunk_intra(qc * scale, kc, vc, gc, bc, per_head)
     e = e[..., None, None] if per_head else e[..., None]  # broadcast over the state's rows / columns
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    outs = []
+    states, v_news = [], []
     # Unbind once: indexing [:, :, n] inside the loop makes each backward write a full-size
     # zero tensor per chunk, which is quadratic in the number of chunks.
-    chunks = zip(*(t.unbind(2) for t in (U, W, Qg, P, e, Kd)))
-    for Un, Wn, Qn, Pn, en, Kn in chunks:  # inter-chunk recurrence: the only sequential part
+    chunks = zip(*(t.unbind(2) for t in (U, W, e, Kd)))
+    for Un, Wn, en, Kn in chunks:  # inter-chunk recurrence: the only sequential part
         v_new = Un - Wn @ S
-        outs.append(Qn @ S + Pn @ v_new)
+        states.append(S)
+        v_news.append(v_new)
         S = en * S + Kn.mT @ v_new
-    o = _from_chunks(torch.stack(outs, dim=2), T).to(v.dtype)
+    # The outputs need only each chunk's entering state and errors: one batched matmul for all chunks.
+    o = Qg @ torch.stack(states, dim=2) + P @ torch.stack(v_news, dim=2)
+    o = _from_chunks(o, T).to(v.dtype)
     return o, (S if output_final_state else None)
 
 

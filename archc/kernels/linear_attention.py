@@ -119,12 +119,14 @@ def linear_attention_reference(
     S = q.new_zeros(Bsz, H, K, V, dtype=torch.float32) if S0 is None else S0.float()
     z = q.new_zeros(Bsz, H, K, dtype=torch.float32) if z0 is None else z0.float()
     outs = []
-    for t in range(T):
-        S = S + kf[:, t, :, :, None] * vf[:, t, :, None, :]
-        o = torch.einsum("bhk,bhkv->bhv", qf[:, t], S)
+    # Per-token slices taken once with unbind: indexing x[:, t] inside the loop would make the
+    # backward write a full-size zero gradient per token (quadratic in T).
+    for q_t, k_t, v_t in zip(qf.unbind(1), kf.unbind(1), vf.unbind(1)):
+        S = S + k_t[..., :, None] * v_t[..., None, :]
+        o = torch.einsum("bhk,bhkv->bhv", q_t, S)
         if normalize:
-            z = z + kf[:, t]
-            o = o / ((qf[:, t] * z).sum(-1, keepdim=True) + eps)
+            z = z + k_t
+            o = o / ((q_t * z).sum(-1, keepdim=True) + eps)
         outs.append(o)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(Bsz, 0, H, V, dtype=torch.float32)
     return o.to(v.dtype), _final(S, z, normalize, output_final_state)

@@ -124,10 +124,12 @@ def ssd_reference(
     Bh, Ch = _heads(B.float(), H), _heads(C.float(), H)
     h = x.new_zeros(Bsz, H, P, N, dtype=torch.float32) if initial_state is None else initial_state.float()
     ys = []
-    for t in range(T):
-        decay = torch.exp(dt[:, t] * Af)  # [B, H]
-        h = decay[..., None, None] * h + (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
+    # Per-token slices taken once with unbind: indexing x[:, t] inside the loop would make the
+    # backward write a full-size zero gradient per token (quadratic in T).
+    for dt_t, x_t, B_t, C_t in zip(*(z.unbind(1) for z in (dt, xf, Bh, Ch))):
+        decay = torch.exp(dt_t * Af)  # [B, H]
+        h = decay[..., None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C_t))
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(Bsz, 0, H, P)
     return _skip(y, xf, D).to(x.dtype), (h if output_final_state else None)
 
