@@ -4,7 +4,8 @@ For each mixer kernel — causal linear attention, Mamba-2 SSD, Gated DeltaNet
 (per-head decay) and KDA (per-channel decay) — at T = 1k, 4k and 16k tokens:
 
 - `chunked`: the chunkwise-parallel PyTorch form (the CPU path of `impl="auto"`);
-  on CUDA also `triton`;
+  on CUDA also `triton`, and `fla` (flash-linear-attention's chunk kernels) where
+  it is installed — the issue's goal is triton within 1.5x of fla;
 - `recurrent`: the per-token reference (`impl="reference"`), skipped where its
   predicted time exceeds --max-reference-s (30 s; predicted from short probe
   runs at T = 64 and 128 and the lengths measured so far, with the fitted
@@ -25,6 +26,7 @@ head_dim P=64, state N=64), chunk 64, fp32 (bf16 on CUDA with --dtype bf16).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -73,6 +75,8 @@ def run(mixer: str, impl: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     if impl == "sdpa":
         q, k, v = (t.transpose(1, 2) for t in tensors[:3])
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    if impl == "fla":
+        return run_fla(mixer, tensors)
     impl = "reference" if impl == "recurrent" else impl
     if mixer == "linear_attn":
         q, k, v = tensors
@@ -82,6 +86,29 @@ def run(mixer: str, impl: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         return ssd(x, dt, A, Bm, Cm, dt_softplus=True, impl=impl)[0]
     q, k, v, g, beta = tensors
     return delta_rule(q, k, v, g, beta, impl=impl)[0]
+
+
+def run_fla(mixer: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The same computation through flash-linear-attention's chunk kernels (CUDA only), for the GPU comparison.
+    Linear attention: FLA's numerator only (the normaliser is a cumulative sum); SSD: chunk_simple_gla with
+    q = C, k = B, v = dt·x, g = dt·A, as archc.runtime.mixers.SSDCore maps it."""
+    if mixer == "linear_attn":
+        from fla.ops.linear_attn import chunk_linear_attn
+        q, k, v = tensors
+        return chunk_linear_attn(q=elu_plus_one(q), k=elu_plus_one(k), v=v, normalize=False)[0]
+    if mixer == "ssd":
+        from fla.ops.simple_gla import chunk_simple_gla
+        x, dt, A, Bm, Cm = tensors
+        H = x.shape[2]
+        dt = F.softplus(dt.float())
+        q, k = (t.expand(-1, -1, H, -1).to(x.dtype) for t in (Cm, Bm))
+        return chunk_simple_gla(q=q, k=k, v=(x.float() * dt[..., None]).to(x.dtype), g=dt * A, scale=1.0)[0]
+    q, k, v, g, beta = tensors
+    if mixer == "gated_deltanet":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta)[0]
+    from fla.ops.kda import chunk_kda
+    return chunk_kda(q=q, k=k, v=v, g=g, beta=beta)[0]
 
 
 def fwd_bwd(mixer: str, impl: str, tensors: list[torch.Tensor], weight: torch.Tensor) -> None:
@@ -149,7 +176,10 @@ def main(argv=None) -> int:
         print("no CUDA device here")
         return 1
     B, H, K = args.batch, args.heads, args.head_dim
-    impls = ["chunked", *(["triton"] if device.type == "cuda" else []), "recurrent", "sdpa"]
+    fla = device.type == "cuda" and importlib.util.find_spec("fla") is not None
+    impls = ["chunked", *(["triton"] if device.type == "cuda" else []), *(["fla"] if fla else []), "recurrent", "sdpa"]
+    if device.type == "cuda" and not fla:
+        print("flash-linear-attention is not installed: no `fla` rows (pip install flash-linear-attention)")
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"device {device} ({torch.get_num_threads()} threads{load}), {args.dtype}, B={B}, H={H}, head_dim={K}, "
           f"chunk 64; forward + backward, median of {args.iters} (1 at T >= 16k and for the recurrence)")
