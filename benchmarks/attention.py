@@ -18,7 +18,7 @@ A cell is skipped, with the reason printed, when its time predicted from the sho
 T^2 for SDPA, T^1.3 for NSA, whose compression branch grows as T²/16) exceeds --max-cell-s, or its
 memory estimate exceeds --max-gb. The ratio column is SDPA time / NSA time (> 1: NSA is faster).
 
-    python benchmarks/attention.py                       # CPU, < 4 minutes
+    python benchmarks/attention.py --threads 1           # CPU, ~4 minutes (SDPA at 32k alone ~2.5)
     python benchmarks/attention.py --device cuda --dtype bf16 --lengths 2048 8192 32768 65536
 """
 
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from archc.kernels.nsa import CHUNK_FLOATS  # noqa: E402
 from archc.runtime.nsa import NSACore  # noqa: E402
 from benchmarks._measure import time_fn  # noqa: E402
 from benchmarks.mixers import slope  # noqa: E402
@@ -72,8 +73,10 @@ def estimate_gb(kind: str, B, T, HQ, H, D, top_n, select_block, window, stride) 
     io = 4 * B * T * (HQ * D * 3 + 6 * H * D) * 3
     if kind == "sdpa":  # the CPU kernels tile the scores; the math fallback would hold [B, H, T, T]
         return (io + 4 * B * HQ * T * 64 * 4) / 1e9
-    chunk_space = 4 * (1 << 24) * 6  # the gather path's per-chunk budget (scores, gathered blocks, their grads)
-    return (io + chunk_space + 4 * B * T * H * top_n * 2) / 1e9
+    # the gather path: three branch outputs and their gradients, the selection's block tables and their
+    # gradients, the window's blocked keys (attention_local), one chunk's work space, the selected blocks
+    branches = 4 * B * T * (HQ * D * 6 + H * D * 4 + H * D * 2 * 5)
+    return (io + branches + 4 * CHUNK_FLOATS * 4 + 8 * B * T * H * top_n) / 1e9
 
 
 def check_triton(B, T, HQ, H, D, sizes, device, dtype) -> float:
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--iters", type=int, default=2, help="timed calls per cell (one at T >= 8k)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--max-cell-s", type=float, default=60.0, help="skip a cell predicted to take longer")
+    p.add_argument("--max-cell-s", type=float, default=180.0, help="skip a cell predicted to take longer")
     p.add_argument("--max-gb", type=float, default=12.0, help="skip a cell estimated to need more memory")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

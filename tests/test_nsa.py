@@ -1,7 +1,9 @@
 """Native Sparse Attention: the gather path against the per-query reference, the selection rule,
 the full-attention limit, the compiled mixer (kernel choice, FLOPs, summary) and its errors.
 
-Shapes are tiny (T <= 70); the reference loops over query positions. The file runs in a few seconds.
+Shapes are tiny (T <= 70); the reference loops over query positions. The file runs in a few seconds, on one
+thread: with two, each of the reference's many tiny ops waits on OpenMP threads that other jobs on a busy
+machine keep busy (20x slower here).
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import torch.nn.functional as F
 
 import archc
 from archc.compiler import analysis
+from archc.kernels import nsa
 from archc.kernels.nsa import (block_importance, compressed_blocks, nsa_attention, nsa_gather, nsa_reference,
                                resolve_kernel, select_blocks, triton_unsupported)
 from conftest import SPECS
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "g_cmp", "g_slc", "g_win")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def inputs(B, T, HQ, H, K, V, block, stride, seed=0):
@@ -43,23 +54,52 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_gather_path_matches_reference_outputs_blocks_and_gradients(case):
-    B, T, HQ, H, K, V, block, stride, sel, n, w = CASES[case]
+def check_against_reference(case, chunk=16, scale=None, dtype=torch.float32, tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-5)):
+    """nsa_gather on inputs of `dtype` against the reference in fp32 on the same values: blocks, outputs, gradients.
+
+    `case` names one of CASES or is such a tuple itself."""
+    B, T, HQ, H, K, V, block, stride, sel, n, w = CASES[case] if isinstance(case, str) else case
     xs = inputs(B, T, HQ, H, K, V, block, stride)
-    kw = dict(block=block, stride=stride, select_block=sel, top_n=n, window=w)
-    o_ref, idx_ref = nsa_reference(*xs, **kw, return_block_indices=True)
-    o, idx = nsa_gather(*xs, **kw, chunk=16, return_block_indices=True)  # several chunks when T > 16
+    kw = dict(block=block, stride=stride, select_block=sel, top_n=n, window=w, scale=scale)
+    low = [x.detach().to(dtype).requires_grad_() for x in xs]
+    ref = [x.detach().float().requires_grad_() for x in low]
+    o_ref, idx_ref = nsa_reference(*ref, **kw, return_block_indices=True)
+    o, idx = nsa_gather(*low, **kw, chunk=chunk, return_block_indices=True)
     assert torch.equal(idx, idx_ref)
-    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
-    do = torch.randn_like(o)
-    g_ref = torch.autograd.grad((o_ref * do).sum(), xs, allow_unused=True)
-    g = torch.autograd.grad((o * do).sum(), xs, allow_unused=True)
+    assert o.dtype == dtype
+    torch.testing.assert_close(o.float(), o_ref, rtol=tol[0], atol=tol[1])
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad((o_ref * do).sum(), ref, allow_unused=True)
+    g = torch.autograd.grad((o.float() * do).sum(), low, allow_unused=True)
     for name, a, b in zip(NAMES, g, g_ref):
         if b is None:  # no compressed blocks at all (T < block)
             assert a is None or not a.numel() or not a.any(), name
             continue
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case}: d{name}: {m}")
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.float(), b, rtol=grad_tol[0], atol=grad_tol[1],
+                                   msg=lambda m: f"{case}: d{name}: {m}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gather_path_matches_reference_outputs_blocks_and_gradients(case):
+    check_against_reference(case)  # chunks of 16 queries: several, the last one short, when T > 16
+
+
+def test_gather_path_with_a_scale_and_values_wider_than_keys():
+    # V > K: the window branch pads q and k to V's width and rescales q for SDPA's D^-1/2
+    check_against_reference((1, 29, 4, 2, 8, 16, 8, 4, 8, 3, 7), chunk=None, scale=0.3)
+
+
+def test_gather_path_chunks_from_its_memory_budget(monkeypatch):
+    # a tiny budget: chunks of 21 queries for the compression branch and of 1 for the selection, instead of the
+    # single chunk that tiny shapes get
+    monkeypatch.setattr(nsa, "CHUNK_FLOATS", 4096)
+    check_against_reference("T37_group2_ragged", chunk=None)
+
+
+def test_gather_path_in_bf16():
+    # bf16 in and out, fp32 inside: against the fp32 reference on the same rounded values, to bf16's precision
+    check_against_reference("T37_group2_ragged", dtype=torch.bfloat16, tol=(2e-2, 2e-2), grad_tol=(2e-2, 2e-2))
 
 
 def test_sparse_cases_really_skip_blocks():

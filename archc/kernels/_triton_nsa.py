@@ -8,7 +8,7 @@ past T, or of a padding slot (block index -1) are masked. It writes o [B, T, HQ,
 the log-sum-exp lse [B, T, HQ] of each row's scores.
 
 Backward: `SelectionAttention.backward` recomputes the branch with the PyTorch gather path
-(`nsa.selection_attention_gather`, chunked and checkpointed) and differentiates that; the
+(`nsa.selection_attention_gather`, whose own backward recomputes each chunk) and differentiates that; the
 selection itself is discrete and gets no gradient. A Triton backward is left for later.
 
 All arithmetic is fp32 (16-bit inputs are upcast on load); `tl.dot` uses "ieee" precision for fp32

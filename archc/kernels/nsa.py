@@ -26,10 +26,15 @@ Three faces and a dispatcher:
 
 - `nsa_reference`: one query position at a time, each branch's mask built explicitly, plain
   masked softmax per branch; fp32. Obviously right, O(T²) work.
-- `nsa_gather`: queries in chunks; per chunk the compressed scores give the importance and the
-  top-n blocks, and only the selected blocks are gathered ([chunk, n, l', ·]), the window as a
-  band of the chunk plus w keys. Each chunk runs under activation checkpointing, so memory is
-  O(chunk · (n·l' + w + T/d)) per step plus the inputs and outputs — never O(T²).
+- `nsa_gather`: PyTorch, queries in chunks. Compression: per chunk one matmul of the chunk's
+  queries (all heads of a KV group as rows) against the compressed blocks seen so far; its
+  probabilities give the importance and the top-n blocks. Selection, group-centric: each (position,
+  KV head) gathers only its selected blocks, once for all G query heads, and does one
+  [G, K] x [K, n·l'] matmul; the backward scatters the blocks' gradients back with index_add_.
+  Both are autograd functions that keep only their outputs and recompute each chunk's scores in
+  the backward (flash-style), with chunks sized by a work-space budget (CHUNK_FLOATS), so memory
+  is O(T) plus one chunk's O(chunk · (n·l' + T/d)) — never O(T²). Window: `attention_local`
+  (blocked SDPA, linear in T).
 - `nsa_triton`: the selection branch through the group-centric Triton kernel
   (`_triton_nsa.py`: one program per (batch, position, KV head) loads each selected block once for
   all query heads of the group); compression and window as in `nsa_gather`.
@@ -49,7 +54,9 @@ import os
 import warnings
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
+
+from archc.runtime.attention import attention_local
 
 __all__ = [
     "KERNELS",
@@ -66,7 +73,7 @@ __all__ = [
 
 KERNELS = ("auto", "reference", "gather", "triton")
 LOCAL_BLOCKS = 2  # the query's own selection block and the one before it are always kept (paper §3.3.2)
-CHUNK_ELEMENTS = 1 << 24  # floats of scores and gathered keys/values per query chunk in the gather path
+CHUNK_FLOATS = 1 << 21  # fp32 work space (scores, gathered blocks) per query chunk of the gather path: 8 MB
 TRITON_MAX_GROUP = 64  # query heads per KV group the Triton kernel holds in one tile
 TRITON_MAX_DIM = 256  # head dims the Triton kernel holds in registers
 TRITON_MAX_SELECT_BLOCK = 128  # selection-block tokens per tile
@@ -207,89 +214,215 @@ def nsa_reference(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_w
 
 # ----------------------------------------------------------------------------- gather path, per query chunk
 
+# The compression and selection branches are autograd functions, flash-style in PyTorch: the forward keeps only
+# its output, the backward recomputes each query chunk's scores from q, k and v. Activation checkpointing would
+# run every forward twice, and a per-chunk autograd graph makes each chunk's slice and gather backward fill a
+# whole-sequence zero tensor. Masks enter as an additive bias of 0 / -1e30 that the score matmul accumulates
+# onto (baddbmm) rather than as a separate masked_fill pass over the [rows, keys] scores.
 
-def _chunk_size(T: int, HQ: int, H: int, K: int, V: int, Nc: int, top_n: int, select_block: int, window: int) -> int:
-    per_query = HQ * (Nc + top_n * select_block + 2 * window) + H * top_n * select_block * (K + V)
-    return max(16, min(T, CHUNK_ELEMENTS // max(1, per_query)))
-
-
-def _compress_chunk(q, k_cmp, v_cmp, t0, *, block, stride, select_block, top_n, scale, Ns):
-    """Compression branch and selection for queries t0.. (q [B, C, HQ, K]): o_cmp [B, C, HQ, V], blocks [B, C, H, n]."""
-    B, C, HQ, K = q.shape
-    H = k_cmp.shape[2]
-    G = HQ // H
-    t = torch.arange(t0, t0 + C, device=q.device)
-    n_vis = min(k_cmp.shape[1], compressed_blocks(t0 + C, block, stride))  # blocks any query here can see
-    kc, vc = k_cmp[:, :n_vis].float(), v_cmp[:, :n_vis].float()
-    qg = q.float().view(B, C, H, G, K)
-    scores = torch.einsum("bchgk,bnhk->bchgn", qg, kc) * scale
-    visible = torch.arange(n_vis, device=q.device) * stride + block - 1 <= t[:, None]  # [C, n_vis]
-    p = _masked_softmax(scores, visible[None, :, None, None, :])
-    o = torch.einsum("bchgn,bnhv->bchgv", p, vc).reshape(B, C, HQ, -1)
-    with torch.no_grad():
-        importance = block_importance(p.detach().sum(3), Ns, block, stride, select_block)  # [B, C, H, Ns]
-        sel = select_blocks(importance, t[None, :, None], select_block, top_n)
-    return o, sel
+MASKED = -1e30  # finite: a row with no key at all gets a uniform softmax (zeroed after), never NaN
 
 
-def _selection_chunk(q, k, v, sel, t0, *, select_block, scale):
-    """Selection branch for queries t0.. over the gathered blocks `sel` [B, C, H, n]: [B, C, HQ, V]."""
-    B, C, HQ, K = q.shape
-    T, H, V = k.shape[1], k.shape[2], v.shape[-1]
-    G, n, L = HQ // H, sel.shape[-1], select_block
-    Ns = -(-T // L)
-    pad = Ns * L - T
-    # keys and values of each block as one row of a contiguous [B·H·Ns, L·(K+V)] table: one gather of
-    # whole rows (index_select, whose backward is an index_add) fetches both
-    kv = torch.cat([k.float(), v.float()], dim=-1)
-    kv = torch.nn.functional.pad(kv, (0, 0, 0, 0, 0, pad)).view(B, Ns, L, H, K + V).permute(0, 3, 1, 2, 4)
-    blk = sel.clamp(min=0)
-    row = (torch.arange(B, device=q.device)[:, None, None, None] * H
-           + torch.arange(H, device=q.device)[None, None, :, None]) * Ns + blk  # [B, C, H, n]
-    kvg = kv.reshape(B * H * Ns, L * (K + V)).index_select(0, row.flatten()).view(B * C * H, n * L, K + V)
-    kg, vg = kvg[..., :K], kvg[..., K:]
-    tok = blk[..., None] * L + torch.arange(L, device=q.device)  # [B, C, H, n, L]
-    t = torch.arange(t0, t0 + C, device=q.device)[None, :, None, None, None]
-    mask = (sel[..., None] >= 0) & (tok <= t)
-    qg = q.float().reshape(B * C * H, G, K)
-    scores = torch.matmul(qg, kg.transpose(1, 2)) * scale  # [B·C·H, G, n·L]
-    p = _masked_softmax(scores, mask.view(B * C * H, 1, n * L))
-    return torch.matmul(p, vg).view(B, C, HQ, V)
+def _chunk(per_query: int, T: int) -> int:
+    """Query positions per chunk so that one chunk's work space (`per_query` floats each) fits CHUNK_FLOATS."""
+    return max(1, min(T, CHUNK_FLOATS // max(1, per_query)))
 
 
-def _window_chunk(q, k, v, t0, *, window, scale):
-    """Sliding-window branch for queries t0..: keys from t0 - window + 1 on, as one band; [B, C, HQ, V]."""
-    B, C, HQ, K = q.shape
-    H = k.shape[2]
-    G = HQ // H
-    lo = max(0, t0 - window + 1)
-    kw, vw = k[:, lo:t0 + C].float(), v[:, lo:t0 + C].float()
-    s_pos = torch.arange(lo, t0 + C, device=q.device)
-    t = torch.arange(t0, t0 + C, device=q.device)[:, None]
-    mask = (s_pos <= t) & (s_pos > t - window)  # [C, S]
-    scores = torch.einsum("bchgk,bshk->bchgs", q.float().view(B, C, H, G, K), kw) * scale
-    p = _masked_softmax(scores, mask[None, :, None, None, :])
-    return torch.einsum("bchgs,bshv->bchgv", p, vw).reshape(B, C, HQ, -1)
+def _to_rows(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, C, HQ, D] -> [B·H, C·G, D]: a KV head's query heads at the chunk's positions as the rows of one matmul."""
+    B, C, HQ, D = x.shape
+    return x.reshape(B, C, H, HQ // H, D).transpose(1, 2).reshape(B * H, C * (HQ // H), D)
 
 
-def _chunked(fn, T: int, chunk: int, tensors: list[torch.Tensor]):
-    """fn(t0, t1, *tensors) over query chunks, concatenated along T; checkpointed when grads are needed.
+def _from_rows(x: torch.Tensor, B: int, C: int) -> torch.Tensor:
+    """[B·H, C·G, D] -> [B, C, HQ, D], the inverse of `_to_rows`."""
+    D = x.shape[-1]
+    return x.view(B, -1, C, x.shape[1] // C, D).transpose(1, 2).reshape(B, C, -1, D)
 
-    Checkpointing keeps only each chunk's inputs for the backward, which recomputes the chunk, so no
-    chunk's scores or gathered blocks outlive it."""
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    pieces = []
+
+def _attention_grads(p, qc, kc, vc, doc, oc, scale):
+    """Backward of o = p·v with p = softmax(qc·kcᵀ + bias), qc already scaled, all [N, rows, ·]:
+    (dq, dk, dv) of the chunk, dq carrying the scale."""
+    delta = (doc * oc).sum(-1, keepdim=True)  # Σ_s p·dp, from the saved output
+    dv = torch.bmm(p.transpose(1, 2), doc)
+    ds = torch.bmm(doc, vc.transpose(1, 2)).sub_(delta).mul_(p)  # gradient of the scaled scores
+    return torch.bmm(ds, kc).mul_(scale), torch.bmm(ds.transpose(1, 2), qc), dv
+
+
+def _cmp_chunks(T: int, Nc: int, block: int, stride: int, chunk: int, device):
+    """Per query chunk [t0, t1): how many compressed blocks its last query sees (hi; they are 0..hi-1), the bias
+    [C, hi] hiding those a query does not see yet (block i ends at token i·stride + block - 1), and the has-key
+    factor [C, 1] zeroing queries that see none (None when all see one)."""
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        if grad:
-            pieces.append(checkpoint(fn, t0, t1, *tensors, use_reentrant=False))
-        else:
-            pieces.append(fn(t0, t1, *tensors))
-    if not pieces:
-        return None
-    if isinstance(pieces[0], tuple):
-        return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
-    return torch.cat(pieces, dim=1)
+        hi = min(Nc, compressed_blocks(t1, block, stride))
+        seen = torch.arange(hi, device=device) * stride + block - 1 <= torch.arange(t0, t1, device=device)[:, None]
+        bias = torch.zeros(seen.shape, device=device).masked_fill_(~seen, MASKED)
+        has_key = None if t0 >= block - 1 else seen.any(-1, keepdim=True).float()
+        yield t0, t1, hi, bias, has_key
+
+
+class _CompressedAttention(torch.autograd.Function):
+    """The compression branch: attention over the compressed blocks each query has seen complete. A chunk's
+    queries all read blocks 0..hi-1, so per (batch, KV head) it is one matmul [C·G, K] x [K, hi] (the chunk's
+    positions times the group's query heads as rows).
+
+    q [B, T, HQ, K], k [B, Nc, H, K], v [B, Nc, H, V] -> o [B, T, HQ, V] fp32. The forward hands each chunk's
+    probabilities [B, H, C, G, hi] (None while no block is complete) to `observe(p, t0, t1)`: the selection
+    is made from them."""
+
+    @staticmethod
+    def _probs(q, kh, t0, t1, hi, bias, has_key, scale):
+        B, C, HQ, _ = q[:, t0:t1].shape
+        H = kh.shape[1]
+        qc = _to_rows(q[:, t0:t1].float() * scale, H)
+        kc = kh[:, :, :hi].flatten(0, 1)
+        # a fresh copy of the bias for every (batch, KV head, query head) row: the matmul accumulates onto it
+        scores = bias[None, :, None].expand(B * H, C, HQ // H, hi).clone(memory_format=torch.contiguous_format)
+        scores = scores.view(B * H, C * (HQ // H), hi)
+        p = torch.softmax(scores.baddbmm_(qc, kc.transpose(1, 2)), dim=-1)
+        if has_key is not None:
+            p.view(B * H, C, -1, hi).mul_(has_key[:, None])
+        return qc, kc, p
+
+    @staticmethod
+    def forward(ctx, q, k, v, block, stride, scale, chunk, observe):
+        B, T, HQ, _ = q.shape
+        Nc, H, V = k.shape[1], k.shape[2], v.shape[-1]
+        kh, vh = k.float().transpose(1, 2).contiguous(), v.float().transpose(1, 2).contiguous()  # [B, H, Nc, ·]
+        o = q.new_zeros(B, T, HQ, V, dtype=torch.float32)
+        for t0, t1, hi, bias, has_key in _cmp_chunks(T, Nc, block, stride, chunk, q.device):
+            if hi == 0:  # no block complete yet: o stays 0
+                observe(None, t0, t1)
+                continue
+            _qc, _kc, p = _CompressedAttention._probs(q, kh, t0, t1, hi, bias, has_key, scale)
+            observe(p.view(B, H, t1 - t0, -1, hi), t0, t1)
+            o[:, t0:t1] = _from_rows(torch.bmm(p, vh[:, :, :hi].flatten(0, 1)), B, t1 - t0)
+        ctx.save_for_backward(q, kh, vh, o)
+        ctx.args = (block, stride, scale, chunk, k.dtype, v.dtype)
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, kh, vh, o = ctx.saved_tensors
+        block, stride, scale, chunk, k_dtype, v_dtype = ctx.args
+        B, T = q.shape[:2]
+        H, Nc = kh.shape[1], kh.shape[2]
+        dq = torch.zeros(q.shape, device=q.device)
+        dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)
+        for t0, t1, hi, bias, has_key in _cmp_chunks(T, Nc, block, stride, chunk, q.device):
+            if hi == 0:
+                continue
+            qc, kc, p = _CompressedAttention._probs(q, kh, t0, t1, hi, bias, has_key, scale)
+            doc, oc = _to_rows(do[:, t0:t1].float(), H), _to_rows(o[:, t0:t1], H)
+            dqc, dkc, dvc = _attention_grads(p, qc, kc, vh[:, :, :hi].flatten(0, 1), doc, oc, scale)
+            dq[:, t0:t1] = _from_rows(dqc, B, t1 - t0)
+            dkh[:, :, :hi] += dkc.view(B, H, hi, -1)
+            dvh[:, :, :hi] += dvc.view(B, H, hi, -1)
+        return (dq.to(q.dtype), dkh.transpose(1, 2).to(k_dtype), dvh.transpose(1, 2).to(v_dtype),
+                None, None, None, None, None)
+
+
+def _window(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """The sliding-window branch by `attention_local` (query blocks of 128 through one batched SDPA call, linear
+    in T, faster here than a masked matmul over bands): [B, T, HQ, V] fp32. SDPA scales by D^-1/2, so q carries
+    the rest of `scale`; attention_local takes one width for keys and values, so the narrower of q, k and v are
+    zero-padded to the wider (which leaves the scores as they are) and o is cut back to V."""
+    K, V = q.shape[-1], v.shape[-1]
+    D = max(K, V)
+    q, k, v = (torch.nn.functional.pad(x.float(), (0, D - x.shape[-1])).transpose(1, 2) for x in (q, k, v))
+    if scale != D ** -0.5:
+        q = q * (scale * D ** 0.5)
+    return attention_local(q, k, v, causal=True, window=window).transpose(1, 2)[..., :V]
+
+
+def _block_table(x: torch.Tensor, L: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B·H·Ns, L·D] fp32: row (b·H + h)·Ns + j holds block j's tokens (the last zero-padded)."""
+    B, T, H, D = x.shape
+    Ns = -(-T // L)
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, Ns * L - T))
+    return x.view(B, Ns, L, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * Ns, L * D)
+
+
+def _from_table(x: torch.Tensor, B: int, T: int, H: int, D: int) -> torch.Tensor:
+    """[B·H·Ns, L·D] -> [B, T, H, D], the inverse of `_block_table` (a view)."""
+    return x.view(B, H, -1, D)[:, :, :T].transpose(1, 2)
+
+
+def _block_chunks(sel: torch.Tensor, L: int, Ns: int, chunk: int):
+    """Per query chunk [t0, t1): the table rows of its selected blocks [B·C·H·n] and the bias [B·C·H, 1, n·L]
+    hiding the tokens a query does not see (those after it; all of a -1 slot). Slots that are -1 for the whole
+    chunk at the end (early queries have fewer blocks than top_n) are left out."""
+    B, T, H, _ = sel.shape
+    base = (torch.arange(B, device=sel.device)[:, None] * H + torch.arange(H, device=sel.device)) * Ns  # [B, H]
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        used = (sel[:, t0:t1] >= 0).flatten(0, 2).any(0).nonzero()
+        n = int(used[-1]) + 1 if used.numel() else 1
+        sc = sel[:, t0:t1, :, :n]
+        rows = (base[:, None, :, None] + sc.clamp(min=0)).flatten()
+        tok = sc[..., None] * L + torch.arange(L, device=sel.device)  # [B, C, H, n, L]
+        t = torch.arange(t0, t1, device=sel.device)[None, :, None, None, None]
+        hidden = (sc[..., None] < 0) | (tok > t)
+        yield t0, t1, rows, torch.zeros(hidden.shape, device=sel.device).masked_fill_(hidden, MASKED).view(-1, 1, n * L)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Attention of each query over its own selected blocks, sel [B, T, H, n] (-1 padded), group-centric: each
+    (position, KV head) gathers its blocks' keys and values once, as whole rows of a block table, for all G query
+    heads of its group, and does one [G, K] x [K, n·l'] matmul. The backward scatters the gathered rows'
+    gradients back with index_add_. q [B, T, HQ, K], k [B, T, H, K], v [B, T, H, V] -> o [B, T, HQ, V] fp32.
+
+    The gathers go into buffers reused across chunks: a fresh multi-megabyte tensor per chunk costs more in page
+    faults than the copy itself."""
+
+    @staticmethod
+    def _probs(q, kt, vt, bufs, t0, t1, rows, bias, scale):
+        N, K = bias.shape[0], q.shape[-1]
+        kg = torch.index_select(kt, 0, rows, out=bufs[0][:rows.numel()]).view(N, -1, K)
+        vg = torch.index_select(vt, 0, rows, out=bufs[1][:rows.numel()]).view(N, kg.shape[1], -1)
+        qc = q[:, t0:t1].float().reshape(N, -1, K) * scale
+        return qc, kg, vg, torch.softmax(torch.baddbmm(bias, qc, kg.transpose(1, 2)), dim=-1)
+
+    @staticmethod
+    def _buffers(kt, vt, B, H, T, sel, chunk):
+        slots = B * min(chunk, T) * H * sel.shape[-1]
+        return kt.new_empty(slots, kt.shape[-1]), vt.new_empty(slots, vt.shape[-1])
+
+    @staticmethod
+    def forward(ctx, q, k, v, sel, select_block, scale, chunk):
+        B, T, HQ, _ = q.shape
+        H, V, L = k.shape[2], v.shape[-1], select_block
+        kt, vt = _block_table(k, L), _block_table(v, L)
+        bufs = _BlockAttention._buffers(kt, vt, B, H, T, sel, chunk)
+        o = q.new_zeros(B, T, HQ, V, dtype=torch.float32)
+        for t0, t1, rows, bias in _block_chunks(sel, L, kt.shape[0] // (B * H), chunk):
+            _qc, _kg, vg, p = _BlockAttention._probs(q, kt, vt, bufs, t0, t1, rows, bias, scale)
+            o[:, t0:t1] = torch.bmm(p, vg).view(B, t1 - t0, HQ, V)
+        ctx.save_for_backward(q, kt, vt, sel, o)
+        ctx.args = (select_block, scale, chunk, k.shape, k.dtype, v.dtype)
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, kt, vt, sel, o = ctx.saved_tensors
+        L, scale, chunk, (B, T, H, K), k_dtype, v_dtype = ctx.args
+        HQ, V = q.shape[2], vt.shape[-1] // L
+        bufs = _BlockAttention._buffers(kt, vt, B, H, T, sel, chunk)
+        dq = torch.zeros(q.shape, device=q.device)
+        dkt, dvt = torch.zeros_like(kt), torch.zeros_like(vt)
+        for t0, t1, rows, bias in _block_chunks(sel, L, kt.shape[0] // (B * H), chunk):
+            qc, kg, vg, p = _BlockAttention._probs(q, kt, vt, bufs, t0, t1, rows, bias, scale)
+            N = bias.shape[0]
+            dqc, dkg, dvg = _attention_grads(p, qc, kg, vg, do[:, t0:t1].float().reshape(N, -1, V),
+                                             o[:, t0:t1].reshape(N, -1, V), scale)
+            dq[:, t0:t1] = dqc.view(B, t1 - t0, HQ, K)
+            dkt.index_add_(0, rows, dkg.view(-1, L * K))
+            dvt.index_add_(0, rows, dvg.view(-1, L * V))
+        return (dq.to(q.dtype), _from_table(dkt, B, T, H, K).to(k_dtype), _from_table(dvt, B, T, H, V).to(v_dtype),
+                None, None, None, None)
 
 
 def selection_attention_gather(q, k_slc, v_slc, block_indices, *, select_block: int, scale=None,
@@ -297,36 +430,39 @@ def selection_attention_gather(q, k_slc, v_slc, block_indices, *, select_block: 
     """The selection branch alone, for given blocks [B, T, H, n] (-1 padded): o [B, T, HQ, V] fp32."""
     B, T, HQ, K = q.shape
     H, V, n = k_slc.shape[2], v_slc.shape[-1], block_indices.shape[-1]
-    s = _scale(scale, K)
-    chunk = chunk or _chunk_size(T, HQ, H, K, V, 0, n, select_block, 0)
-
-    def fn(t0, t1, q, k, v):
-        return _selection_chunk(q[:, t0:t1], k, v, block_indices[:, t0:t1], t0, select_block=select_block, scale=s)
-
-    out = _chunked(fn, T, chunk, [q, k_slc, v_slc])
-    return out if out is not None else q.new_zeros(B, 0, HQ, V, dtype=torch.float32)
+    if T == 0:
+        return q.new_zeros(B, 0, HQ, V, dtype=torch.float32)
+    per_query = B * n * select_block * (H * (K + V) + 3 * HQ)  # gathered keys and values, scores, their gradient
+    return _BlockAttention.apply(q, k_slc, v_slc, block_indices, select_block, _scale(scale, K),
+                                 chunk or _chunk(per_query, T))
 
 
 def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, block, stride, select_block, top_n, window, scale,
               chunk, with_selection: bool):
     """Compression, window and (unless with_selection is False) selection outputs, fp32, and the blocks chosen."""
     B, T, HQ, K = q.shape
-    H, V = k_slc.shape[2], v_slc.shape[-1]
+    H = k_slc.shape[2]
     Ns = -(-T // select_block)
-    chunk = chunk or _chunk_size(T, HQ, H, K, V, k_cmp.shape[1], top_n, select_block, window)
     s = _scale(scale, K)
+    sel = torch.full((B, T, H, top_n), -1, dtype=torch.long, device=q.device)
 
-    def fn(t0, t1, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win):
-        qc = q[:, t0:t1]
-        o_cmp, sel = _compress_chunk(qc, k_cmp, v_cmp, t0, block=block, stride=stride, select_block=select_block,
-                                     top_n=top_n, scale=s, Ns=Ns)
-        o_win = _window_chunk(qc, k_win, v_win, t0, window=window, scale=s)
-        if not with_selection:
-            return o_cmp, o_win, sel
-        o_slc = _selection_chunk(qc, k_slc, v_slc, sel, t0, select_block=select_block, scale=s)
-        return o_cmp, o_win, sel, o_slc
+    def observe(p, t0, t1):
+        """The compression chunk's probabilities [B, H, C, G, hi] (None: none visible) -> its selected blocks."""
+        n_slc = min(Ns, (t1 - 1) // select_block + 1)  # no query of the chunk sees a later block
+        if p is None:
+            importance = torch.zeros(B, t1 - t0, H, n_slc, device=q.device)
+        else:
+            importance = block_importance(p.sum(3).transpose(1, 2), n_slc, block, stride, select_block)
+        sel[:, t0:t1] = select_blocks(importance, torch.arange(t0, t1, device=q.device)[None, :, None],
+                                      select_block, top_n)
 
-    return _chunked(fn, T, chunk, [q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win])
+    cmp_chunk = chunk or _chunk(3 * B * HQ * max(1, k_cmp.shape[1]), T)
+    o_cmp = _CompressedAttention.apply(q, k_cmp, v_cmp, block, stride, s, cmp_chunk, observe)
+    o_win = _window(q, k_win, v_win, window, s)
+    if not with_selection:
+        return o_cmp, o_win, sel
+    o_slc = selection_attention_gather(q, k_slc, v_slc, sel, select_block=select_block, scale=s, chunk=chunk)
+    return o_cmp, o_win, sel, o_slc
 
 
 def _combine(g_cmp, g_slc, g_win, o_cmp, o_slc, o_win, dtype):
