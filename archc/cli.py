@@ -292,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "outer_momentum=0.9,streaming=FRAGMENTS,assign=strided|sequential,tau=T,alpha=A,"
                         "fp4=e3m0|e2m1,block=128]")
     p.add_argument("--fault-tolerant", action="store_true",
-                   help="with --diloco: each replica is a torchft replica group; a killed one is restarted "
-                        "and heals from a live peer while the others keep going")
+                   help="each DiLoCo replica (with --diloco) or each of --nproc R data-parallel processes is "
+                        "a torchft replica group; a killed one is restarted and heals from a live peer while "
+                        "the others keep going")
     p.add_argument("--lighthouse", metavar="URL",
                    help="with --fault-tolerant: the torchft lighthouse to join (default: start one here)")
     p.add_argument("--replica-id", type=int, metavar="I",

@@ -1,4 +1,5 @@
-"""Fault-tolerant DiLoCo replica groups on torchft (`archc train --diloco ... --fault-tolerant`).
+"""Fault-tolerant replica groups on torchft: DiLoCo (`archc train --diloco ... --fault-tolerant`) and plain
+data parallelism (`archc train --nproc R --fault-tolerant`).
 
 torchft (runtime.md §2) makes a replica group the failure domain: a lighthouse
 forms a quorum of live groups for every sync, each group runs a Manager, and a
@@ -27,6 +28,15 @@ over HTTP. archc writes only the glue:
   once healed it finishes that open sync with the others and continues from
   the donor's inner step, so no step runs twice on the same replica and every
   sync is committed once (the Manager step counts commits).
+- **Data parallel** (no --diloco): every step is one Manager step. Each group
+  computes gradients on its slice of the global batch, `average_gradients`
+  sums them (and the loss) in one flat fp32 buffer through `manager.allreduce`
+  — one DDP bucket — and divides by the number of groups in the quorum; the
+  optimizer steps only if `should_commit()`, else the step is run again in a
+  new quorum (no step is lost or counted twice). A group that joins heals to
+  its donor's state at the start of the donor's next step (use_async_quorum=
+  False applies it before the forward pass) and runs that step with it. While
+  a group is down its slice of the batch is not trained on.
 - At a fresh start every group waits (up to `join_wait` seconds) until all R
   groups are in the first quorum, so a slow starter does not begin by healing.
 
@@ -99,7 +109,7 @@ class FTComm:
         self.healed = False  # set by the state loader: this group now holds a copy of its donor
         self.syncing: int | None = None  # the fragment whose quorum is open; travels with the state
 
-    def begin(self, fragment: int) -> float:
+    def begin(self, fragment: int | None) -> float:
         self.syncing = fragment
         if not self.open:
             self.manager.start_quorum()
@@ -119,6 +129,26 @@ class FTComm:
     def commit(self) -> bool:
         self.syncing = None
         return self.manager.should_commit()
+
+
+def average_gradients(comm: FTComm, params: list[torch.nn.Parameter], loss: float) -> tuple[float, bool, int, float]:
+    """Data parallel: average this group's gradients and loss over the quorum and vote on the step.
+
+    Returns (mean loss, committed, bytes sent, seconds spent in the all-reduce and the vote). The averaged
+    gradients replace `.grad` only when the step is committed.
+    """
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params]
+    t0 = time.perf_counter()
+    handle, sent = comm.average(torch.cat([*grads, torch.tensor([loss])]), 1.0)
+    mean = handle.wait()
+    committed = comm.commit()
+    seconds = time.perf_counter() - t0
+    if committed:
+        i = 0
+        for p in params:
+            p.grad = mean[i:i + p.numel()].view_as(p).clone()
+            i += p.numel()
+    return mean[-1].item(), committed, sent, seconds
 
 
 class _Averaged:
@@ -154,20 +184,22 @@ def make_manager(replica_id: int, config: FTConfig, lighthouse: str):
     return manager
 
 
-def register(manager, comm: FTComm, clock: dict, model, optimizer, scheduler, outer) -> None:
-    """What a healing group fetches from a live peer (copies, so the donor may keep training)."""
+def register(manager, comm: FTComm, clock: dict, model, optimizer, scheduler, outer=None) -> None:
+    """What a healing group fetches from a live peer (copies, so the donor may keep training);
+    `outer` is None in data parallel."""
     import copy
 
     def save() -> dict:
         return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "inner": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                "outer": outer.state_dict(), "step": clock["step"], "syncing": comm.syncing}
+                "outer": outer.state_dict() if outer is not None else None, "step": clock["step"], "syncing": comm.syncing}
 
     def load(state: dict) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["inner"])
         scheduler.load_state_dict(state["scheduler"])
-        outer.load_state_dict(state["outer"])
+        if outer is not None:
+            outer.load_state_dict(state["outer"])
         clock["step"] = state["step"]
         comm.syncing = state["syncing"]
         comm.healed = True
@@ -180,7 +212,8 @@ def join(manager, comm: FTComm, outer, clock: dict, replicas: int, join_wait: fl
 
     A fresh job (every group at step 0) waits for all groups, then commits the
     join as step 1. A group that starts behind heals, then finishes the sync
-    its donor has open (if any) with the others.
+    its donor has open (if any) with the others; in data parallel (`outer` is
+    None) it runs the donor's next step with it in the quorum it healed in.
     """
     deadline = time.monotonic() + join_wait
     while True:
@@ -189,7 +222,9 @@ def join(manager, comm: FTComm, outer, clock: dict, replicas: int, join_wait: fl
             break
         time.sleep(0.1)
     healed = comm.healed
-    if healed and comm.syncing is not None:
+    if healed and outer is None:
+        comm.open, comm.healed = True, False
+    elif healed and comm.syncing is not None:
         comm.open = True
         outer.after_inner_step(clock["step"], first=comm.syncing)
     else:
@@ -237,8 +272,10 @@ def inject(out_dir: Path, replica: int, step: int, when: str) -> None:
 
 
 def quiet() -> None:
-    """torchft's Rust side logs every quorum and commit at INFO; keep warnings unless RUST_LOG says otherwise."""
-    os.environ.setdefault("RUST_LOG", "warn")
+    """torchft's Rust side logs every quorum and commit at INFO; keep warnings unless RUST_LOG says otherwise
+    (an empty RUST_LOG, as some environments export, counts as unset)."""
+    if not os.environ.get("RUST_LOG"):
+        os.environ["RUST_LOG"] = "warn"
 
 
 def start_lighthouse(config: FTConfig):
@@ -306,4 +343,4 @@ def supervise(fn: Callable, replicas: int, config: FTConfig, *args: Any) -> Any:
         return pickle.loads(Path(result_file).read_bytes())[1]
 
 
-__all__ = ["FTComm", "FTConfig", "check", "join", "make_manager", "quiet", "register", "supervise"]
+__all__ = ["FTComm", "FTConfig", "average_gradients", "check", "join", "make_manager", "quiet", "register", "supervise"]

@@ -16,11 +16,16 @@ data). Inner optimizer and scheduler are local; the outer step is in diloco.py.
 Logged loss is replica 0's inner loss; evaluation uses the global parameters.
 `--resume` continues from per-replica checkpoints (see "DiLoCo checkpoints").
 
-Fault tolerance (`--fault-tolerant`, ft.py): each DiLoCo replica is its own
-torchft replica group (one process, no torch.distributed group between
-replicas); syncs go through its Manager. Replica 0 logs to metrics.jsonl,
+Fault tolerance (`--fault-tolerant`, ft.py): each DiLoCo replica, or each of
+the `--nproc R` data-parallel processes, is its own torchft replica group (one
+process, no torch.distributed group between groups); syncs, or every step's
+gradient average, go through its Manager. Data parallel under torchft keeps a
+whole model per group (no FSDP2: there is no process group to shard over) and
+takes the same batch slices as `--nproc R`. Replica 0 logs to metrics.jsonl,
 replica r > 0 to replica_r/metrics.jsonl; every replica writes
-replica_r/ft_final.json (Manager step, inner step, hash of the global copy).
+replica_r/ft_final.json (Manager step, step, hash of the global copy or, in
+data parallel, of the parameters), and data-parallel replica 0 saves the final
+checkpoint to checkpoints/.
 
 Both modes log the single-process metrics plus `comm_bytes` (bytes this rank
 sent during the step, ring-algorithm count; for FSDP2: parameter all-gathers
@@ -56,13 +61,14 @@ def train_distributed(spec, config: TrainConfig | None = None, overrides: dict[s
                       fault_tolerant: FTConfig | None = None, **compile_kw) -> RunResult:
     """Train on `nproc` gloo processes (spawned here, or the torchrun group when under torchrun).
 
-    With `fault_tolerant`, DiLoCo replicas run as torchft replica groups (ft.py): all of them supervised
-    here, or only `fault_tolerant.replica_id` when it is set (one group per machine or per launch).
+    With `fault_tolerant`, DiLoCo replicas (or, without `diloco`, `nproc` data-parallel processes) run as
+    torchft replica groups (ft.py): all of them supervised here, or only `fault_tolerant.replica_id` when it
+    is set (one group per machine or per launch).
     """
     config = config or TrainConfig()
     compile_kw.pop("on_stage", None)  # hooks print from every rank; not carried across processes
     if fault_tolerant is not None:
-        return _train_ft(spec, config, overrides, diloco, resume, fault_tolerant, compile_kw)
+        return _train_ft(spec, config, overrides, nproc, diloco, resume, fault_tolerant, compile_kw)
     if diloco is not None and not under_torchrun():
         nproc = diloco.replicas
     if under_torchrun():
@@ -83,16 +89,21 @@ def train_distributed(spec, config: TrainConfig | None = None, overrides: dict[s
     return spawn(_worker, nproc, spec, config, overrides, diloco, resume, compile_kw)
 
 
-def _train_ft(spec, config, overrides, diloco, resume, ft_config: FTConfig, compile_kw) -> RunResult | None:
-    if diloco is None:
-        raise TrainError("--fault-tolerant needs --diloco replicas=R,...: each replica is a torchft replica group")
+def _train_ft(spec, config, overrides, nproc, diloco, resume, ft_config: FTConfig, compile_kw) -> RunResult | None:
+    replicas = diloco.replicas if diloco is not None else nproc
+    if replicas < 1:
+        raise TrainError("--nproc must be at least 1")
+    if diloco is None and config.batch_size % replicas:
+        raise TrainError(f"--batch-size {config.batch_size} does not split over --nproc {replicas} replica "
+                         "groups; use a multiple of the group count")
     if resume:
         raise TrainError("--fault-tolerant restarts heal from a live peer; --resume is not supported with it")
     try:
         import torchft  # noqa: F401
     except ImportError as err:
         raise TrainError(f"--fault-tolerant needs torchft (pip install torchft==0.2.0): {err}") from None
-    ft.check(diloco)
+    if diloco is not None:
+        ft.check(diloco)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         raise TrainError("--fault-tolerant runs one process per replica group: start each group with "
                          "`archc train ... --fault-tolerant --lighthouse URL --replica-id I` "
@@ -100,18 +111,19 @@ def _train_ft(spec, config, overrides, diloco, resume, ft_config: FTConfig, comp
     if ft_config.replica_id is not None:
         if ft_config.lighthouse is None:
             raise TrainError("--replica-id needs --lighthouse URL (the lighthouse all replica groups share)")
-        if not 0 <= ft_config.replica_id < diloco.replicas:
-            raise TrainError(f"--replica-id {ft_config.replica_id}: must be in [0, {diloco.replicas})")
+        if not 0 <= ft_config.replica_id < replicas:
+            raise TrainError(f"--replica-id {ft_config.replica_id}: must be in [0, {replicas})")
         ft.quiet()
-        result = _ft_worker(ft_config.replica_id, ft_config.lighthouse, spec, config, overrides, diloco, ft_config,
-                            compile_kw)
+        result = _ft_worker(ft_config.replica_id, ft_config.lighthouse, replicas, spec, config, overrides, diloco,
+                            ft_config, compile_kw)
         return result if ft_config.replica_id == 0 else None
-    return ft.supervise(_ft_worker, diloco.replicas, ft_config, spec, config, overrides, diloco, ft_config,
+    return ft.supervise(_ft_worker, replicas, ft_config, replicas, spec, config, overrides, diloco, ft_config,
                         compile_kw)
 
 
-def _ft_worker(replica: int, lighthouse: str, spec, config, overrides, diloco, ft_config, compile_kw) -> RunResult:
-    return _worker(replica, diloco.replicas, spec, config, overrides, diloco, False, compile_kw,
+def _ft_worker(replica: int, lighthouse: str, replicas: int, spec, config, overrides, diloco, ft_config,
+               compile_kw) -> RunResult:
+    return _worker(replica, replicas, spec, config, overrides, diloco, False, compile_kw,
                    ft_setup=(ft_config, lighthouse))
 
 
@@ -124,6 +136,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
     from archc.runtime.weights import fused_layout
 
     lead = rank == 0
+    data_ft = diloco is None and ft_setup is not None  # data parallel under torchft: no FSDP2, no torch.distributed
     out_dir = Path(config.out_dir)
     overrides = dict(overrides or {})
     torch.manual_seed(config.seed)
@@ -150,7 +163,8 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         if config.batch_size % world:
             raise TrainError(f"--batch-size {config.batch_size} does not split over {world} processes")
         per_rank = config.batch_size // world
-        _shard(model, compiled, world)  # also on 1 process, so DCP checkpoints reshard between N and M
+        if not data_ft:
+            _shard(model, compiled, world)  # also on 1 process, so DCP checkpoints reshard between N and M
     optimizer = build_optimizer(model, compiled.param_roles(), fused_layout(compiled), name=config.optimizer,
                                 lr=config.lr, weight_decay=config.weight_decay, muon_lr=config.muon_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -158,16 +172,16 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
                              config.steps, min_ratio=config.min_lr_ratio))
     manager = comm = None
     clock = {"step": 0}  # the inner step done; travels with the state a healing replica fetches
+    if ft_setup is not None:
+        manager = ft.make_manager(rank, ft_setup[0], ft_setup[1])
+        comm = ft.FTComm(manager)
     if diloco is not None:
-        if ft_setup is not None:
-            manager = ft.make_manager(rank, ft_setup[0], ft_setup[1])
-            comm = ft.FTComm(manager)
         outer = DiLoCo(model, fragment_params(compiled, model, diloco.fragments, diloco.assign), diloco,
                        comm=comm)
     batches = data_mod.Batches(dataset.train, config.batch_size, config.seq_len, config.seed)
     meta = {"spec_sha": compiled.ir.meta["sha256"], "params": compiled.params, "config": attrs.asdict(config),
             "tokenizer": config.tokenizer, "data": config.data, "spec": str(spec), "world": world,
-            "mode": "fsdp2" if diloco is None else "diloco",
+            "mode": "diloco" if diloco is not None else "ft-data-parallel" if data_ft else "fsdp2",
             "diloco": dataclasses.asdict(diloco) if diloco is not None else None}
 
     start = 0
@@ -204,9 +218,10 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
             result = perplexity(model, windows)
         return result.loss, result.perplexity
 
+    collective_eval = diloco is None and not data_ft  # FSDP2: every rank takes part in the forward pass
     initial_ppl = None
     if start == 0:
-        if diloco is None or lead:
+        if collective_eval or lead:
             val0, initial_ppl = evaluate()
             if lead:
                 _log(metrics_path, {"step": 0, "val_loss": val0, "val_perplexity": initial_ppl})
@@ -214,29 +229,44 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
     tok_s = 0.0
     total_bytes = 0
     model.train()
-    fsdp_bytes = 3 * (world - 1) * n_params * 4 // world if diloco is None else 0
+    fsdp_bytes = 3 * (world - 1) * n_params * 4 // world if diloco is None and not data_ft else 0
     for step in range(start, config.steps):
         if manager is not None:
             ft.inject(out_dir, rank, step + 1, "before")
         t0 = time.perf_counter()
-        total = 0.0
         bytes_before = outer.stats.bytes_sent if outer else 0
         wait_before = outer.stats.comm_seconds if outer else 0.0
-        for micro in range(config.grad_accum):
-            index = step * config.grad_accum + micro
-            if diloco is None:
-                tokens = batches.get(index)[rank * per_rank:(rank + 1) * per_rank]
-            else:
-                tokens = batches.get(index * world + rank)
-            loss = model(**{input_name: tokens})["loss"] / config.grad_accum
-            loss.backward()
-            total += loss.item()
-        if diloco is None and world > 1:
-            t = torch.tensor([total])
-            dist.all_reduce(t)
-            total = t.item() / world
-        if not math.isfinite(total):
-            raise TrainError(f"step {step + 1}: the loss is {total}; stopped before updating")
+        step_bytes, comm_seconds, retries = 0, 0.0, -1
+        while True:  # once, or under torchft data parallel until the quorum commits the step
+            retries += 1
+            if data_ft:
+                comm.begin(None)
+                if clock["step"] != step:
+                    raise TrainError(f"replica {rank} healed to step {clock['step']} at step {step + 1}; only a "
+                                     "group that (re)starts heals")
+            total = 0.0
+            for micro in range(config.grad_accum):
+                index = step * config.grad_accum + micro
+                if diloco is None:
+                    tokens = batches.get(index)[rank * per_rank:(rank + 1) * per_rank]
+                else:
+                    tokens = batches.get(index * world + rank)
+                loss = model(**{input_name: tokens})["loss"] / config.grad_accum
+                loss.backward()
+                total += loss.item()
+            if diloco is None and not data_ft and world > 1:
+                t = torch.tensor([total])
+                dist.all_reduce(t)
+                total = t.item() / world
+            if not math.isfinite(total):
+                raise TrainError(f"step {step + 1}: the loss is {total}; stopped before updating")
+            if not data_ft:
+                break
+            total, committed, sent, waited = ft.average_gradients(comm, list(model.parameters()), total)
+            step_bytes, comm_seconds = step_bytes + sent, comm_seconds + waited
+            if committed:
+                break
+            optimizer.zero_grad(set_to_none=True)  # the vote failed (a group died mid-step): run it again
         if config.clip:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
@@ -252,7 +282,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
             raise TrainError(f"replica {rank} healed at inner step {clock['step']} during its sync after step "
                              f"{step + 1}; replicas must sync at the same inner steps")
         dt = time.perf_counter() - t0
-        step_bytes = (outer.stats.bytes_sent - bytes_before) if outer else fsdp_bytes
+        step_bytes = (outer.stats.bytes_sent - bytes_before) if outer else step_bytes if data_ft else fsdp_bytes
         total_bytes += step_bytes
         loss_value = total
         tok_s = tokens_per_step / dt
@@ -261,13 +291,15 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
                   "comm_bytes_total": total_bytes}
         if outer is not None:
             record["comm_seconds"] = outer.stats.comm_seconds - wait_before
+        if data_ft:
+            record.update(comm_seconds=comm_seconds, retries=retries)
         if manager is not None:
             record.update(ft_step=manager.current_step(), participants=manager.num_participants())
         done = step + 1 == config.steps
         if done and outer is not None:
             outer.finish(step + 1)
         if (step + 1) % config.eval_every == 0 or done:
-            if diloco is None or lead:
+            if collective_eval or lead:
                 val = evaluate()
                 record.update(val_loss=val[0], val_perplexity=val[1])
         if lead or manager is not None:
@@ -281,7 +313,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
                 _diloco_save(out_dir, rank, step + 1, model, _ReplicaState(optimizer, outer), scheduler, meta,
                              config.keep)
     sample = ""
-    if config.sample_tokens and (diloco is None or lead):
+    if config.sample_tokens and (collective_eval or lead):
         prompt = dataset.tokenizer.encode("\n")
         ctx = outer.swap_in_global() if outer is not None else contextlib.nullcontext()
         with ctx:
@@ -291,7 +323,13 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         if lead:
             (out_dir / "sample.txt").write_text(sample)
     if manager is not None:
-        _ft_final(out_dir / f"replica_{rank}" / "ft_final.json", manager, outer, clock["step"])
+        final = outer.global_state() if outer is not None else {n: p.detach() for n, p in model.named_parameters()}
+        _ft_final(out_dir / f"replica_{rank}" / "ft_final.json", manager, final, clock["step"],
+                  outer.stats if outer is not None else None)
+        if data_ft and lead:
+            from archc.runtime.checkpoint import save_checkpoint
+            save_checkpoint(out_dir, config.steps, model, optimizer, scheduler,
+                            meta={**meta, "step": config.steps}, keep=config.keep)
     if lead:
         _plot(metrics_path, out_dir / "loss.png")
         if outer is not None:
@@ -300,16 +338,17 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
                      initial_ppl, tok_s, 0.0, sample)
 
 
-def _ft_final(path: Path, manager, outer: DiLoCo, step: int) -> None:
+def _ft_final(path: Path, manager, params: dict[str, torch.Tensor], step: int, stats=None) -> None:
     """What a fault-tolerant run ends with on this replica: the tests compare these across replicas."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, g in sorted(outer.global_state().items()):
+    for name, g in sorted(params.items()):
         digest.update(name.encode() + g.numpy().tobytes())
     path.parent.mkdir(parents=True, exist_ok=True)
+    sync = {"syncs": stats.syncs, "schedule": stats.schedule} if stats is not None else {}
     path.write_text(json.dumps({"ft_step": manager.current_step(), "step": step, "global_sha256": digest.hexdigest(),
-                                "syncs": outer.stats.syncs, "schedule": outer.stats.schedule}) + "\n")
+                                **sync}) + "\n")
     manager.shutdown(wait=False)
 
 
