@@ -38,10 +38,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from archc.kernels.nsa import CHUNK_FLOATS  # noqa: E402
 from archc.runtime.nsa import NSACore  # noqa: E402
-from benchmarks._measure import time_fn  # noqa: E402
+from benchmarks._measure import add_device_args, device_and_dtype, print_skipped, time_fn  # noqa: E402
 from benchmarks.mixers import slope  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GROWTH = {"sdpa": 2.0, "nsa": 1.3}  # exponents used to predict a skipped cell's time
 
 
@@ -93,24 +92,20 @@ def check_triton(B, T, HQ, H, D, sizes, device, dtype) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    add_device_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--iters", type=int, default=2, help="timed calls per cell (one at T >= 8k)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--max-cell-s", type=float, default=180.0, help="skip a cell predicted to take longer")
     p.add_argument("--max-gb", type=float, default=12.0, help="skip a cell estimated to need more memory")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here")
+    chosen = device_and_dtype(args)
+    if chosen is None:
         return 1
+    device, dtype = chosen
     B, HQ, H, D = args.batch, args.heads, args.kv_heads, args.head_dim
     sizes = dict(block=32, stride=16, select_block=64, top_n=16, window=512)
     kernels = ["gather", *(["triton"] if device.type == "cuda" else [])]
@@ -171,8 +166,7 @@ def main(argv=None) -> int:
         ratios = [f"{s / n:>{width - 1}.2f}x" if s is not None and n is not None else f"{'-':>{width}}"
                   for s, n in zip(cells["sdpa"], cells[name])]
         print(f"{'sdpa/' + name:<14}" + "".join(ratios) + "   (> 1: NSA faster)")
-    for line in skipped:
-        print(f"skipped: {line}")
+    print_skipped(skipped)
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -42,9 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 from archc.kernels.delta_rule import delta_rule  # noqa: E402
 from archc.kernels.linear_attention import elu_plus_one, linear_attention  # noqa: E402
 from archc.kernels.ssd import ssd  # noqa: E402
-from benchmarks._measure import time_fn  # noqa: E402
+from benchmarks._measure import add_device_args, device_and_dtype, print_skipped, time_fn  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIXERS = ("linear_attn", "ssd", "gated_deltanet", "kda")
 
 
@@ -155,26 +154,21 @@ def predict(points: list[tuple[int, float]], T: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    add_device_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--mixers", nargs="+", choices=MIXERS, default=list(MIXERS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--iters", type=int, default=2, help="timed calls per cell (one at T >= 16k)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a shared, busy machine")
     p.add_argument("--max-reference-s", type=float, default=30.0,
                    help="skip the recurrence where its predicted time exceeds this")
     p.add_argument("--max-reference-gb", type=float, default=4.0)
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here")
+    chosen = device_and_dtype(args)
+    if chosen is None:
         return 1
+    device, dtype = chosen
     B, H, K = args.batch, args.heads, args.head_dim
     fla = device.type == "cuda" and importlib.util.find_spec("fla") is not None
     impls = ["chunked", *(["triton"] if device.type == "cuda" else []), *(["fla"] if fla else []), "recurrent", "sdpa"]
@@ -212,8 +206,7 @@ def main(argv=None) -> int:
             name = "(any)" if impl == "sdpa" else mixer
             print(f"{name:<15} {impl:<10}" + "".join(cells) + (f"   T^{s:.2f}" if s is not None else "   -"),
                   flush=True)
-    for line in skipped:
-        print(f"skipped: {line}")
+    print_skipped(skipped)
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from archc.runtime import attention  # noqa: E402
-from benchmarks._measure import time_fn  # noqa: E402
-from benchmarks.mixers import DTYPES, slope  # noqa: E402
+from benchmarks._measure import add_device_args, device_and_dtype, print_skipped, time_fn  # noqa: E402
+from benchmarks.mixers import slope  # noqa: E402
 
 
 def call(kernel: str, q, k, v, window: int, sinks: int):
@@ -69,8 +69,7 @@ def math_bytes(B: int, H: int, T: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    add_device_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--sinks", type=int, default=0)
@@ -79,16 +78,12 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--iters", type=int, default=3, help="timed calls per cell (one at T >= 4k)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a shared, busy machine")
     p.add_argument("--max-math-gb", type=float, default=4.0)
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here")
+    chosen = device_and_dtype(args)
+    if chosen is None:
         return 1
+    device, dtype = chosen
     B, H, K, d, w = args.batch, args.heads, args.kv_heads, args.head_dim, args.window
     probe = torch.empty(1, H, min(args.lengths), d, device=device)
     chosen = attention.resolve(probe, probe[:, :K], causal=True, window=w, sinks=args.sinks)
@@ -123,8 +118,7 @@ def main(argv=None) -> int:
         s = slope(sorted(times[kernel].items()))
         name = f"auto: {chosen}" if kernel == "auto" else kernel
         print(f"{name:<14}" + "".join(cells) + (f"   T^{s:.2f}" if s is not None else "   -"), flush=True)
-    for line in skipped:
-        print(f"skipped: {line}")
+    print_skipped(skipped)
     print(f"(xN: time over auto's at the same T) total {time.perf_counter() - start:.0f} s")
     return 0
 
