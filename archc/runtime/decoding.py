@@ -56,6 +56,29 @@ class KVCache(Decoding):
         self.k = self.v = None
 
 
+class InputHistory(Decoding):
+    """The inputs of every call so far, for a layer that recomputes itself over the whole prefix while decoding.
+
+    Correct for any causal layer (the outputs of earlier positions do not change), not incremental:
+    each call costs a forward over the prefix. NSA uses it until its branches get caches of their own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: tuple[torch.Tensor, ...] | None = None
+
+    def extend(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append this call's [B, T, ...] inputs; returns those of the whole prefix."""
+        if self.parts is not None:
+            parts = tuple(torch.cat((old, new), dim=1) for old, new in zip(self.parts, parts))
+        self.parts, self.length = parts, parts[0].shape[1]
+        return parts
+
+    def stop(self) -> None:
+        super().stop()
+        self.parts = None
+
+
 class LearnedPositions(nn.Embedding):
     """Learned absolute positions (`pos_embedding`): rows offset..offset+T of the table, offset > 0 only while decoding."""
 

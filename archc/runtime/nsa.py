@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archc.kernels.nsa import KERNELS, compressed_blocks, nsa_attention
+from archc.runtime.decoding import InputHistory
 from archc.runtime.rope import RotaryEmbedding
 
 __all__ = ["COMPRESSORS", "BlockCompressor", "NSACore"]
@@ -76,8 +77,6 @@ class NSACore(nn.Module):
     q [B, T, HQ·K]; k_*, v_* [B, T, H·K]; g [B, T, HQ·3] (already sigmoid) -> [B, T, HQ·K].
     """
 
-    decodes = False  # no KV cache for the three branches yet: `recurrent()` refuses models with NSA
-
     def __init__(self, heads: int, kv_heads: int, head_dim: int, *, block: int = 32, stride: int = 16,
                  select_block: int = 64, top_n: int = 16, window: int = 512, compress: str = "mlp",
                  rope: bool = True, rope_theta: float = 10000.0, max_len: int | None = None,
@@ -96,6 +95,8 @@ class NSACore(nn.Module):
             self.rope = RotaryEmbedding(head_dim, theta=rope_theta)
         else:
             self.rope = None
+        # While decoding, the layer recomputes over the whole prefix (no per-branch caches yet).
+        self.history = InputHistory()
 
     def _rotate(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on two [B, T, heads, dim] tensors at positions 0..T-1 (the module works on [B, heads, T, dim])."""
@@ -103,6 +104,10 @@ class NSACore(nn.Module):
         return a.transpose(1, 2), b.transpose(1, 2)
 
     def forward(self, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g):
+        new = q.shape[1]
+        if self.history.active:  # decoding: this call's queries are the last `new` of the prefix
+            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g = self.history.extend(
+                q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g)
         B, T, _ = q.shape
         if self.max_len is not None and T > self.max_len:
             raise ValueError(f"nsa: a sequence of {T} tokens is longer than max_len={self.max_len} "
@@ -118,7 +123,7 @@ class NSACore(nn.Module):
         o = nsa_attention(q, self.k_compress(k_cmp), self.v_compress(v_cmp), k_slc, v_slc, k_win, v_win,
                           g_cmp, g_slc, g_win, block=self.block, stride=self.stride, select_block=self.select_block,
                           top_n=self.top_n, window=self.window, kernel=self.kernel)
-        return o.reshape(B, T, HQ * D)
+        return o.reshape(B, T, HQ * D)[:, T - new:]
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, block={self.block}, "
