@@ -98,6 +98,26 @@ def test_llama_matches_hf(tmp_path, tie):
     _assert_same_logits(model, hf, 80)
 
 
+def test_mistral_sliding_window_matches_hf(tmp_path):
+    """Every layer windowed (window 5 < T = 19), grouped-query attention: HF's eager sliding-window mask."""
+    cfg = transformers.MistralConfig(
+        vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, sliding_window=5, attention_dropout=0.0,
+        attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(3)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    _randomise_vectors(hf)
+    hf.save_pretrained(tmp_path)
+    compiled, model = load_hf(str(SPECS / "sliding_window.arch"), tmp_path)
+    assert compiled.params["window"] == 5 and compiled.params["global_every"] == 3
+    _assert_same_logits(model, hf, 80)
+    # the window matters at this length: the same weights without it give other logits
+    with torch.no_grad():
+        unwindowed = load_hf(LLAMA_SPEC, tmp_path, arch="llama")[1](_tokens(80))["logits"]
+    assert (unwindowed - model(_tokens(80))["logits"]).abs().max() > 1e-2
+
+
 def test_sharded_checkpoint(tmp_path):
     directory, hf = _hf_llama(tmp_path, tie=False, max_shard_size="40KB")
     assert (directory / "model.safetensors.index.json").is_file()
@@ -197,11 +217,13 @@ def test_llama_config_map(rope):
     ("llama", {"attention_bias": True}, "attention_bias"),
     ("llama", {"head_dim": 32}, "head_dim"),
     ("llama", {"hidden_size": None}, "hidden_size"),
+    ("mistral", {"sliding_window": None}, "sliding_window"),
+    ("mistral", {"sliding_window": 8, "tie_word_embeddings": True}, "tie_word_embeddings"),
     ("gpt2", {"activation_function": "relu"}, "activation_function"),
     ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings"),
 ])
 def test_unrepresentable_configs_are_rejected(arch, change, field):
-    base = LLAMA_CFG if arch == "llama" else dict(model_type="gpt2", vocab_size=96, n_positions=32, n_embd=48,
+    base = LLAMA_CFG if arch in ("llama", "mistral") else dict(model_type="gpt2", vocab_size=96, n_positions=32, n_embd=48,
                                                   n_layer=2, n_head=4)
     with pytest.raises(SpecError, match=field):
         hf_overrides(arch, {**base, **change})
@@ -212,8 +234,8 @@ def test_unsupported_model_type_and_missing_files(gpt2, tmp_path):
     directory.mkdir()
     with pytest.raises(WeightsError, match="config.json"):
         load_hf(GPT2_SPEC, directory)
-    (directory / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(SpecError, match="mistral"):
+    (directory / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    with pytest.raises(SpecError, match="falcon"):
         load_hf(LLAMA_SPEC, directory)
     shutil.copy(gpt2[0] / "config.json", directory / "config.json")
     with pytest.raises(WeightsError, match="model.safetensors"):

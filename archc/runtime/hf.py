@@ -1,4 +1,4 @@
-"""Load Hugging Face checkpoints (GPT-2, Llama, Mixtral, DeepSeek-V3) into archc-compiled models.
+"""Load Hugging Face checkpoints (GPT-2, Llama, Mistral, Mixtral, DeepSeek-V3) into archc-compiled models.
 
 A checkpoint from the ecosystem is a directory holding `config.json`
 (hyperparameters) and `model.safetensors` (tensors named after HF's modules).
@@ -209,6 +209,23 @@ def _head_dim(c: dict) -> None:
 
 
 # ----------------------------------------------------------------------------
+# Mistral: Llama with a sliding window on every layer -> specs/sliding_window.arch, every layer local.
+# HF's mask (key j visible to query i iff i - sliding_window < j <= i) is `window=` exactly.
+
+MISTRAL_CONFIG = {**{k: v for k, v in LLAMA_CONFIG.items() if k != "tie_word_embeddings"},
+                  "sliding_window": "window", "global_every": "global_every"}
+
+
+def _mistral_config(config: dict) -> dict:
+    c = _llama_config(config)
+    _supported(c, "tie_word_embeddings", not c["tie_word_embeddings"], "the sliding-window spec's head is untied")
+    _supported(c, "sliding_window", c.get("sliding_window") is not None,
+               "without a window Mistral is Llama: load it into specs/llama.arch with --arch llama")
+    c["global_every"] = c["num_hidden_layers"] + 1  # not an HF field: no layer of Mistral is global
+    return c
+
+
+# ----------------------------------------------------------------------------
 # Mixtral: Llama attention; the MLP is a mixture of SwiGLU experts w1 (gate), w3 (up), w2 (down).
 # HF's router (softmax over all experts, top-k, renormalised) gives the same gates as the spec's
 # softmax over the top-k logits.
@@ -335,6 +352,8 @@ ARCHS: dict[str, ArchMap] = {
     "llama": ArchMap(LLAMA_KEYS, LLAMA_CONFIG, _llama_config, base_prefix="model.",
                      ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq",),
                      tied={"lm_head.weight": Tied("embed.weight")}),
+    "mistral": ArchMap(LLAMA_KEYS, MISTRAL_CONFIG, _mistral_config, base_prefix="model.",
+                       ignored=("model.layers.{}.self_attn.rotary_emb.inv_freq",)),
     "mixtral": ArchMap(MIXTRAL_KEYS, MIXTRAL_CONFIG, _mixtral_config, base_prefix="model.", uniform=False),
     "deepseek_v3": ArchMap(DEEPSEEK_V3_KEYS, DEEPSEEK_V3_CONFIG, _deepseek_v3_config, base_prefix="model.",
                            uniform=False, extra_layers="num_nextn_predict_layers"),
