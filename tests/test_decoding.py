@@ -57,7 +57,10 @@ def test_pieces_of_any_length_continue_the_sequence():
         with recurrent(model):
             pieces = [model(tokens[:, :5])["logits"], model(tokens[:, 5:6])["logits"],
                       model(tokens[:, 6:17])["logits"], model(tokens[:, 17:])["logits"]]
+            # windowed layers keep the sink and the last window - 1 keys; full layers keep all 23
+            cached = [layer.attn.kv_cache.k.shape[-2] for layer in model.layers]
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
+    assert cached == [4, 23, 4, 23]  # global_every=2: layers 1 and 3 are full attention
 
 
 SPEC_BIDIRECTIONAL = """

@@ -10,9 +10,10 @@ earlier tokens, RoPE and learned positions start at the number of tokens seen.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from archc.runtime.attention import attention_auto
+from archc.runtime.attention import attention_auto, visible
 
 
 class Decoding(nn.Module):
@@ -31,29 +32,46 @@ class Decoding(nn.Module):
 
 
 class KVCache(Decoding):
-    """Keys and values of every token a causal self-attention layer has seen while decoding.
+    """Keys and values a causal self-attention layer's later queries can still see, while decoding.
 
-    `attend(q, k, v, **mask)` appends this call's keys and values ([B, K, T, d])
-    and attends this call's queries over all of them with the layer's mask
-    aligned at the end (the queries are the last T of S positions), through
-    `attention_auto`. The whole history is kept (a windowed layer masks what it
-    does not see), so memory grows with the decoded length.
+    `attend(q, k, v, causal=True, window=, sinks=, prefix=)` appends this call's
+    keys and values ([B, K, T, d]) and attends this call's queries — positions
+    `length`.. of the sequence — over the cached ones with the layer's mask
+    (`archc.runtime.attention.visible` on the keys' true positions). The first
+    call (the prompt) runs the layer's own `attention_auto`. A windowed layer
+    then drops what no later query can see: the cache holds the sinks (and
+    prefix) plus the last window - 1 keys, so its memory stays bounded; without
+    a window it holds every key.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # of the cached keys
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
-        if self.k is not None:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+               window: int | None = None, sinks: int = 0, prefix: int = 0) -> torch.Tensor:
+        mask = dict(causal=causal, window=window, sinks=sinks, prefix=prefix)
+        new = torch.arange(self.length, self.length + q.shape[-2], device=q.device)
+        if self.k is None:
+            out = attention_auto(q, k, v, **mask)
+            positions = new
+        else:
             k, v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
-        self.k, self.v, self.length = k, v, k.shape[-2]
-        return attention_auto(q, k, v, **mask)
+            positions = torch.cat((self.positions, new))
+            seen = visible(new[:, None], positions[None, :], **mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=q.shape[-3] != k.shape[-3])
+        self.length += q.shape[-2]
+        if window is not None:  # the next query sits at `length` and sees keys after length - window
+            keep = (positions < max(sinks, prefix)) | (positions > self.length - window)
+            k, v, positions = k[..., keep, :], v[..., keep, :], positions[keep]
+        self.k, self.v, self.positions = k, v, positions
+        return out
 
     def stop(self) -> None:
         super().stop()
-        self.k = self.v = None
+        self.k = self.v = self.positions = None
 
 
 class InputHistory(Decoding):
