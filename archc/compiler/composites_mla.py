@@ -76,7 +76,7 @@ class MLACore(OpDef):
         offset, decode, indent = "", [], ""
         if a["causal"]:
             offset, indent = ", offset=self.kv_cache.length", "    "
-            decode = ["if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far",
+            decode = ["if self.kv_cache.active:  # decoding: attend over the cached keys and values too",
                       f"    {out} = self.kv_cache.attend({q}_BHTd, k_BHTd, v_BHTd, causal=True)", "else:"]
         return [
             f"B, T, _ = {q}.shape",

@@ -617,7 +617,7 @@ class AttentionCore(OpDef):
             call = f"AF.attention_{a['kernel']}({qh}, {kh}, {vh}, causal={a['causal']!r}{mask}{drop})"
         chosen = [f"# kernel: {a['kernel']} — {a['kernel_reason']}", f"{out} = {call}"]
         if decodes:
-            lines += ["if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far",
+            lines += ["if self.kv_cache.active:  # decoding: attend over the cached keys and values too",
                       f"    {out} = self.kv_cache.attend({qh}, {kh}, {vh}, causal=True{mask})",
                       "else:", *("    " + line for line in chosen)]
         else:

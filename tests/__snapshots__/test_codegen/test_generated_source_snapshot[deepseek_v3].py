@@ -66,7 +66,7 @@ class MLA(nn.Module):
         q_BHTd = torch.cat((q_nope, q_pe), dim=-1)
         k_BHTd = torch.cat((k_nope, k_pe.expand(-1, 4, -1, -1)), dim=-1)
         # scale 1/√48 (nope + rope head dims): SDPA's default for these queries
-        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+        if self.kv_cache.active:  # decoding: attend over the cached keys and values too
             y = self.kv_cache.attend(q_BHTd, k_BHTd, v_BHTd, causal=True)
         else:
             y = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True)

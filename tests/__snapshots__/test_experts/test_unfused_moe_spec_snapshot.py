@@ -45,7 +45,7 @@ class Attention(nn.Module):
         k_BKTd = k.view(B, -1, 2, 32).transpose(1, 2)
         v_BKTd = v.view(B, -1, 2, 32).transpose(1, 2)
         q_BHTd, k_BKTd = self.rope(q_BHTd, k_BKTd, offset=self.kv_cache.length)
-        if self.kv_cache.active:  # decoding: attend over the keys and values of every token so far
+        if self.kv_cache.active:  # decoding: attend over the cached keys and values too
             y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
         else:
             # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
