@@ -30,6 +30,7 @@ from typing import ClassVar
 
 from archc.compiler.composites import Composite, _linear
 from archc.compiler.ops import A, OpDef, Width, _need_width, fmt_shape, numel, register
+from archc.compiler.pytext import comment
 from archc.dsl.diagnostics import SpecError
 
 MIXER_KERNELS = ("auto", "reference", "chunked", "triton", "fla")
@@ -87,8 +88,8 @@ class MixerOp(OpDef):
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
-        return [*(f"# {line}" for line in self.describe(node)),
-                f"# kernel: {a['kernel']} — {a['kernel_reason']}",
+        return [*(comment(line) for line in self.describe(node)),
+                comment(f"kernel: {a['kernel']} — {a['kernel_reason']}"),
                 f"{out} = {mod}({', '.join(args)})"]
 
 

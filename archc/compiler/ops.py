@@ -17,6 +17,7 @@ import re
 from typing import Any, ClassVar
 
 from archc.compiler.ir import Graph, Node, Shape
+from archc.compiler.pytext import comment
 from archc.dsl.diagnostics import SpecError, closest
 
 REQUIRED = object()
@@ -615,7 +616,7 @@ class AttentionCore(OpDef):
             call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{gqa})"
         else:
             call = f"AF.attention_{a['kernel']}({qh}, {kh}, {vh}, causal={a['causal']!r}{mask}{drop})"
-        chosen = [f"# kernel: {a['kernel']} — {a['kernel_reason']}", f"{out} = {call}"]
+        chosen = [comment(f"kernel: {a['kernel']} — {a['kernel_reason']}"), f"{out} = {call}"]
         if decodes:
             lines += ["if self.kv_cache.active:  # decoding: attend over the cached keys and values too",
                       f"    {out} = self.kv_cache.attend({qh}, {kh}, {vh}, causal=True{mask})",
