@@ -7,7 +7,17 @@
 
 __version__ = "0.1.0"
 
-from archc.compiler.api import Compiled, compile  # noqa: E402
-from archc.dsl.diagnostics import SpecError  # noqa: E402
-
 __all__ = ["Compiled", "SpecError", "__version__", "compile"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that generated modules (which import archc.runtime) never load the compiler, lark or networkx.
+    if name in ("Compiled", "compile"):
+        from archc.compiler import api
+
+        return getattr(api, name)
+    if name == "SpecError":
+        from archc.dsl.diagnostics import SpecError
+
+        return SpecError
+    raise AttributeError(f"module 'archc' has no attribute {name!r}")

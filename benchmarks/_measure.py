@@ -1,4 +1,4 @@
-"""Timing helpers for the benchmarks: a re-export of `archc.runtime.perf`, where the code lives
+"""Timing helpers for the benchmarks: a re-export of `archc.training.perf`, where the code lives
 (training measures its MFU with the same `matmul_peak_flops`), and the command-line pieces every
 kernel benchmark (mixers, sliding_window, attention) shares."""
 
@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from archc.runtime.perf import matmul_peak_flops, synchronize, time_fn
+from archc.training.perf import matmul_peak_flops, synchronize, time_fn
 
 __all__ = ["matmul_peak_flops", "time_fn", "synchronize", "DTYPES", "add_device_args", "device_and_dtype",
            "print_skipped"]

@@ -36,9 +36,9 @@ MODEL = dict(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
 
 
 def main() -> None:
-    from archc.runtime.distributed.diloco import parse_diloco
-    from archc.runtime.distributed.trainer import train_distributed
-    from archc.runtime.train import TrainConfig
+    from archc.training.distributed.diloco import parse_diloco
+    from archc.training.distributed.trainer import train_distributed
+    from archc.training.train import TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)

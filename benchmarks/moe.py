@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import archc  # noqa: E402
 from archc.runtime.moe import moe_aux_loss  # noqa: E402
-from archc.runtime.weights import load_canonical, to_canonical  # noqa: E402
+from archc.interop.weights import load_canonical, to_canonical  # noqa: E402
 from benchmarks.step_time import (DTYPES, auto_threads, device_name, interleaved_many,  # noqa: E402
                                   load_warning, measured_peak, setup_device)
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from archc.runtime import attention  # noqa: E402
+from archc.kernels import attention  # noqa: E402
 from benchmarks._measure import add_device_args, device_and_dtype, print_skipped, time_fn  # noqa: E402
 from benchmarks.mixers import slope  # noqa: E402
 

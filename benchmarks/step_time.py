@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import archc  # noqa: E402
-from archc.runtime.weights import load_canonical  # noqa: E402
+from archc.interop.weights import load_canonical  # noqa: E402
 from benchmarks._measure import matmul_peak_flops, synchronize  # noqa: E402
 from tests.reference_models import GPT2, GPT2Config, LlamaConfig, LlamaFast, next_token_loss  # noqa: E402
 

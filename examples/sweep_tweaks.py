@@ -13,7 +13,7 @@ from pathlib import Path
 import attrs
 
 import archc
-from archc.runtime.train import TrainConfig, train
+from archc.training.train import TrainConfig, train
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "llama.arch"
 BASE = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=176)

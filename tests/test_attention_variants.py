@@ -1,6 +1,6 @@
 """Attention variants (window, sinks, prefix, cross-attention) and their kernels.
 
-Every kernel in archc.runtime.attention is checked against `attention_math`, the
+Every kernel in archc.kernels.attention is checked against `attention_math`, the
 explicit-mask reference, on random inputs (outputs and gradients of q, k, v),
 and the mask that reference uses is checked against a plain Python loop over
 (query, key) pairs written from the definitions in GRAMMAR.md. flex_attention
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import archc
 from archc.compiler import analysis
-from archc.runtime import attention as A
+from archc.kernels import attention as A
 from archc.runtime.functional import RotaryEmbedding
 from conftest import SPECS
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import archc
-from archc.runtime import checkpoint as ckpt_mod
-from archc.runtime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from archc.runtime.optim import build_optimizer, lr_lambda
-from archc.runtime.weights import fused_layout
+from archc.training import checkpoint as ckpt_mod
+from archc.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from archc.training.optim import build_optimizer, lr_lambda
+from archc.interop.weights import fused_layout
 
 from conftest import SPECS
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from archc.runtime.data import (
+from archc.training.data import (
     Batches, BPETokenizer, ByteTokenizer, DataError, Dataset, encode_documents, eval_windows,
     load_corpus, make_dataset, make_tokenizer, split_documents,
 )

@@ -108,7 +108,8 @@ def test_nsa_decodes_by_recomputing_over_the_prefix():
 
 @pytest.mark.parametrize("spec", ["llama", "kimi_linear"])
 def test_sampling_with_the_cache_picks_the_tokens_rerunning_picks(spec, monkeypatch):
-    from archc.runtime import evaluate, mixers
+    from archc.runtime import mixers
+    from archc.training import evaluate
 
     model = archc.compile(SPECS / f"{spec}.arch", **CASES[spec]).build().double()
     kwargs = dict(temperature=1.0, top_k=20, num_samples=3, seed=4)

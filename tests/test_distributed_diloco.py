@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 import archc
-from archc.runtime.distributed.diloco import DiLoCo, DiLoCoError, fragment_params, parse_diloco
-from archc.runtime.distributed.launch import spawn
+from archc.training.distributed.diloco import DiLoCo, DiLoCoError, fragment_params, parse_diloco
+from archc.training.distributed.launch import spawn
 from conftest import SPECS
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)

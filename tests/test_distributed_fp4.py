@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archc.runtime.distributed import fp4
-from archc.runtime.distributed.launch import spawn
+from archc.training.distributed import fp4
+from archc.training.distributed.launch import spawn
 
 
 @pytest.mark.parametrize("fmt", fp4.FORMATS)

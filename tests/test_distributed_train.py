@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from archc.cli import main
-from archc.runtime.distributed.trainer import train_distributed
-from archc.runtime.train import TrainConfig, train
+from archc.training.distributed.trainer import train_distributed
+from archc.training.train import TrainConfig, train
 from conftest import SPECS
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
@@ -20,7 +20,7 @@ SPEC = str(SPECS / "llama.arch")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "archc" / "runtime" / "train.py").read_text() * 3)
+    path.write_text((SPECS.parent / "archc" / "training" / "train.py").read_text() * 3)
     return str(path)
 
 
@@ -69,7 +69,7 @@ def test_dcp_checkpoint_saved_on_two_processes_resumes_on_one(tmp_path, corpus):
 
 
 def test_diloco_one_replica_h1_outer_sgd_lr1_equals_plain_training(tmp_path, corpus):
-    from archc.runtime.distributed.diloco import parse_diloco
+    from archc.training.distributed.diloco import parse_diloco
 
     plain = train(SPEC, config(tmp_path, corpus, "plain", steps=5), TINY)
     diloco = parse_diloco("replicas=1,inner_steps=1,outer_lr=1,outer_momentum=0")
@@ -117,7 +117,7 @@ def _muon_shards(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from archc.runtime.optim import Muon
+    from archc.training.optim import Muon
 
     torch.manual_seed(0)
     # 7 rows over 2 ranks: uneven (padded) shards; row_splits [3, 4] straddle them; 1 row: one rank holds none
@@ -140,7 +140,7 @@ def _muon_shards(rank, world):
 
 
 def test_muon_step_on_uneven_shards_matches_the_full_matrix_step():
-    from archc.runtime.distributed.launch import spawn
+    from archc.training.distributed.launch import spawn
 
     assert spawn(_muon_shards, 2) < 1e-6
 
@@ -148,7 +148,7 @@ def test_muon_step_on_uneven_shards_matches_the_full_matrix_step():
 def test_diloco_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, corpus):
     from safetensors.torch import load_file
 
-    from archc.runtime.distributed.diloco import parse_diloco
+    from archc.training.distributed.diloco import parse_diloco
 
     # step 4 is mid-period for fragment 0 (local != global) and fragment 1's sync started at 4 is in flight
     # (tau=1): the checkpoint must carry local and global copies, inner and outer state and the pending sync
@@ -169,8 +169,8 @@ def test_diloco_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_pat
 
 
 def test_diloco_resume_needs_a_checkpoint_of_every_replica(tmp_path, corpus):
-    from archc.runtime.distributed.diloco import parse_diloco
-    from archc.runtime.train import TrainError
+    from archc.training.distributed.diloco import parse_diloco
+    from archc.training.train import TrainError
 
     with pytest.raises(TrainError, match="no DiLoCo checkpoint saved by all 2 replicas"):
         train_distributed(SPEC, config(tmp_path, corpus, "none", steps=2), TINY,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import archc
-from archc.runtime.evaluate import generate, pass_at_k, pass_at_k_report, perplexity, sample_next, surprisal_report
+from archc.runtime.decoding import sample_next
+from archc.training.evaluate import generate, pass_at_k, pass_at_k_report, perplexity, surprisal_report
 from conftest import SPECS
 
 

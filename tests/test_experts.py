@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import archc
-from archc.runtime.weights import load_canonical, to_canonical
+from archc.interop.weights import load_canonical, to_canonical
 from conftest import SPECS
 
 LAYER = """

@@ -2,7 +2,7 @@
 
 HF models are built from small random configs (no download) and saved with
 `save_pretrained` (safetensors); archc loads them from disk via
-`archc.runtime.hf` and must match HF's logits in fp32.
+`archc.interop.hf` and must match HF's logits in fp32.
 """
 
 import json
@@ -17,8 +17,8 @@ from safetensors.torch import load_file, load_model, save_file
 import archc
 from archc.cli import main
 from archc.dsl.diagnostics import SpecError
-from archc.runtime.hf import convert_state_dict, hf_overrides, load_hf
-from archc.runtime.weights import WeightsError
+from archc.interop.hf import convert_state_dict, hf_overrides, load_hf
+from archc.interop.weights import WeightsError
 
 transformers = pytest.importorskip("transformers")
 

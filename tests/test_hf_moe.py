@@ -3,7 +3,7 @@
 Small random HF models (no download, eager attention, fp32) are saved with
 `save_pretrained` — experts one tensor each, as on the hub — or as the raw
 in-memory state dict of transformers 5 (experts stacked, gate and up fused),
-and loaded through the key maps of `archc.runtime.hf`. Router weights are
+and loaded through the key maps of `archc.interop.hf`. Router weights are
 scaled up so that no two experts' scores come close enough for rounding to
 change which are chosen; DeepSeek's selection bias (e_score_correction_bias)
 is random and nonzero, so it must be loaded into the router's expert_bias.
@@ -21,9 +21,9 @@ from safetensors.torch import load_file, load_model, save_file
 import archc
 from archc.cli import main
 from archc.dsl.diagnostics import SpecError
-from archc.runtime.hf import hf_overrides, load_hf
+from archc.interop.hf import hf_overrides, load_hf
 from archc.runtime.moe import moe_aux_loss
-from archc.runtime.weights import WeightsError, load_canonical
+from archc.interop.weights import WeightsError, load_canonical
 
 transformers = pytest.importorskip("transformers")
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import archc
 from archc.compiler import analysis
 from archc.runtime.mixers import MixerCore, generate_recurrent, recurrent
-from archc.runtime.optim import build_optimizer
-from archc.runtime.weights import fused_layout, load_canonical, to_canonical
+from archc.training.optim import build_optimizer
+from archc.interop.weights import fused_layout, load_canonical, to_canonical
 from conftest import SPECS
 
 D = 32

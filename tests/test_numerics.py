@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import archc
-from archc.runtime.hf import convert_state_dict
-from archc.runtime.weights import load_canonical, to_canonical
+from archc.interop.hf import convert_state_dict
+from archc.interop.weights import load_canonical, to_canonical
 from conftest import SPECS
 from reference_models import GPT2, Llama, GPT2Config, LlamaConfig, next_token_loss
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import archc
-from archc.runtime.optim import (
+from archc.training.optim import (
     Muon, MuonWithAdamW, OptimizerError, build_optimizer, lr_lambda, newton_schulz, optimizer_options,
     shape_scale,
 )
-from archc.runtime.weights import fused_layout
+from archc.interop.weights import fused_layout
 
 from conftest import SPECS
 

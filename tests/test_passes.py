@@ -10,7 +10,7 @@ from archc.compiler.ir import IRError, verify
 from archc.compiler.lower import load_spec, lower, resolve_params
 from archc.compiler.passes import choose_attention_kernel, cse, dce, fold_params, fuse_projections, infer_shapes
 from archc.compiler.scalars import Unfolded
-from archc.runtime.weights import load_canonical, to_canonical
+from archc.interop.weights import load_canonical, to_canonical
 
 
 def lowered(text: str, **overrides):

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from archc.runtime import synthetic
-from archc.runtime.synthetic import (
+from archc.training import synthetic
+from archc.training.synthetic import (
     check_trace, critical_path, generate, parse_answer, parse_trace, prompt, reasoning_corpus,
     render, solve,
 )

@@ -333,7 +333,7 @@ class _Codegen:
             names[node.id] = out
             return [f"{out} = torch.cat([",
                     f"    expert(rows) for expert, rows in zip(self.{attr}, {names[rows]}.split({names[routing]}.split_sizes()))",
-                    f"])"]
+                    "])"]
         if kind == "child":
             ins, outs = self.io(obj)
             attr, index = self.attr_of(path, obj)

@@ -6,12 +6,12 @@ linears and one core op, so passes such as `fuse_projections` see through it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
 
 from archc.compiler.ir import Graph
-from archc.compiler.ops import ACTIVATIONS, REQUIRED, A, AttentionCore, Width
+from archc.compiler.ops import ACTIVATIONS, A, AttentionCore, Width
 
 
 @attrs.frozen

@@ -444,7 +444,7 @@ for _name, _sym, _verb in (("add", "+", "add"), ("sub", "-", "subtract"), ("mul"
 
 # ---- attention ---------------------------------------------------------------
 
-# auto: decided at run time (archc.runtime.attention.resolve); sdpa: torch's SDPA, no mask or is_causal;
+# auto: decided at run time (archc.kernels.attention.resolve); sdpa: torch's SDPA, no mask or is_causal;
 # sdpa_mask: SDPA with a boolean mask; flex: flex_attention with a BlockMask; local: blocked sliding
 # window, linear in T; math: the explicit-mask reference.
 ATTENTION_KERNELS = ("auto", "sdpa", "sdpa_mask", "flex", "local", "math")
@@ -456,7 +456,7 @@ class AttentionCore(OpDef):
     k and v as [B, S, K·d] (S = T for self-attention).
 
     The mask: `causal`, a sliding `window`, `sinks` always-visible first keys,
-    a bidirectional `prefix` (archc.runtime.attention has the exact predicate).
+    a bidirectional `prefix` (archc.kernels.attention has the exact predicate).
     """
 
     name = "attention_core"

@@ -20,8 +20,7 @@ from __future__ import annotations
 from archc.compiler.ops import A, OpDef, Width, fmt_shape, numel, register
 from archc.dsl.diagnostics import SpecError
 
-ROUTER_KINDS = ("softmax", "switch", "deepseek_v3")
-BALANCE_RULES = ("aux_loss", "aux_free", "seq_aux", "none")
+from archc.runtime.moe import BALANCE_RULES, ROUTER_KINDS  # noqa: F401  (one list, owned by the runtime)
 
 
 def rows_dim(tokens: str, k: int, experts: int | None = None) -> str:

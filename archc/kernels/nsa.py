@@ -56,7 +56,7 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
-from archc.runtime.attention import attention_local
+from archc.kernels.attention import attention_local
 
 __all__ = [
     "KERNELS",

@@ -1,1 +1,1 @@
-"""What generated modules call at run time, and (later) training and evaluation."""
+"""What generated modules call at run time: layers, routers, mixers, decoding. Imports only torch and archc.kernels."""

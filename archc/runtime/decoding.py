@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.runtime.attention import attention_auto, visible
+from archc.kernels.attention import attention_auto, visible
 
 
 class Decoding(nn.Module):
@@ -37,7 +37,7 @@ class KVCache(Decoding):
     `attend(q, k, v, causal=True, window=, sinks=, prefix=)` appends this call's
     keys and values ([B, K, T, d]) and attends this call's queries — positions
     `length`.. of the sequence — over the cached ones with the layer's mask
-    (`archc.runtime.attention.visible` on the keys' true positions). The first
+    (`archc.kernels.attention.visible` on the keys' true positions). The first
     call (the prompt) runs the layer's own `attention_auto`. A windowed layer
     then drops what no later query can see: the cache holds the sinks (and
     prefix) plus the last window - 1 keys, so its memory stays bounded; without
@@ -119,3 +119,23 @@ class LearnedPositions(nn.Embedding):
             raise ValueError(f"positions {start}..{start + length - 1} exceed the table's max_len={self.num_embeddings}")
         self.length = start + length
         return super().forward(torch.arange(start, start + length, device=self.weight.device))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `logits` [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, index = logits.sort(dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop tokens once the mass before them already reaches top_p (always keep the first)
+        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, index, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from archc.runtime.attention import (  # noqa: F401
+from archc.kernels.attention import (  # noqa: F401
     attention_auto, attention_flex, attention_local, attention_math, attention_sdpa_mask,
 )
 from archc.runtime.decoding import KVCache, LearnedPositions  # noqa: F401

@@ -43,7 +43,7 @@ from torch import nn
 from archc.kernels.delta_rule import delta_rule
 from archc.kernels.linear_attention import elu_plus_one, linear_attention
 from archc.kernels.ssd import ssd
-from archc.runtime.decoding import Decoding, LearnedPositions
+from archc.runtime.decoding import Decoding, LearnedPositions, sample_next
 
 __all__ = [
     "KERNELS",
@@ -477,7 +477,6 @@ def generate_recurrent(model: nn.Module, prompt: torch.Tensor | list[int], steps
     logits [B, T + steps - 1, V]: logits[:, i] predicts tokens[:, i + 1]) — the
     same logits as `model(tokens[:, :-1])["logits"]`, at O(1) cost per new token.
     """
-    from archc.runtime.evaluate import sample_next
 
     device = next(model.parameters()).device
     tokens = torch.as_tensor(prompt, dtype=torch.long, device=device)

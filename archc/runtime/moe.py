@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.compiler.ops_moe import BALANCE_RULES as BALANCE
-from archc.compiler.ops_moe import ROUTER_KINDS as ROUTERS
 from archc.kernels.grouped_gemm import combine, dispatch, gather_sorted
+
+ROUTER_KINDS = ("softmax", "switch", "deepseek_v3")
+BALANCE_RULES = ("aux_loss", "aux_free", "seq_aux", "none")
 
 
 @attrs.define(eq=False)
@@ -79,8 +80,8 @@ class Router(nn.Module):
                  noisy: bool = False, groups: int = 1, top_groups: int = 1, route_scale: float = 1.0,
                  bias_rate: float = 1e-3) -> None:
         super().__init__()
-        if kind not in ROUTERS or balance not in BALANCE:
-            raise ValueError(f"router {kind!r} / balance {balance!r}: choose from {ROUTERS} / {BALANCE}")
+        if kind not in ROUTER_KINDS or balance not in BALANCE_RULES:
+            raise ValueError(f"router {kind!r} / balance {balance!r}: choose from {ROUTER_KINDS} / {BALANCE_RULES}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
         if num_experts % groups or not 1 <= top_groups <= groups:

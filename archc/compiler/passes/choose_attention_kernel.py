@@ -1,6 +1,6 @@
 """choose_attention_kernel: pick how each attention and each linear-attention mixer runs, and record why.
 
-Attention (archc.runtime.attention has the kernels and the exact mask):
+Attention (archc.kernels.attention has the kernels and the exact mask):
 `sdpa` is torch's scaled_dot_product_attention with `is_causal` — chosen
 for a plain causal mask or none, so torch can pick its flash or
 memory-efficient back end. A `window`, `sinks` or `prefix` (or a causal

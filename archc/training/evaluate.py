@@ -22,6 +22,8 @@ from collections.abc import Iterable
 import attrs
 import torch
 
+from archc.runtime.decoding import sample_next
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples (drawn from n, c of them correct) passes."""
@@ -94,26 +96,6 @@ def surprisal_report(model, tokens: torch.Tensor, decode, top: int = 20, context
     return report
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `logits` [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, index = logits.sort(dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop tokens once the mass before them already reaches top_p (always keep the first)
-        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, index, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, max_context: int | None = None,
@@ -169,7 +151,7 @@ def evaluate_reasoning(model, tokenizer, problems, n: int, ks: Iterable[int], *,
                        temperature: float = 0.8, top_k: int | None = None, top_p: float | None = 0.95,
                        max_context: int | None = None, seed: int = 0, device="cpu") -> list[PassAtK]:
     """Sample n continuations of each problem's prompt and score their final answers."""
-    from archc.runtime import synthetic
+    from archc.training import synthetic
 
     counts: dict[int, list[int]] = defaultdict(list)
     for i, problem in enumerate(problems):

@@ -66,7 +66,7 @@ from typing import Any, Callable
 
 import torch
 
-from archc.runtime.distributed.diloco import DiLoCoConfig, DiLoCoError
+from archc.training.distributed.diloco import DiLoCoConfig, DiLoCoError
 
 INJECT_ENV = "ARCHC_FT_INJECT"
 ATTEMPT_ENV = "ARCHC_FT_ATTEMPT"

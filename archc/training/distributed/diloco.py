@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from archc.dsl.diagnostics import did_you_mean
-from archc.runtime.distributed import fp4
+from archc.training.distributed import fp4
 
 
 class DiLoCoError(ValueError):

@@ -9,7 +9,7 @@ Each supported architecture is described declaratively, torchtitan style:
     loads and computes something else);
   * a key map, HF key pattern ("{}" = a layer or expert index, in order) -> a
     rule for what the tensor becomes in archc's canonical names (see
-    runtime/weights.py): a plain string renames, `Transpose` flips GPT-2's
+    interop/weights.py): a plain string renames, `Transpose` flips GPT-2's
     Conv1D [in, out] layout, `Split` cuts a fused tensor into its parts,
     `Unstack` cuts stacked expert weights [E, ...] into one tensor per expert,
     `Tied` drops a copy of a tied weight. A map may list two layouts of the same
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -41,10 +40,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from archc.dsl.diagnostics import SpecError
-from archc.runtime.weights import WeightsError, load_canonical, to_canonical
+from archc.interop.weights import WeightsError, load_canonical, to_canonical
 
 __all__ = ["Transpose", "Split", "Unstack", "Tied", "ARCHS", "hf_overrides", "convert_state_dict", "expected_weights",
-           "read_hf", "load_hf", "register_cli"]
+           "read_hf", "load_hf", "save_converted", "load_for_convert"]
 
 
 # ----------------------------------------------------------------------------
@@ -425,7 +424,7 @@ def load_hf(spec: str | Path, hf_dir: str | Path, arch: str | None = None, *, ke
     """Compile `spec` with parameters from `hf_dir/config.json` (then `overrides`), build the model and
     load `hf_dir/model.safetensors` into it strictly. `arch` defaults to config.json's model_type;
     `kernels`, `disable` and `on_stage` go to archc.compile. Returns (compiled, model in eval mode)."""
-    loaded = _load(spec, hf_dir, arch, overrides, dict(kernels=kernels, disable=disable, on_stage=on_stage))
+    loaded = load_for_convert(spec, hf_dir, arch, overrides, dict(kernels=kernels, disable=disable, on_stage=on_stage))
     return loaded.compiled, loaded.model
 
 
@@ -582,7 +581,7 @@ class _Loaded:
     n_hf_tensors: int
 
 
-def _load(spec, hf_dir, arch, overrides: dict[str, Any], compile_kw: dict[str, Any]) -> _Loaded:
+def load_for_convert(spec, hf_dir, arch, overrides: dict[str, Any], compile_kw: dict[str, Any]) -> _Loaded:
     import archc
 
     # Config and spec first: a checkpoint that cannot fit fails before gigabytes of tensors are read.
@@ -658,34 +657,7 @@ def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-# ----------------------------------------------------------------------------
-# `archc convert`
-
-
-def register_cli(sub, common) -> None:
-    p = sub.add_parser("convert", parents=[common], help="convert a Hugging Face checkpoint to this spec's weights")
-    p.add_argument("spec")
-    p.add_argument("--from-hf", required=True, metavar="DIR", help="a directory with config.json and model.safetensors")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
-    p.add_argument("--arch", choices=sorted(ARCHS), help="the checkpoint's architecture (default: its model_type)")
-    p.set_defaults(run=_cmd_convert)
-
-
-def _cmd_convert(args) -> int:
-    from archc.cli import compile_options
-
-    compile_kw = compile_options(args)
-    overrides = compile_kw.pop("overrides")
-    loaded = _load(args.spec, args.from_hf, args.arch, overrides, compile_kw)
-    _save(loaded.model, loaded.compiled, Path(args.output))
-    params = " ".join(f"{k}={v!r}" for k, v in {**loaded.derived, **overrides}.items())
-    print(f"{args.from_hf}: {loaded.arch}, {loaded.n_hf_tensors} tensors; {params}\n"
-          f"all weights matched ({loaded.compiled.num_params():,} parameters)\n"
-          f"wrote {args.output}", file=sys.stderr)
-    return 0
-
-
-def _save(model: torch.nn.Module, compiled, path: Path) -> None:
+def save_converted(model: torch.nn.Module, compiled, path: Path) -> None:
     """save_model (it handles tied weights), atomically: a failed write never replaces a good file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -121,13 +121,13 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
     `on_step(record)` sees each step's metrics after its checkpoint (if any) is written.
     """
     import archc
-    from archc.runtime import checkpoint as ckpt
-    from archc.runtime import data as data_mod
-    from archc.runtime.evaluate import generate, perplexity
+    from archc.training import checkpoint as ckpt
+    from archc.training import data as data_mod
+    from archc.training.evaluate import generate, perplexity
     from archc.runtime.moe import load_stats, routers, update_expert_biases
-    from archc.runtime.optim import build_optimizer, lr_lambda
-    from archc.runtime.perf import matmul_peak_flops
-    from archc.runtime.weights import fused_layout
+    from archc.training.optim import build_optimizer, lr_lambda
+    from archc.training.perf import matmul_peak_flops
+    from archc.interop.weights import fused_layout
 
     config = config or TrainConfig()
     out_dir = Path(config.out_dir)

@@ -49,11 +49,11 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from archc.runtime.distributed import ft
-from archc.runtime.distributed.diloco import DiLoCo, DiLoCoConfig, fragment_params, layer_scopes
-from archc.runtime.distributed.ft import FTConfig
-from archc.runtime.distributed.launch import init, spawn, under_torchrun
-from archc.runtime.train import RunResult, TrainConfig, TrainError, _check_vocab, _log, _plot, prepare
+from archc.training.distributed import ft
+from archc.training.distributed.diloco import DiLoCo, DiLoCoConfig, fragment_params, layer_scopes
+from archc.training.distributed.ft import FTConfig
+from archc.training.distributed.launch import init, spawn, under_torchrun
+from archc.training.train import RunResult, TrainConfig, TrainError, _check_vocab, _log, _plot, prepare
 
 
 def train_distributed(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | None = None, *,
@@ -130,10 +130,10 @@ def _ft_worker(replica: int, lighthouse: str, replicas: int, spec, config, overr
 def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco: DiLoCoConfig | None,
             resume: bool, compile_kw: dict, ft_setup: tuple[FTConfig, str] | None = None) -> RunResult:
     import archc
-    from archc.runtime import data as data_mod
-    from archc.runtime.evaluate import generate, perplexity
-    from archc.runtime.optim import build_optimizer, lr_lambda
-    from archc.runtime.weights import fused_layout
+    from archc.training import data as data_mod
+    from archc.training.evaluate import generate, perplexity
+    from archc.training.optim import build_optimizer, lr_lambda
+    from archc.interop.weights import fused_layout
 
     lead = rank == 0
     data_ft = diloco is None and ft_setup is not None  # data parallel under torchft: no FSDP2, no torch.distributed
@@ -192,7 +192,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         ft.mark_started(out_dir, rank)
         if ft.join(manager, comm, outer, clock, world, ft_setup[0].join_wait):
             start = clock["step"]
-            from archc.runtime.train import _truncate_metrics
+            from archc.training.train import _truncate_metrics
             _truncate_metrics(metrics_path, start)
             _log(metrics_path, {"step": start, "event": "healed", "ft_step": manager.current_step()})
         else:
@@ -201,7 +201,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         start = (_dcp_load(out_dir, model, optimizer, scheduler) if diloco is None else
                  _diloco_load(out_dir, rank, world, model, _ReplicaState(optimizer, outer), scheduler, meta))
         if lead:
-            from archc.runtime.train import _truncate_metrics
+            from archc.training.train import _truncate_metrics
             _truncate_metrics(metrics_path, start)
     elif lead:
         metrics_path.write_text("")
@@ -327,7 +327,7 @@ def _worker(rank: int, world: int, spec, config: TrainConfig, overrides, diloco:
         _ft_final(out_dir / f"replica_{rank}" / "ft_final.json", manager, final, clock["step"],
                   outer.stats if outer is not None else None)
         if data_ft and lead:
-            from archc.runtime.checkpoint import save_checkpoint
+            from archc.training.checkpoint import save_checkpoint
             save_checkpoint(out_dir, config.steps, model, optimizer, scheduler,
                             meta={**meta, "step": config.steps}, keep=config.keep)
     if lead:
@@ -364,7 +364,7 @@ def _shard(model: torch.nn.Module, compiled, world: int) -> None:
 
 # ------------------------------------------------------------------------------ DiLoCo checkpoints
 #
-# Each replica writes its own checkpoint (runtime/checkpoint.py: safetensors + JSON, atomic) under
+# Each replica writes its own checkpoint (training/checkpoint.py: safetensors + JSON, atomic) under
 # diloco/replica_r/checkpoints/step_N: its local model, inner optimizer and scheduler, and the DiLoCo state
 # (global copies, outer optimizer states, syncs in flight) — identical on every replica, stored with each so
 # one directory is a complete, atomically written replica. The data position is the step (batches are a pure
@@ -392,7 +392,7 @@ def _replica_dir(out_dir: Path, rank: int) -> Path:
 
 def _diloco_save(out_dir: Path, rank: int, step: int, model, state: _ReplicaState, scheduler, meta: dict,
                  keep: int) -> None:
-    from archc.runtime.checkpoint import save_checkpoint
+    from archc.training.checkpoint import save_checkpoint
 
     save_checkpoint(_replica_dir(out_dir, rank), step, model, state, scheduler,
                     meta={**meta, "replica": rank}, keep=keep)
@@ -401,7 +401,7 @@ def _diloco_save(out_dir: Path, rank: int, step: int, model, state: _ReplicaStat
 
 
 def _diloco_load(out_dir: Path, rank: int, world: int, model, state: _ReplicaState, scheduler, meta: dict) -> int:
-    from archc.runtime.checkpoint import load_checkpoint
+    from archc.training.checkpoint import load_checkpoint
 
     steps = None
     for r in range(world):

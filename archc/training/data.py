@@ -62,7 +62,7 @@ import attrs
 import numpy as np
 import torch
 
-from archc.runtime import synthetic
+from archc.training import synthetic
 
 CORPORA = ("pydoc", "stdlib", "reasoning")
 TOKEN_SUFFIXES = (".bin", ".npy")

@@ -54,7 +54,7 @@ def grid(axes: list[str]) -> list[dict[str, Any]]:
 def run_sweep(spec, axes: list[str], config, base: dict[str, Any] | None = None, **compile_kw) -> list[SweepPoint]:
     """Train each grid point with `config` (its out_dir gets a subdirectory per point)."""
     import archc
-    from archc.runtime.train import train
+    from archc.training.train import train
 
     points = []
     for overrides in grid(axes):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from archc.runtime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from archc.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -38,9 +38,9 @@ def load_run(spec, checkpoint, options: dict, device="cpu"):
 
 
 def run_eval(args, options: dict) -> int:
-    from archc.runtime import data as data_mod
-    from archc.runtime import synthetic
-    from archc.runtime.evaluate import evaluate_reasoning, generate, perplexity, surprisal_report
+    from archc.training import data as data_mod
+    from archc.training import synthetic
+    from archc.training.evaluate import evaluate_reasoning, generate, perplexity, surprisal_report
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compiled, model, meta = load_run(Path(args.spec), args.checkpoint, options, device)

@@ -12,45 +12,9 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Callable
 
+from archc.cli.options import pairs, compile_options
 from archc.dsl.diagnostics import SpecError
-
-
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in values or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise SpecError(f"{flag} {item!r}: expected {flag} NAME=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def compile_options(args) -> dict:
-    """The keyword arguments of `archc.compile` that the common flags ask for."""
-    from archc.compiler.api import dump_stages, print_stage
-    from archc.compiler.lower import parse_override
-    from archc.compiler.passes import PASS_NAMES
-    from archc.dsl.diagnostics import did_you_mean
-
-    which = getattr(args, "print_ir_after", None)
-    if which not in (None, "all", "lower") and which not in PASS_NAMES:
-        raise SpecError(f"--print-ir-after {which}: no such pass",
-                        hint=did_you_mean(which, PASS_NAMES) or f"passes: {', '.join(PASS_NAMES)}")
-    hooks: list[Callable] = []
-    if which:
-        hooks.append(print_stage(sys.stderr, which))
-    if getattr(args, "dump_dir", None):
-        hooks.append(dump_stages(args.dump_dir))
-
-    def on_stage(name, graph):
-        for hook in hooks:
-            hook(name, graph)
-
-    return dict(overrides=dict(parse_override(d) for d in args.define or ()),
-                kernels=_pairs(args.kernel, "--kernel"), disable=tuple(args.no_pass or ()),
-                on_stage=on_stage if hooks else None)
 
 
 def _compile(args, spec: str | None = None):
@@ -97,7 +61,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    dims = {k: _positive(v, f"--dim {k}") for k, v in _pairs(args.dim, "--dim").items()}
+    dims = {k: _positive(v, f"--dim {k}") for k, v in pairs(args.dim, "--dim").items()}
     texts = []
     for spec in args.specs:
         compiled = _compile(args, spec)
@@ -141,7 +105,7 @@ def cmd_inspect(args) -> int:
     elif args.what == "ir":
         text = (compiled.ir if not args.after else _stage(compiled, args.after)).to_text()
     elif args.what == "weights":
-        from archc.runtime.weights import fused_layout
+        from archc.interop.weights import fused_layout
         where = {name: f"  -> {fused}[{start}:{start + size}]" for fused, parts in fused_layout(compiled).items()
                  for name, start, size in parts}
         text = "".join(f"{k}: {list(v)}{where.get(k, '')}\n" for k, v in compiled.canonical_names().items())
@@ -154,25 +118,25 @@ def cmd_inspect(args) -> int:
 def _train_config(args):
     import attrs
 
-    from archc.runtime.train import TrainConfig
+    from archc.training.train import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig) if getattr(args, f.name, None) is not None}
     return TrainConfig.from_dict(values)
 
 
 def cmd_train(args) -> int:
-    from archc.runtime.train import TrainError, train
+    from archc.training.train import TrainError, train
 
     options = compile_options(args)
     config = _train_config(args)
     if _distributed(args):
-        from archc.runtime.distributed.diloco import parse_diloco
-        from archc.runtime.distributed.trainer import train_distributed
+        from archc.training.distributed.diloco import parse_diloco
+        from archc.training.distributed.trainer import train_distributed
 
         diloco = parse_diloco(args.diloco) if args.diloco else None
         ft = None
         if args.fault_tolerant:
-            from archc.runtime.distributed.ft import FTConfig
+            from archc.training.distributed.ft import FTConfig
             ft = FTConfig(lighthouse=args.lighthouse, replica_id=args.replica_id)
         elif args.lighthouse or args.replica_id is not None:
             raise TrainError("--lighthouse and --replica-id go with --fault-tolerant")
@@ -193,14 +157,14 @@ def cmd_train(args) -> int:
 
 
 def _distributed(args) -> bool:
-    from archc.runtime.distributed.launch import under_torchrun
+    from archc.training.distributed.launch import under_torchrun
 
     return bool(getattr(args, "nproc", None) or getattr(args, "diloco", None) or getattr(args, "fault_tolerant", None)
                 or under_torchrun())
 
 
 def cmd_sweep(args) -> int:
-    from archc.runtime import sweep
+    from archc.training import sweep
 
     options = compile_options(args)
     points = sweep.run_sweep(Path(args.spec), args.multirun, _train_config(args), options.pop("overrides"), **options)
@@ -209,7 +173,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from archc.runtime.eval_cli import run_eval
+    from archc.cli.eval import run_eval
 
     return run_eval(args, compile_options(args))
 
@@ -217,7 +181,7 @@ def cmd_eval(args) -> int:
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     import attrs
 
-    from archc.runtime.train import TrainConfig
+    from archc.training.train import TrainConfig
 
     for field in attrs.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -328,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_eval)
 
-    from archc.runtime.hf import register_cli as register_convert
+    from archc.cli.convert import register as register_convert
 
     register_convert(sub, common)
     return parser
@@ -363,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that describe a problem with the user's input, shown as one line."""
-    from archc.runtime.checkpoint import CheckpointError
-    from archc.runtime.data import DataError
-    from archc.runtime.distributed.diloco import DiLoCoError
-    from archc.runtime.optim import OptimizerError
-    from archc.runtime.train import TrainError
-    from archc.runtime.weights import WeightsError
+    from archc.training.checkpoint import CheckpointError
+    from archc.training.data import DataError
+    from archc.training.distributed.diloco import DiLoCoError
+    from archc.training.optim import OptimizerError
+    from archc.training.train import TrainError
+    from archc.interop.weights import WeightsError
 
     return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, OSError)
 

@@ -1,0 +1,1 @@
+"""Weights in and out: canonical names, fused layouts, and Hugging Face checkpoints."""

@@ -1,0 +1,1 @@
+"""Training, evaluation, data, optimizers, checkpoints and the distributed strategies."""
