@@ -8,10 +8,10 @@ not, with and without an initial state, head dims 32 and 64. Errors are relative
 - bf16 inputs: 1e-2 (the chunked path computes in fp32 from the same bf16 values, so the
   error is the bf16 rounding of o and of the gradients, ~3e-3); the final state is fp32 and
   stays at 1e-5.
-- very strong decay (g ~ -20 per token): the same 1e-5 for everything but the gradient of g,
-  whose true size is ~exp(g) while the chunked form gets it as a sum of cancelling terms the
-  size of k's gradient (the cumulative sum's backward, as in FLA); its error is bounded by
-  1e-6 * max |dk| (observed ~1e-9).
+- very strong decay (g ~ -20 per token, or -50 with a mostly padded last chunk): the same 1e-5
+  for everything but the gradient of g, whose true size is ~exp(g) while the chunked form gets
+  it as a sum of cancelling terms the size of k's gradient (the cumulative sum's backward, as
+  in FLA); its error is bounded by 1e-6 * max |dk| (observed ~1e-9).
 The Triton kernels are tested in test_delta_rule_triton.py (in a subprocess, interpreted).
 """
 
@@ -139,6 +139,17 @@ def test_chunked_very_strong_decay(decay):
     gen = torch.Generator().manual_seed(9)
     xs[3] = (-20 + torch.randn(xs[3].shape, generator=gen)).clamp(max=0)
     compare(xs, dtype=torch.float32, chunk_size=64, tol_o=FP32_TOL, tol_s=FP32_TOL, tol_grad=FP32_TOL,
+            tol_dg_vs_dk=1e-6)
+
+
+@pytest.mark.parametrize("decay", ["per_head", "per_channel"])
+@pytest.mark.parametrize("T", [1, 17, 20])
+def test_chunked_steep_partial_last_chunk(decay, T):
+    # g = -50 per token with T = 1, C + 1, 20 for C = 16: the last chunk is mostly padding and any
+    # exp(gamma_pad - gamma_j) of a padded row would overflow (issue 17); every gradient must match.
+    xs = make_inputs(1, T, 2, 16, 16, per_head=decay == "per_head", init=True, seed=T)
+    xs[3] = torch.full_like(xs[3], -50.0)
+    compare(xs, dtype=torch.float32, chunk_size=16, tol_o=FP32_TOL, tol_s=FP32_TOL, tol_grad=FP32_TOL,
             tol_dg_vs_dk=1e-6)
 
 

@@ -29,7 +29,11 @@ precision than tf32 anyway).
 
 Layouts: q, k [B, T, H, K]; v, o [B, T, H, V]; g [B, T, H(, K)]; beta [B, T, H]; W like k,
 U like v, P [B, T, H, C] (row t holds its chunk's row); states [B, H, N, K, V].
-Tokens past T load as zeros, which leave the state unchanged (see delta_rule.py).
+Tokens past T load as zeros, which leave the state unchanged (see delta_rule.py). Their gamma
+also loads as 0 (not the chunk's running sum, as in the PyTorch path), so for such a row i
+gamma_i - gamma_j = -gamma_j > 0, which overflows exp in a steeply decaying chunk (and inf times
+the row's zero k or q is NaN): the decayed Gram matrices mask rows past T *before* the exp,
+together with the causal mask.
 """
 
 from __future__ import annotations
@@ -83,10 +87,11 @@ def _intra_fwd_kernel(q, k, v, gam, beta, W, U, P, Tm, scale, T, H: tl.constexpr
     b_k = tl.load(k + off_k, mask=m_k, other=0.0).to(tl.float32)
     b_v = tl.load(v + off_v, mask=m_v, other=0.0).to(tl.float32)
     b_beta = tl.load(beta + (i_b * T + t) * H + i_h, mask=mt, other=0.0).to(tl.float32)
-    lower = rows[:, None] >= cols[None, :]
+    # exp(gamma_i - gamma_j) <= 1 on and below the diagonal for rows before T; masked before exp
+    # above it and on rows past T (gamma loaded as 0 there: the exponent would be positive).
+    lower = (rows[:, None] >= cols[None, :]) & mt[:, None]
     if PER_HEAD:
         b_g = tl.load(gam + (i_b * T + t) * H + i_h, mask=mt, other=0.0)
-        # exp(gamma_i - gamma_j) <= 1 on and below the diagonal; masked before exp above it.
         b_d = tl.exp(tl.where(lower, b_g[:, None] - b_g[None, :], float("-inf")))
         b_a = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC) * b_d
         b_p = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * b_d
@@ -102,7 +107,7 @@ def _intra_fwd_kernel(q, k, v, gam, beta, W, U, P, Tm, scale, T, H: tl.constexpr
             off_j = ((i_b * T + t_j) * H + i_h) * K + ck
             b_kj = tl.load(k + off_j, mask=m_j, other=0.0).to(tl.float32)
             b_gj = tl.load(gam + off_j, mask=m_j, other=0.0)
-            b_e = tl.exp(tl.where((rows >= j)[:, None], b_g - b_gj[None, :], float("-inf")))
+            b_e = tl.exp(tl.where(((rows >= j) & mt)[:, None], b_g - b_gj[None, :], float("-inf")))
             b_ke = b_kj[None, :] * b_e
             sel = cols[None, :] == j
             b_a = tl.where(sel, tl.sum(b_k * b_ke, axis=1)[:, None], b_a)
@@ -272,7 +277,7 @@ def _intra_bwd_kernel(q, k, v, gam, beta, Tm, dQg, dKd, de, dW, dU, dP, dq, dk, 
     off_h = (i_b * T + t) * H + i_h
     m_k = mt[:, None] & mk[None, :]
     m_v = mt[:, None] & (cv[None, :] < V)
-    lower = rows[:, None] >= cols[None, :]
+    lower = (rows[:, None] >= cols[None, :]) & mt[:, None]  # rows past T excluded before exp, as forward
     strict = rows[:, None] > cols[None, :]
     t_last = tl.minimum(i_n * C + C, T) - 1
     is_last = t == t_last
@@ -344,7 +349,7 @@ def _intra_bwd_kernel(q, k, v, gam, beta, Tm, dQg, dKd, de, dW, dU, dP, dq, dk, 
             off_j = ((i_b * T + t_j) * H + i_h) * K + ck
             b_kj = tl.load(k + off_j, mask=m_j, other=0.0).to(tl.float32)
             b_gj = tl.load(gam + off_j, mask=m_j, other=0.0)
-            b_e = tl.exp(tl.where((rows >= j)[:, None], b_g - b_gj[None, :], float("-inf")))
+            b_e = tl.exp(tl.where(((rows >= j) & mt)[:, None], b_g - b_gj[None, :], float("-inf")))
             sel = cols[None, :] == j
             c_dgk = tl.sum(tl.where(sel, b_dgk, 0.0), axis=1)  # column j of dGk, dA, dP
             c_da = tl.sum(tl.where(sel, b_da, 0.0), axis=1)

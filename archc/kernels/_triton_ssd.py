@@ -23,7 +23,10 @@ gL = gc of the chunk's last valid token, S = state entering the chunk):
     S'  = exp(gL) S + (exp(gL - gc) * K)^T V
 
 Every exponent is <= 0 when g <= 0, and the causal mask is applied *before*
-the exp (exp(-inf) = 0), so nothing overflows.
+the exp (exp(-inf) = 0), so nothing overflows. Rows past T in the last chunk
+load gc = 0, so for them gc_i - gc_j = -gc_j > 0 (exp(120) = inf for a steep
+chunk, and inf * 0 = NaN against their zero q); the mask therefore also
+excludes those rows (i < T), so M is 0 there, never inf.
 
 What runs in Triton and what in PyTorch
 ---------------------------------------
@@ -143,7 +146,9 @@ def _fwd_kernel(
             b_o = _dot(b_q, b_h.to(b_q.dtype), DOT_F32, PREC)
             if HAS_G:
                 b_o = b_o * tl.exp(b_g)[:, None]
-                b_s = b_s * tl.exp(tl.where(causal, b_g[:, None] - b_g[None, :], float("-inf")))
+                # rows past T (gc loaded as 0) are masked too: their gc_i - gc_j > 0 could overflow
+                valid = causal & m_t[:, None]
+                b_s = b_s * tl.exp(tl.where(valid, b_g[:, None] - b_g[None, :], float("-inf")))
             else:
                 b_s = tl.where(causal, b_s, 0.0)
             b_o += _dot(b_s.to(b_v.dtype), b_v, DOT_F32, PREC)
@@ -229,7 +234,9 @@ def _bwd_dqkv_kernel(
     m_t = t < T
     m_tk = m_t[:, None] & m_k[None, :]
     row = i_b * T + t
-    causal = o_t[:, None] >= o_t[None, :]
+    # i >= j, and row i before T: rows past T load gc = 0, and exp(0 - gc_j) of a steep chunk is inf
+    # (times their zero q or dO: NaN in dk, dv), so they are excluded before the exp, like j > i.
+    causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
 
     b_q = tl.load(q + (row * HK + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_k = tl.load(k + (row * HK + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
