@@ -189,11 +189,13 @@ def exact_denoiser(objective, images, labels, null_label=10):
     """The x0-predictor that is optimal for the empirical data: a posterior-weighted mean of the images
     of the requested class (all images for the null label)."""
     flat = images.flatten(1).double()
+    norms = (flat**2).sum(1)[None]
 
     def model(x, time, condition):
         a, s = objective.coefficients(time.long(), x.double())
         a, s = a.flatten(), s.flatten()
-        dist = ((x.flatten(1).double()[:, None, :] - a[:, None, None] * flat[None]) ** 2).sum(-1)
+        flat_x = x.flatten(1).double()  # ‖x − a·y‖² = ‖x‖² − 2a x·y + a²‖y‖²
+        dist = (flat_x**2).sum(1, keepdim=True) - 2 * a[:, None] * flat_x @ flat.T + a[:, None] ** 2 * norms
         logits = -dist / (2 * s[:, None] ** 2)
         allowed = (labels[None, :] == condition[:, None]) | (condition[:, None] == null_label)
         weights = torch.softmax(logits.masked_fill(~allowed, -torch.inf), dim=-1)
