@@ -56,7 +56,7 @@ def test_print_ir_after_and_dump_dir(capsys, tmp_path):
     assert code == 0
     assert err.count("IR Dump After") == 1 and "IR Dump After cse" in err
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names[0] == "00-lower.ir" and "07-choose_attention_kernel.ir" in names and "model.py" in names
+    assert names[0] == "00-lower.ir" and "07-choose_kernels.ir" in names and "model.py" in names
     code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "all")
     assert err.count("IR Dump After") == 8
     code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "csee")

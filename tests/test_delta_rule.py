@@ -24,14 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archc.kernels.delta_rule import (
-    FACTOR_SPAN,
-    SUB_CHUNK,
-    _decayed_grams,
-    delta_rule,
-    delta_rule_chunked,
-    delta_rule_reference,
-)
+from archc.kernels.delta_rule import delta_rule, delta_rule_chunked, delta_rule_reference
+from archc.kernels.delta_rule_chunks import FACTOR_SPAN, SUB_CHUNK, _decayed_grams
 from archc.kernels.linear_attention import linear_attention_reference
 from archc.kernels.ssd import ssd_reference
 

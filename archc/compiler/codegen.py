@@ -192,7 +192,8 @@ class _Codegen:
         g = self.g
         inputs, outputs = self.io(path)
         # items in program order: own nodes, and child modules at their first node
-        items: list[tuple[float, str, object]] = [(n.order, "node", n) for n in direct if n.op != "input"]
+        params = set(scope.inputs) if scope.kind == "model" else set()  # the model's inputs are its arguments
+        items: list[tuple[float, str, object]] = [(n.order, "node", n) for n in direct if n.id not in params]
         for child in self.children[path]:
             items.append((min(n.order for n in self.subtree[child]), "child", child))
         items.sort(key=lambda t: t[0])
@@ -355,7 +356,7 @@ class _Codegen:
         if node.op == "linear" and node.attrs.get("tie"):
             node = attrs.evolve(node, attrs={**node.attrs, "tie_ref": f"self.{g.node(node.attrs['tie']).name}.weight"})
         lines = op.forward(node, arg_names, out, f"self.{node.name}", ins)
-        if node.op != "attention_core":
+        if op.line_comment:
             lines[-1] += _provenance(node, always=False)
         return lines
 
