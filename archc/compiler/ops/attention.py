@@ -176,6 +176,9 @@ class AttentionCore(OpDef):
         """Causal self-attention (keys as long as queries) decodes token by token from a KV cache."""
         return node.attrs["causal"] and ins[0][1] == ins[1][1]
 
+    def cannot_decode(self, node, ins):
+        return None if self.decodes(node, ins) else "not causal self-attention"
+
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
         q, k, v = args

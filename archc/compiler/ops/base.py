@@ -202,6 +202,11 @@ class OpDef:
         (routed experts: top_k of n); None for ops that route nothing."""
         return None
 
+    def cannot_decode(self, node: Node, ins: list[Shape]) -> str | None:
+        """Why the module holding this node cannot continue a sequence call by call (a sequence mixer
+        without a cache to decode from), or None."""
+        return None
+
     def describe_node(self, node: Node) -> str:
         """A few words on what this node is, for error messages (`causal, window=64`)."""
         return node.op

@@ -58,6 +58,9 @@ class MLACore(OpDef):
             raise SpecError(f"RoPE needs an even qk_rope_head_dim, got {rope}", node.span)
         return (*q[:-1], h * dv)
 
+    def cannot_decode(self, node, ins):
+        return None if node.attrs["causal"] else "not causal self-attention"
+
     def extra_modules(self, node, ins):
         a = node.attrs
         cls = "AF.InterleavedRotaryEmbedding" if a["rope_interleave"] else "AF.RotaryEmbedding"
