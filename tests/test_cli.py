@@ -103,3 +103,14 @@ def test_usage_errors_exit_2(capsys):
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "archc", "check", LLAMA], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "ok" in result.stdout
+
+
+def test_kernel_help_lists_every_face_from_the_kernel_registry():
+    from archc.cli.main import build_parser
+    from archc.kernels.registry import FAMILIES
+
+    compile_cmd = build_parser()._subparsers._group_actions[0].choices["compile"]
+    text = " ".join(compile_cmd.format_help().split())
+    for family in FAMILIES.values():
+        if family.per_layer:
+            assert f"{family.name} {'|'.join(family.choices)}" in text
