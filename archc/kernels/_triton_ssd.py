@@ -1,7 +1,7 @@
 """Triton kernels for the chunked scalar-decay linear recurrence.
 
 One recurrence serves both Mamba-2/SSD and causal linear attention
-(algorithms.md §5.1, §5.2): per batch b and head h, with a *scalar* log-decay
+(docs/algorithms.md §3.1, §3.2): per batch b and head h, with a *scalar* log-decay
 g_t <= 0 per token and head (g = 0, i.e. no decay, for linear attention),
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T        S_t in R^{K x V} (fp32)

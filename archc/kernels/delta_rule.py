@@ -1,7 +1,7 @@
 """The gated delta rule, shared by Gated DeltaNet (GDN) and Kimi Delta Attention (KDA).
 
 GDN is KDA with one decay per head instead of one per key channel, so both run
-through the same three faces (algorithms.md §5.3, §5.4; FLA conventions §5.0):
+through the same three faces (docs/algorithms.md §3.3, §3.4; FLA conventions §3.0):
 
 - `delta_rule_reference`: the recurrent form, one token at a time, in fp32.
 - `delta_rule_chunked`: the chunkwise-parallel WY/UT form in PyTorch,

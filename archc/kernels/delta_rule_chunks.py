@@ -4,7 +4,7 @@ Within a chunk of C tokens everything that does not depend on the incoming state
 once (`_chunk_intra`): the decayed Gram matrices (`_decayed_grams`, factored where the decay's span
 allows, split into sub-chunks where it is steep), the WY/UT form by a triangular solve, and the
 decayed queries and keys. `_to_chunks` / `_from_chunks` move between [B, T, H, ...] and chunked,
-head-first fp32 [B, H, N, C, ...]. The maths is in docs/algorithms.md §5.3-5.4.
+head-first fp32 [B, H, N, C, ...]. The maths is in docs/algorithms.md §3.3-3.4.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Causal linear attention (Katharopoulos et al. 2020; algorithms.md §5.1).
+"""Causal linear attention (Katharopoulos et al. 2020; docs/algorithms.md §3.1).
 
 Three faces and a dispatcher:
 

@@ -1,4 +1,4 @@
-"""Native Sparse Attention (NSA, DeepSeek, arXiv 2502.11089; algorithms.md §4): the attention itself.
+"""Native Sparse Attention (NSA, DeepSeek, arXiv 2502.11089; docs/algorithms.md §2): the attention itself.
 
 For query t and query head h (in KV group g(h)), three branches, each with its own keys and values,
 combined by per-head gates in (0, 1):

@@ -1,4 +1,4 @@
-"""Mamba-2 state-space duality (SSD) with a scalar decay per head (algorithms.md §5.2).
+"""Mamba-2 state-space duality (SSD) with a scalar decay per head (docs/algorithms.md §3.2).
 
 Three faces and a dispatcher:
 

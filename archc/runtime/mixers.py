@@ -4,7 +4,7 @@ A mixer in a spec (`linear_attn`, `ssd`, `gated_deltanet`, `kda`) compiles to
 plain linears for its projections (fused by `fuse_projections`), a few
 parameter-free activations, and one core module from this file that holds
 what is not a projection — short convolutions, decay parameters, the output
-norm — and calls a kernel from `archc.kernels` (docs/algorithms.md §5):
+norm — and calls a kernel from `archc.kernels` (docs/algorithms.md §3):
 
     LinearAttentionCore(q, k, v)              causal linear attention (Katharopoulos et al.)
     SSDCore(x, b, c, dt, z)                   Mamba-2: conv, SSD with scalar decay, D skip, gated RMSNorm
@@ -212,7 +212,7 @@ class LinearAttentionCore(MixerCore):
 
 
 class SSDCore(MixerCore):
-    """Mamba-2's mixer after its input projection (algorithms.md §5.2; mamba_ssm `Mamba2`).
+    """Mamba-2's mixer after its input projection (docs/algorithms.md §3.2; mamba_ssm `Mamba2`).
 
         x, B, C = silu(conv1d([x, B, C]))                 causal depthwise conv over all three
         dt      = softplus(dt + dt_bias)                  [B, T, H]

@@ -3,7 +3,7 @@
 Generated MoE modules call a `Router` for a `Routing` (which experts each
 token goes to, with what weight, in expert-sorted order), run the experts on
 the sorted rows (a per-expert loop, or grouped GEMMs after `fuse_experts`),
-and combine. Equations follow ../shared/reference/algorithms.md §1:
+and combine. Equations follow docs/algorithms.md §1:
 
 - `softmax`: Shazeer top-k gating, softmax over the kept top-k logits, with
   optional noisy gating (`noisy=true`: learned softplus noise scale, training

@@ -17,7 +17,7 @@ kernel (a face of the op's family in `archc.kernels.registry`, or `fla`) is
 chosen by the `choose_kernels` pass, which records it with its reason; FLOPs
 count the chunked form's matmuls (linear in T) and each op reports the size of
 its recurrent state for `archc summary`. Parameterisations follow the papers
-and FLA / mamba_ssm (docs/algorithms.md §5); see GRAMMAR.md for every option.
+and FLA / mamba_ssm (docs/algorithms.md §3); see GRAMMAR.md for every option.
 """
 
 from __future__ import annotations

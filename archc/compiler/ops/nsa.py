@@ -1,4 +1,4 @@
-"""The built-in `nsa(...)`: Native Sparse Attention (DeepSeek, arXiv 2502.11089; docs/algorithms.md §4).
+"""The built-in `nsa(...)`: Native Sparse Attention (DeepSeek, arXiv 2502.11089; docs/algorithms.md §2).
 
     x += nsa(rms_norm(x), heads=16, kv_heads=1, head_dim=64, cmp_block=32, stride=16, select_block=64,
              top_n=16, window=512) as mixer
