@@ -125,7 +125,7 @@ def main(argv=None) -> int:
 
     big = layers[-1]
     small = layers[0]
-    print(f"\nper-stage median seconds (on_stage gaps; each pass includes its IR verify):")
+    print("\nper-stage median seconds (on_stage gaps; each pass includes its IR verify):")
     s_small, s_big = stage_breakdown(small), stage_breakdown(big)
     h2 = f"{'stage':<26}{small:>8}L{big:>10}L{'x':>8}  (linear: {big / small:.0f}x)"
     print(h2)

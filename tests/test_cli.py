@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SPECS
 
 from archc.cli import main
-from conftest import ROOT, SPECS
 
 LLAMA = str(SPECS / "llama.arch")
 

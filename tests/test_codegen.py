@@ -9,9 +9,9 @@ import traceback
 
 import pytest
 import torch
+from conftest import ROOT, SPECS
 
 import archc
-from conftest import ROOT, SPECS
 
 SPEC_FILES = sorted(p.name for p in SPECS.glob("*.arch"))
 
@@ -107,7 +107,8 @@ HOSTILE_STRINGS = [
 def test_hostile_strings_never_become_code(payload):
     # Strings reach only validated attributes; one that is not allowed is an error,
     # never text in the output.
-    text = f'model M(tokens: Tokens[B, T]) {{ x = embedding(tokens, 16, 8)\n y = mlp(x, hidden=8, act="{payload}")\n return y }}'
+    text = (f'model M(tokens: Tokens[B, T]) {{ x = embedding(tokens, 16, 8)\n'
+            f' y = mlp(x, hidden=8, act="{payload}")\n return y }}')
     with pytest.raises(archc.SpecError) as err:
         archc.compile(text, name="evil.arch")
     assert "act" in err.value.message
@@ -130,7 +131,8 @@ def test_hostile_names_are_rejected_or_renamed(name):
 
 
 def test_numbers_are_emitted_with_repr():
-    text = "param eps: float = 1e-7\nmodel M(tokens: Tokens[B, T]) { x = embedding(tokens, 16, 8)\n x = rms_norm(x, eps)\n return x }"
+    text = ("param eps: float = 1e-7\n"
+            "model M(tokens: Tokens[B, T]) { x = embedding(tokens, 16, 8)\n x = rms_norm(x, eps)\n return x }")
     assert "eps=1e-07" in archc.compile(text, name="n.arch").source
 
 

@@ -47,7 +47,7 @@ def _run_case(per_head, T, C, H, K, V, init, final, dtype, g_min):
     import torch
     import torch.nn.functional as F
 
-    from archc.kernels.delta_rule import delta_rule, delta_rule_reference
+    from archc.kernels.delta_rule import delta_rule
 
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(T * 7 + C)
@@ -134,7 +134,8 @@ def _results():
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
     return json.loads(lines[-1][len("RESULTS "):])
 
 

@@ -15,13 +15,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPECS
 
 import archc
 from archc.compiler import analysis
+from archc.interop.weights import fused_layout, load_canonical, to_canonical
 from archc.runtime.mixers import MixerCore, generate_recurrent, recurrent
 from archc.training.optim import build_optimizer
-from archc.interop.weights import fused_layout, load_canonical, to_canonical
-from conftest import SPECS
 
 D = 32
 LAYER = """

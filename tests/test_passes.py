@@ -7,10 +7,10 @@ import torch
 
 import archc
 from archc.compiler.ir import IRError
-from archc.compiler.verify import verify
 from archc.compiler.lower import load_spec, lower, resolve_params
 from archc.compiler.passes import choose_kernels, cse, dce, fold_params, fuse_projections, infer_shapes
 from archc.compiler.scalars import Unfolded
+from archc.compiler.verify import verify
 from archc.interop.weights import load_canonical, to_canonical
 
 

@@ -159,7 +159,8 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     active = active_params(graph)
     if active != model.params:
         lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts count top_k/n")
-    lines.append(f"forward FLOPs       {human(model.flops)} per step, {human(model.flops / max(1, batch * seq))} per token")
+    per_token = human(model.flops / max(1, batch * seq))
+    lines.append(f"forward FLOPs       {human(model.flops)} per step, {per_token} per token")
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
     lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")
     lines.append(f"weights (fp32)      {human(model.params * 4)}B")

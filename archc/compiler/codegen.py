@@ -361,9 +361,8 @@ class _Codegen:
             attr, _index = self.attr_of(path, members[0])
             out = ns.name(node.var or "y", node.id, i, last_use[node.id])
             names[node.id] = out
-            return [f"{out} = torch.cat([",
-                    f"    expert(rows) for expert, rows in zip(self.{attr}, {names[rows]}.split({names[routing]}.split_sizes()))",
-                    "])"]
+            pieces = f"{names[rows]}.split({names[routing]}.split_sizes())"
+            return [f"{out} = torch.cat([", f"    expert(rows) for expert, rows in zip(self.{attr}, {pieces})", "])"]
         if kind == "child":
             ins, outs = self.io(obj)
             attr, index = self.attr_of(path, obj)

@@ -119,7 +119,7 @@ class Graph:
         """All nodes in program order (a topological order)."""
         return sorted((d["node"] for _, d in self.g.nodes(data=True)), key=lambda n: n.order)
 
-    def copy(self) -> "Graph":
+    def copy(self) -> Graph:
         new = Graph(self.name)
         new.g = nx.MultiDiGraph()
         for node in self.nodes():

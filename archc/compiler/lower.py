@@ -14,9 +14,10 @@ import ast as pyast
 import hashlib
 import keyword
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import attrs
 
@@ -161,8 +162,9 @@ def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
                 notes = [(f"`{near}` is declared here", decls[near].span)]
             else:
                 notes = [("the spec's parameters are declared here", p.span) for p in spec.module.params[:1]]
+            known = f"the spec's parameters are: {', '.join(decls) or 'none'}"
             raise SpecError(f"unknown parameter `{name}` in override", None, notes=notes,
-                            hint=did_you_mean(name, decls) or f"the spec's parameters are: {', '.join(decls) or 'none'}")
+                            hint=did_you_mean(name, decls) or known)
     env: dict[str, Any] = {}
     for decl in spec.module.params:
         check_type(decl.type)
@@ -384,7 +386,8 @@ class Lowerer:
             path = f"{frame.scope}.{attr}.{i}" if frame.scope else f"{attr}.{i}"
             with self.step(path, attr, stmt.span):
                 frame.env[stmt.var] = i
-                if self._body(stmt.body, _Frame(path, frame.module, self.names[path], frame.labels, frame.env)) is not None:
+                step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
+                if self._body(stmt.body, step) is not None:
                     raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
                                     hint="return after the loop, from the enclosing block")
         frame.env.pop(stmt.var, None)

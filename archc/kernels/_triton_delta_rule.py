@@ -40,7 +40,6 @@ import triton.language as tl
 
 from archc.kernels.delta_rule_chunks import _chunk_intra, _to_chunks
 
-
 # ============================================================================ forward kernels
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 __all__ = ["FAMILIES", "KernelFamily", "TRITON_MAX_HEAD_DIM", "face", "head_dims_unfit", "nsa_triton_unfit",
            "triton_available"]

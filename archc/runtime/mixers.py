@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -487,7 +488,7 @@ def generate_recurrent(model: nn.Module, prompt: torch.Tensor | list[int], steps
     try:
         with recurrent(model):
             step_in = tokens
-            for i in range(steps):
+            for _ in range(steps):
                 logits = model(step_in)["logits"]
                 pieces.append(logits)
                 step_in = sample_next(logits[:, -1], temperature, top_k, top_p, generator)[:, None]

@@ -128,7 +128,8 @@ class Router(nn.Module):
         if self.z_loss_weight:
             aux = aux + self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
         if self.balance == "seq_aux":
-            aux = aux + self.aux_weight * sequence_balance_loss(scores, experts, self.num_experts, seq_len or x.shape[0])
+            seq_aux = sequence_balance_loss(scores, experts, self.num_experts, seq_len or x.shape[0])
+            aux = aux + self.aux_weight * seq_aux
         order, counts, inverse = dispatch(experts, self.num_experts)
         if self.balance == "aux_free" and self.training:
             with torch.no_grad():  # dropped assignments add 0 (a boolean-mask index would sync on GPUs)

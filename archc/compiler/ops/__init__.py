@@ -7,7 +7,18 @@ and docs.
 
 from archc.compiler.ops import attention, basic, mixers, mla, moe, nsa  # noqa: F401  (each registers its ops)
 from archc.compiler.ops.base import (
-    COMPOSITES, REGISTRY, REQUIRED, A, Composite, LowerContext, OpDef, Width, bind, dim_symbols, dim_value, fmt_shape,
+    COMPOSITES,
+    REGISTRY,
+    REQUIRED,
+    A,
+    Composite,
+    LowerContext,
+    OpDef,
+    Width,
+    bind,
+    dim_symbols,
+    dim_value,
+    fmt_shape,
     numel,
 )
 

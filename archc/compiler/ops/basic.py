@@ -7,7 +7,15 @@ from __future__ import annotations
 from typing import ClassVar
 
 from archc.compiler.ops.base import (
-    REGISTRY, A, OpDef, Width, composite, fmt_shape, need_width, numel, register,
+    REGISTRY,
+    A,
+    OpDef,
+    Width,
+    composite,
+    fmt_shape,
+    need_width,
+    numel,
+    register,
 )
 from archc.dsl.diagnostics import SpecError
 

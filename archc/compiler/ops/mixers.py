@@ -588,5 +588,6 @@ def lower_kda(ctx, args, v) -> str:
     if g is not None:
         g = ctx.linear(g, Width(of=vv), "g_up", bias=True, var="g")
         ins.append(_gate(ctx, g, v["gate"]))
-    core = ctx.core("kda_core", ins, {**_core_attrs(v, hd), "safe_gate": v["safe_gate"], "lower_bound": v["lower_bound"]})
+    core = ctx.core("kda_core", ins,
+                    {**_core_attrs(v, hd), "safe_gate": v["safe_gate"], "lower_bound": v["lower_bound"]})
     return out_projection(ctx, core, x, v)

@@ -80,8 +80,10 @@ class MLACore(OpDef):
                       f"    {out} = self.kv_cache.attend({q}_BHTd, k_BHTd, v_BHTd, causal=True)", "else:"]
         return [
             f"B, T, _ = {q}.shape",
-            f"{q}_nope, {q}_pe = {q}.view(B, T, {h!r}, {nope + rope!r}).transpose(1, 2).split(({nope!r}, {rope!r}), dim=-1)",
-            f"k_nope, v_BHTd = {kv}.view(B, T, {h!r}, {nope + dv!r}).transpose(1, 2).split(({nope!r}, {dv!r}), dim=-1)",
+            f"{q}_nope, {q}_pe = {q}.view(B, T, {h!r}, {nope + rope!r}).transpose(1, 2)"
+            f".split(({nope!r}, {rope!r}), dim=-1)",
+            f"k_nope, v_BHTd = {kv}.view(B, T, {h!r}, {nope + dv!r}).transpose(1, 2)"
+            f".split(({nope!r}, {dv!r}), dim=-1)",
             f"{k_pe} = {k_pe}.view(B, T, 1, {rope!r}).transpose(1, 2)  # one RoPE key for all heads",
             f"{q}_pe, {k_pe} = self.rope({q}_pe, {k_pe}{offset})  # {pairs}",
             f"{q}_BHTd = torch.cat(({q}_nope, {q}_pe), dim=-1)",
