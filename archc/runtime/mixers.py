@@ -44,6 +44,7 @@ from torch import nn
 
 from archc.kernels.delta_rule import delta_rule
 from archc.kernels.linear_attention import elu_plus_one, linear_attention
+from archc.kernels.registry import FAMILIES
 from archc.kernels.ssd import ssd
 from archc.runtime.decoding import Decoding, LearnedPositions, sample_next
 
@@ -62,7 +63,7 @@ __all__ = [
     "generate_recurrent",
 ]
 
-KERNELS = ("auto", "reference", "chunked", "triton", "fla")
+KERNELS = FAMILIES["delta_rule"].choices  # every mixer family has these faces (archc.kernels.registry)
 FEATURE_MAPS = {"elu1": elu_plus_one, "relu": F.relu, "identity": lambda x: x}
 
 
