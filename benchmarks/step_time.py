@@ -275,8 +275,8 @@ def compare(name, pair_fn, args, device, dtype, peak) -> float:
     print(f"   model FLOPs/step = 3 x fwd {fwd / 1e9:.2f} GFLOP = {train_flops / 1e9:.2f} GFLOP")
     tokens_per_step = args.batch * args.seq
     print(f"   per-step seconds ({args.steps} interleaved steps after {args.warmup} warmup)")
-    print(f"     generated : " + " ".join(f"{t * 1e3:.1f}" for t in tg) + " ms")
-    print(f"     reference : " + " ".join(f"{t * 1e3:.1f}" for t in tr) + " ms")
+    print("     generated : " + " ".join(f"{t * 1e3:.1f}" for t in tg) + " ms")
+    print("     reference : " + " ".join(f"{t * 1e3:.1f}" for t in tr) + " ms")
     header = f"   {'model':<22}{'median':>10}{'min':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"
     print(header)
     print("   " + "-" * (len(header) - 3))

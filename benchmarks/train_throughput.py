@@ -34,8 +34,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.step_time import (DTYPES, auto_threads, device_name, llama_pair, load_warning,  # noqa: E402
-                                  measured_peak, setup_device, time_pair)
+from benchmarks.step_time import (  # noqa: E402
+    DTYPES,
+    auto_threads,
+    device_name,
+    llama_pair,
+    load_warning,
+    measured_peak,
+    setup_device,
+    time_pair,
+)
 
 GOAL_RATIO = 1.0  # generated tokens/s >= the reference's
 GOAL_MFU_CPU = 0.50
@@ -76,7 +84,7 @@ def run_dtype(args, device, dtype: torch.dtype, peak32: float) -> dict:
           f"params={compiled.num_params():,}; max |logits diff| (fp32, before training) = {diff}")
     print(f"   model FLOPs/step = 3 x fwd {flops / 3e9:.2f} GFLOP = {flops / 1e9:.2f} GFLOP; "
           f"measured {str(dtype).split('.')[-1]} matmul peak ({peak_n}^3) {peak / 1e12:.4f} TFLOP/s")
-    print(f"   per-step ms: generated " + " ".join(f"{t * 1e3:.0f}" for t in tg)
+    print("   per-step ms: generated " + " ".join(f"{t * 1e3:.0f}" for t in tg)
           + " | reference " + " ".join(f"{t * 1e3:.0f}" for t in tr))
     mfu_goal = f"(goal >= {GOAL_MFU_CPU:.0%})" if device.type == "cpu" else ""
     header = f"   {'model':<24}{'median':>10}{'min':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"

@@ -48,7 +48,7 @@ CASES = [
 IDS = [f"{s}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}-B{b}T{t}" for s, o, b, t in CASES]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(spec: str, items: tuple, kernel: str | None = None):
     return archc.compile(SPECS / f"{spec}.arch", dict(items), kernels={"*": kernel} if kernel else None)
 

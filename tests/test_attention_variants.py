@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPECS
 
 import archc
 from archc.compiler import analysis
 from archc.kernels import attention as A
 from archc.runtime.functional import RotaryEmbedding
-from conftest import SPECS
 
 
 def loop_mask(t: int, s: int, *, causal: bool, window=None, sinks: int = 0, prefix: int = 0) -> torch.Tensor:

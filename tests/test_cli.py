@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, SPECS
 
 from archc.cli import main
-from conftest import ROOT, SPECS
 
 LLAMA = str(SPECS / "llama.arch")
 
@@ -56,7 +56,7 @@ def test_print_ir_after_and_dump_dir(capsys, tmp_path):
     assert code == 0
     assert err.count("IR Dump After") == 1 and "IR Dump After cse" in err
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names[0] == "00-lower.ir" and "07-choose_attention_kernel.ir" in names and "model.py" in names
+    assert names[0] == "00-lower.ir" and "07-choose_kernels.ir" in names and "model.py" in names
     code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "all")
     assert err.count("IR Dump After") == 8
     code, _out, err = run(capsys, "compile", LLAMA, "--print-ir-after", "csee")
@@ -103,3 +103,14 @@ def test_usage_errors_exit_2(capsys):
 def test_python_dash_m_works():
     result = subprocess.run([sys.executable, "-m", "archc", "check", LLAMA], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "ok" in result.stdout
+
+
+def test_kernel_help_lists_every_face_from_the_kernel_registry():
+    from archc.cli.main import build_parser
+    from archc.kernels.registry import FAMILIES
+
+    compile_cmd = build_parser()._subparsers._group_actions[0].choices["compile"]
+    text = " ".join(compile_cmd.format_help().split())
+    for family in FAMILIES.values():
+        if family.per_layer:
+            assert f"{family.name} {'|'.join(family.choices)}" in text

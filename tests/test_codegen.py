@@ -9,9 +9,9 @@ import traceback
 
 import pytest
 import torch
+from conftest import ROOT, SPECS
 
 import archc
-from conftest import ROOT, SPECS
 
 SPEC_FILES = sorted(p.name for p in SPECS.glob("*.arch"))
 
@@ -107,7 +107,8 @@ HOSTILE_STRINGS = [
 def test_hostile_strings_never_become_code(payload):
     # Strings reach only validated attributes; one that is not allowed is an error,
     # never text in the output.
-    text = f'model M(tokens: Tokens[B, T]) {{ x = embedding(tokens, 16, 8)\n y = mlp(x, hidden=8, act="{payload}")\n return y }}'
+    text = (f'model M(tokens: Tokens[B, T]) {{ x = embedding(tokens, 16, 8)\n'
+            f' y = mlp(x, hidden=8, act="{payload}")\n return y }}')
     with pytest.raises(archc.SpecError) as err:
         archc.compile(text, name="evil.arch")
     assert "act" in err.value.message
@@ -130,5 +131,41 @@ def test_hostile_names_are_rejected_or_renamed(name):
 
 
 def test_numbers_are_emitted_with_repr():
-    text = "param eps: float = 1e-7\nmodel M(tokens: Tokens[B, T]) { x = embedding(tokens, 16, 8)\n x = rms_norm(x, eps)\n return x }"
+    text = ("param eps: float = 1e-7\n"
+            "model M(tokens: Tokens[B, T]) { x = embedding(tokens, 16, 8)\n x = rms_norm(x, eps)\n return x }")
     assert "eps=1e-07" in archc.compile(text, name="n.arch").source
+
+
+def test_one_builtin_called_from_two_lines_is_one_class_listing_both_lines():
+    source = archc.compile(str(SPECS / "kimi_linear.arch")).source
+    assert "class SwiGLU3(" not in source and "class MoE2(" not in source and "class GroupedExperts2(" not in source
+    assert '"""The built-in `MoE` from kimi_linear.arch:28, kimi_linear.arch:39."""' in source
+    # the merged class carries no per-line comments (they would belong to only one of its uses)
+    moe = source.split("class MoE(")[1].split("\nclass ")[0]
+    assert "# kimi_linear.arch" not in moe
+    # a class used from one place keeps them
+    assert "self.f_up = nn.Linear(32, 128, bias=False)  # kimi_linear.arch:24" in source
+
+
+DIT = """
+block DiTBlock(x: Tensor[B, T, 16], c: Tensor[B, T, 16]) {
+    shift = linear(c, 16) as ada
+    return x + shift * x
+}
+model M(x: Tensor[B, T, 16], c: Tensor[B, T, 16]) {
+    y = DiTBlock(x, c) as dit
+    return y
+}
+"""
+
+
+def test_forward_arguments_follow_the_declaration_not_first_use():
+    compiled = archc.compile(DIT, name="dit.arch")
+    block = compiled.source.split("class DiTBlock(")[1].split("\nclass ")[0]
+    assert "def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:" in block
+    assert "self.dit(x, c)" in compiled.source
+    torch.manual_seed(0)
+    model = compiled.build()
+    x, c = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    want = x + model.dit.ada(c) * x  # swapped arguments would compute c + ada(x) * c
+    torch.testing.assert_close(model(x, c)["y"], want)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 import archc
-from conftest import ROOT
 
 SPEC = """
 param vocab: int = 32

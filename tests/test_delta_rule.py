@@ -1,6 +1,6 @@
 """Gated delta rule (GDN / KDA): the chunked PyTorch form against the recurrent reference.
 
-Recipe (algorithms.md §5.5): L2-normalised q and k, beta in (0, 1), g = logsigmoid(randn)
+Recipe (docs/algorithms.md §3.5): L2-normalised q and k, beta in (0, 1), g = logsigmoid(randn)
 clamped to [-5, 0) (per head for GDN, per key channel for KDA), T a multiple of the chunk and
 not, with and without an initial state, head dims 32 and 64. Errors are relative L2 errors
 ||a - b|| / ||b|| against the fp32 reference:
@@ -24,14 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from archc.kernels.delta_rule import (
-    FACTOR_SPAN,
-    SUB_CHUNK,
-    _decayed_grams,
-    delta_rule,
-    delta_rule_chunked,
-    delta_rule_reference,
-)
+from archc.kernels.delta_rule import delta_rule, delta_rule_chunked, delta_rule_reference
+from archc.kernels.delta_rule_chunks import FACTOR_SPAN, SUB_CHUNK, _decayed_grams
 from archc.kernels.linear_attention import linear_attention_reference
 from archc.kernels.ssd import ssd_reference
 
@@ -343,7 +337,7 @@ def test_matches_fla_chunk_kernels(decay):
     xs = make_inputs(2, 100, 2, 64, 64, per_head=decay == "per_head", init=True, seed=5)
     q, k, v, g, beta, h0 = (x.cuda() for x in xs)
     fla_fn = chunk_gated_delta_rule if decay == "per_head" else chunk_kda
-    # Keywords only: FLA's positional orders differ between functions (algorithms.md §5.3-5.4).
+    # Keywords only: FLA's positional orders differ between functions (docs/algorithms.md §3.0).
     o_fla, s_fla = fla_fn(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0, output_final_state=True)
     o, s = delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, impl="triton")
     o_ref, s_ref = delta_rule_reference(q, k, v, g, beta, initial_state=h0, output_final_state=True)

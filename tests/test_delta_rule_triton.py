@@ -59,7 +59,7 @@ def _run_case(per_head, T, C, H, K, V, init, final, dtype, g_min, g_const=None):
     import torch
     import torch.nn.functional as F
 
-    from archc.kernels.delta_rule import delta_rule, delta_rule_reference
+    from archc.kernels.delta_rule import delta_rule
 
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(T * 7 + C)
@@ -150,7 +150,8 @@ def _results():
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
     return json.loads(lines[-1][len("RESULTS "):])
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPECS
 
 import archc
 from archc.interop.weights import load_canonical, to_canonical
-from conftest import SPECS
 
 LAYER = """
 model M(x: Tensor[B, T, 16]) {

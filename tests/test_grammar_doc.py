@@ -6,10 +6,10 @@ import re
 
 import pytest
 import torch
+from conftest import ROOT
 
 import archc
 from archc.dsl import parse
-from conftest import ROOT
 
 FENCE = re.compile(r"(\*compiles\*\s*\n\s*\n)?```arch\n(.*?)```", re.S)
 EXAMPLES = [(bool(m.group(1)), m.group(2)) for m in FENCE.finditer((ROOT / "GRAMMAR.md").read_text())]

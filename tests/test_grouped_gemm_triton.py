@@ -24,9 +24,9 @@ from xml.etree import ElementTree
 
 import pytest
 import torch
+from test_grouped_gemm import CASES, DTYPES, TOL, assert_face_matches, make_inputs, run_face, truth
 
 from archc.kernels import grouped_gemm as gg
-from test_grouped_gemm import CASES, DTYPES, TOL, assert_face_matches, make_inputs, run_face, truth
 
 
 def pytest_configure(config):

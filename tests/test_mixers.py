@@ -1,7 +1,7 @@
 """Linear-attention mixers in the compiler: numerics vs per-token loops, decoding, kernels, analysis, specs.
 
 Each mixer layer's compiled module is checked against a plain per-token
-recurrence written here from the papers' equations (algorithms.md §5), using
+recurrence written here from the papers' equations (docs/algorithms.md §3), using
 the module's own weights — forward and gradients. Recurrent decoding must give
 the logits of the whole sequence. Shapes are tiny; the file runs in well under
 a minute on two cores.
@@ -15,13 +15,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPECS
 
 import archc
 from archc.compiler import analysis
+from archc.interop.weights import fused_layout, load_canonical, to_canonical
 from archc.runtime.mixers import MixerCore, generate_recurrent, recurrent
 from archc.training.optim import build_optimizer
-from archc.interop.weights import fused_layout, load_canonical, to_canonical
-from conftest import SPECS
 
 D = 32
 LAYER = """

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from archc.runtime.moe import (Router, combine_rows, dispatch_rows, sequence_balance_loss, switch_balance_loss,
-                               update_expert_biases)
+from archc.runtime.moe import (
+    Router,
+    combine_rows,
+    dispatch_rows,
+    sequence_balance_loss,
+    switch_balance_loss,
+    update_expert_biases,
+)
 
 
 def per_token_reference(router: Router, x: torch.Tensor):
@@ -22,8 +28,8 @@ def per_token_reference(router: Router, x: torch.Tensor):
             bias = router.expert_bias.tolist() if router.balance == "aux_free" else [0.0] * E
             biased = [s + b for s, b in zip(scores, bias)]
             size = E // router.groups
-            group_score = [sum(sorted(biased[g * size:(g + 1) * size], reverse=True)[:2]) if router.balance == "aux_free"
-                           else max(biased[g * size:(g + 1) * size]) for g in range(router.groups)]
+            blocks = [biased[g * size:(g + 1) * size] for g in range(router.groups)]
+            group_score = [sum(sorted(b, reverse=True)[:2]) if router.balance == "aux_free" else max(b) for b in blocks]
             kept_groups = sorted(range(router.groups), key=lambda g: -group_score[g])[:router.top_groups]
             allowed = [i for i in range(E) if i // size in kept_groups]
             chosen = sorted(allowed, key=lambda i: -biased[i])[:k]
@@ -82,8 +88,8 @@ def test_moe_output_and_gradients_match_per_token_loop(case):
     slow = torch.stack([sum(routing.weights[t, j] * experts[routing.experts[t, j]](x[t])
                             for j in range(routing.top_k)) for t in range(15)])
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
-    g_fast = torch.autograd.grad(fast.square().sum(), [x, router.gate.weight, experts[0].weight], allow_unused=True, materialize_grads=True,
-                                 retain_graph=True)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, router.gate.weight, experts[0].weight], allow_unused=True,
+                                 materialize_grads=True, retain_graph=True)
     g_slow = torch.autograd.grad(slow.square().sum(), [x, router.gate.weight, experts[0].weight], allow_unused=True,
                                  materialize_grads=True)
     for a, b in zip(g_fast, g_slow):
@@ -91,7 +97,7 @@ def test_moe_output_and_gradients_match_per_token_loop(case):
 
 
 def test_balance_losses_equal_their_weight_under_perfect_balance():
-    E, N, k = 4, 16, 2
+    E, N = 4, 16
     experts = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)
     uniform = torch.full((N, E), 1.0 / E)
     assert switch_balance_loss(uniform, experts, E).item() == pytest.approx(1.0)

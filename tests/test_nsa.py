@@ -13,13 +13,21 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPECS
 
 import archc
 from archc.compiler import analysis
 from archc.kernels import nsa
-from archc.kernels.nsa import (block_importance, compressed_blocks, nsa_attention, nsa_gather, nsa_reference,
-                               resolve_kernel, select_blocks, triton_unsupported)
-from conftest import SPECS
+from archc.kernels.nsa import (
+    block_importance,
+    compressed_blocks,
+    nsa_attention,
+    nsa_gather,
+    nsa_reference,
+    resolve_kernel,
+    select_blocks,
+    triton_unsupported,
+)
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "g_cmp", "g_slc", "g_win")
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import archc
-from archc.compiler.ir import IRError, verify
+from archc.compiler.ir import IRError
 from archc.compiler.lower import load_spec, lower, resolve_params
-from archc.compiler.passes import choose_attention_kernel, cse, dce, fold_params, fuse_projections, infer_shapes
+from archc.compiler.passes import choose_kernels, cse, dce, fold_params, fuse_projections, infer_shapes
 from archc.compiler.scalars import Unfolded
+from archc.compiler.verify import verify
 from archc.interop.weights import load_canonical, to_canonical
 
 
@@ -142,23 +143,23 @@ def test_fused_and_unfused_modules_compute_the_same():
     torch.testing.assert_close(a(tokens)["y"], b(tokens)["y"])
 
 
-def test_choose_attention_kernel_picks_sdpa_and_honours_overrides():
+def test_choose_kernels_picks_sdpa_and_honours_overrides():
     graph = fuse_projections(shaped(ATTN))
-    chosen = choose_attention_kernel(graph)
+    chosen = choose_kernels(graph)
     core = next(n for n in chosen.nodes() if n.op == "attention_core")
     assert core.attrs["kernel"] == "sdpa" and "is_causal" in core.attrs["kernel_reason"]
 
     class Opts:
         kernels = {"attn": "math"}
 
-    forced = next(n for n in choose_attention_kernel(graph, Opts()).nodes() if n.op == "attention_core")
+    forced = next(n for n in choose_kernels(graph, Opts()).nodes() if n.op == "attention_core")
     assert forced.attrs["kernel"] == "math"
 
     class Bad:
         kernels = {"attn": "flash9"}
 
     with pytest.raises(archc.SpecError, match="unknown kernel"):
-        choose_attention_kernel(graph, Bad())
+        choose_kernels(graph, Bad())
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -189,8 +190,8 @@ def _kernels(graph):
     return {n.scope: n.attrs["kernel"] for n in graph.nodes() if n.op == "attention_core"}
 
 
-def test_choose_attention_kernel_sends_windows_to_auto_with_a_reason():
-    graph = choose_attention_kernel(fuse_projections(shaped(LOCAL_GLOBAL)))
+def test_choose_kernels_sends_windows_to_auto_with_a_reason():
+    graph = choose_kernels(fuse_projections(shaped(LOCAL_GLOBAL)))
     assert _kernels(graph) == {"layers.0.attn": "auto", "layers.1.attn": "auto", "layers.2.attn": "auto",
                                "layers.3.attn": "sdpa", "drop_attn": "auto"}
     reasons = {n.scope: n.attrs["kernel_reason"] for n in graph.nodes() if n.op == "attention_core"}
@@ -205,14 +206,14 @@ def test_attention_kernel_overrides_apply_where_they_fit():
     class Opts:
         kernels = {"attention": "local", "layers.1.*": "math"}
 
-    assert _kernels(choose_attention_kernel(graph, Opts())) == {
+    assert _kernels(choose_kernels(graph, Opts())) == {
         "layers.0.attn": "local", "layers.1.attn": "math", "layers.2.attn": "local", "layers.3.attn": "sdpa",
         "drop_attn": "local"}
 
     class Flex:
         kernels = {"attention": "flex"}
 
-    assert _kernels(choose_attention_kernel(graph, Flex()))["drop_attn"] == "auto"  # flex has no dropout
+    assert _kernels(choose_kernels(graph, Flex()))["drop_attn"] == "auto"  # flex has no dropout
 
 
 @pytest.mark.parametrize("pattern, kernel, why", [
@@ -225,7 +226,7 @@ def test_attention_kernel_that_cannot_run_a_layer_is_a_located_error(pattern, ke
         kernels = {pattern: kernel}
 
     with pytest.raises(archc.SpecError, match=why) as info:
-        choose_attention_kernel(fuse_projections(shaped(LOCAL_GLOBAL)), Opts())
+        choose_kernels(fuse_projections(shaped(LOCAL_GLOBAL)), Opts())
     assert info.value.span is not None and "can run with: auto" in info.value.hint
 
 
@@ -248,8 +249,26 @@ def test_compile_reads_as_named_passes_and_records_every_stage():
     compiled = archc.compile(ATTN, name="t.arch")
     assert [name for name, _g in compiled.stages] == [
         "lower", "fold_params", "infer_shapes", "dce", "cse", "fuse_experts", "fuse_projections",
-        "choose_attention_kernel"]
+        "choose_kernels"]
     with pytest.raises(archc.SpecError, match="did you mean `cse`"):
         archc.compile(ATTN, name="t.arch", disable=("csee",))
     with pytest.raises(archc.SpecError, match="required"):
         archc.compile(ATTN, name="t.arch", disable=("infer_shapes",))
+
+
+def test_compile_pauses_the_cyclic_collector_and_restores_it():
+    # The collector's full passes over every stage's IR made fuse_experts 66x slower at 128 layers than at 8.
+    import gc
+
+    seen = []
+    archc.compile(ATTN, name="t.arch", on_stage=lambda _name, _g: seen.append(gc.isenabled()))
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(archc.SpecError):
+        archc.compile(ATTN + "\nmodel Broken(", name="t.arch")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        archc.compile(ATTN, name="t.arch")
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()

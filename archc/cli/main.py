@@ -1,4 +1,4 @@
-"""The `archc` command line: compile | check | summary | graph | inspect.
+"""The `archc` command line: compile | check | summary | graph | inspect | train | sweep | eval | convert.
 
 Exit codes: 0 success, 1 a problem in a spec, an override or an input file,
 2 bad usage, 3 an internal error (a bug: rerun with ARCHC_DEBUG=1 for the traceback).
@@ -196,6 +196,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=field.name, type=conv, default=None, help=f"(default {field.default})")
 
 
+def kernel_help() -> str:
+    """The kernels of every family the compiler chooses per layer, from the kernel registry."""
+    from archc.kernels.registry import FAMILIES
+
+    return ", ".join(f"{f.name} {'|'.join(f.choices)}" for f in FAMILIES.values() if f.per_layer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from archc import __version__
 
@@ -203,9 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-D", dest="define", action="append", metavar="NAME=VALUE",
                         help="override a spec parameter (repeatable), e.g. -D d_model=512")
     common.add_argument("--kernel", action="append", metavar="PATTERN=KERNEL",
-                        help="force a kernel for nodes whose path matches PATTERN (a glob; `attention` or `mixers` "
-                             "for all of a family): attention auto|sdpa|sdpa_mask|flex|local|math, "
-                             "mixers auto|reference|chunked|triton|fla, nsa auto|reference|gather|triton")
+                        help="force a kernel for nodes whose path matches PATTERN (a glob; `attention`, `mixers` or "
+                             "a mixer's name such as `kda` for all of them); kernels by family: " + kernel_help())
     common.add_argument("--no-pass", action="append", metavar="PASS", help="turn an optional pass off (repeatable)")
     common.add_argument("--print-ir-after", metavar="PASS|all", help="print the IR after a pass (or all) to stderr")
     common.add_argument("--dump-dir", metavar="DIR", help="write the IR after every stage and the module into DIR")

@@ -116,7 +116,7 @@ def total_params(graph: Graph) -> int:
 
 def active_params(graph: Graph) -> int:
     """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
-    share = {n.scope + ".experts": n.attrs["top_k"] / n.attrs["experts"] for n in graph.nodes() if n.op == "router"}
+    share = dict(filter(None, (ops.REGISTRY[n.op].active_share(n) for n in graph.nodes())))
     total = 0.0
     for node in graph.nodes():
         count = sum(_numel(s) for s in node_params(graph, node).values())
@@ -159,7 +159,8 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     active = active_params(graph)
     if active != model.params:
         lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts count top_k/n")
-    lines.append(f"forward FLOPs       {human(model.flops)} per step, {human(model.flops / max(1, batch * seq))} per token")
+    per_token = human(model.flops / max(1, batch * seq))
+    lines.append(f"forward FLOPs       {human(model.flops)} per step, {per_token} per token")
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
     lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")
     lines.append(f"weights (fp32)      {human(model.params * 4)}B")
@@ -197,9 +198,9 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     kinds: dict[tuple[str, str], int] = {}
     for node in mixers:
         op = _mixer_op(node)
-        key = (op.mixer, getattr(op, "growth", "linear in T"))  # NSA says how its branches grow
+        key = (op.mixer, op.growth)
         kinds[key] = kinds.get(key, 0) + 1
-    attention = [n for n in graph.nodes() if n.op == "attention_core"]
+    attention = [n for n in graph.nodes() if ops.REGISTRY[n.op].kernel_groups == ("attention",)]
     text = "; ".join(f"{', '.join(f'{c} {k}' for (k, g2), c in kinds.items() if g2 == g)} ({g})"
                      for g in dict.fromkeys(g for _k, g in kinds))
     if attention:
@@ -207,8 +208,7 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     lines = [f"mixers              {text}"]
     state = sum(recurrent_state(graph).values())
     text = f"{human(state)} floats per sequence ({human(4 * state)}B fp32), constant in T"
-    kv = sum(2 * n.attrs["kv_heads"] * n.attrs["head_dim"] for n in attention)
-    kv += sum(_mixer_op(n).kv_per_token(n) for n in mixers if hasattr(_mixer_op(n), "kv_per_token"))
+    kv = sum(ops.REGISTRY[n.op].kv_per_token(n) for n in [*attention, *mixers])
     if kv:
         text += f"; KV cache {human(kv)} floats per token"
     lines.append(f"recurrent state     {text}")
@@ -228,7 +228,7 @@ def param_roles(graph: Graph) -> dict[str, str]:
     `bias`. Optimizers split parameter groups by role instead of guessing from names.
     """
     outputs = {nid for _name, nid in graph.outputs}
-    loss_inputs = {a for n in graph.nodes() if n.op == "next_token_loss" for a in graph.args(n.id)}
+    loss_inputs = {a for n in graph.nodes() if ops.REGISTRY[n.op].is_loss for a in graph.args(n.id)}
     roles: dict[str, str] = {}
     for node in graph.nodes():
         declared = ops.REGISTRY[node.op].roles(node)
@@ -236,11 +236,9 @@ def param_roles(graph: Graph) -> dict[str, str]:
             own = [role for key, role in declared.items() if name == key or name.endswith("." + key)]
             if own:
                 role = own[0]
-            elif node.op in ("embedding", "pos_embedding"):
-                role = "embedding"
             elif name.endswith("bias"):
                 role = "bias"
-            elif node.op in ("linear", "fused_linear"):
+            elif ops.REGISTRY[node.op].is_linear_map:
                 role = "head" if node.id in outputs or node.id in loss_inputs else "matrix"
             elif len(shape) == 1:
                 role = "norm"

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
+import gc
 import linecache
 import sys
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 
 from archc.compiler import analysis, ops
 from archc.compiler.codegen import GeneratedCode, generate
-from archc.compiler.ir import Graph, verify
+from archc.compiler.ir import Graph
 from archc.compiler.lower import Spec, load_spec, lower, resolve_params
-from archc.compiler.passes import PASSES, PASS_NAMES
+from archc.compiler.passes import PASS_NAMES, PASSES
+from archc.compiler.verify import verify
 from archc.dsl.diagnostics import SpecError, did_you_mean
 
 
@@ -117,7 +121,25 @@ def compile(
         if not dict((n, opt) for n, _f, opt in PASSES)[pass_name]:
             raise SpecError(f"--no-pass {pass_name}: this pass is required and cannot be turned off")
     options = Options(dict(kernels or {}), tuple(disable))
+    with _no_cyclic_gc():
+        return _compile(spec, name, overrides, options, on_stage)
 
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Compiling allocates many small objects and keeps the IR of every stage; the cyclic collector's full
+    passes over all of them made compile time grow faster than the number of layers. It is paused while
+    compiling; whatever cycles a compile leaves behind are collected once it resumes."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _compile(spec, name, overrides, options: Options, on_stage) -> Compiled:
     loaded = load_spec(spec, name)
     params = resolve_params(loaded, overrides)
     graph = lower(loaded, params)
@@ -140,31 +162,30 @@ def compile(
 def _header(graph: Graph, params: dict[str, Any]) -> list[str]:
     lines = ["Spec parameters:"]
     lines += [f"    {k} = {v!r}" for k, v in params.items()]
-    kernels = {}
+    # kernel group -> (what, kernel, reason) -> layers; `what` names the mixer where a group holds several
+    kernels: dict[str, dict[tuple, int]] = {group: {} for group in _KERNEL_HEADINGS}
     for node in graph.nodes():
-        if node.op == "attention_core":
-            kernels.setdefault((node.attrs["kernel"], node.attrs["kernel_reason"]), []).append(node.scope)
-    if kernels:
-        lines += ["", "Attention kernels:"]
-        for (kernel, reason), scopes in kernels.items():
-            lines.append(f"    {kernel} for {len(scopes)} layer(s): {reason}")
-    mixers: dict[tuple, list[str]] = {}
-    for node in graph.nodes():
-        family = getattr(ops.REGISTRY[node.op], "mixer", None)
-        if family:
-            mixers.setdefault((family, node.attrs["kernel"], node.attrs["kernel_reason"]), []).append(node.scope)
-    if mixers:
-        lines += ["", "Mixer kernels:"]
-        lines += [f"    {family}: {kernel} for {len(scopes)} layer(s): {reason}"
-                  for (family, kernel, reason), scopes in mixers.items()]
+        op = ops.REGISTRY[node.op]
+        if op.kernel_family:
+            group, what = op.kernel_groups[0], op.kernel_groups[-1]
+            key = (f"{what}: " if what != group else "", node.attrs["kernel"], node.attrs["kernel_reason"])
+            kernels[group][key] = kernels[group].get(key, 0) + 1
+    for group, heading in _KERNEL_HEADINGS.items():
+        if kernels[group]:
+            lines += ["", heading]
+            lines += [f"    {what}{kernel} for {count} layer(s): {reason}"
+                      for (what, kernel, reason), count in kernels[group].items()]
     lines += ["", f"Parameters: {analysis.total_params(graph):,}"]
     return lines
+
+
+_KERNEL_HEADINGS = {"attention": "Attention kernels:", "mixers": "Mixer kernels:"}
 
 
 def _attention_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None) -> str:
     """Summary footer: each attention kernel with its reason, and attention FLOPs at T, 2T, 4T
     (windowed attention grows linearly, full attention quadratically)."""
-    nodes = [n for n in graph.nodes() if n.op == "attention_core"]
+    nodes = [n for n in graph.nodes() if ops.REGISTRY[n.op].kernel_groups == ("attention",)]
     if not nodes:
         return ""
     groups: dict[tuple, int] = {}
@@ -181,7 +202,7 @@ def _attention_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] 
     growth = [flops(seq * f) for f in (1, 2, 4)]
     steps = [f"T={seq}: {analysis.human(growth[0])}"]
     steps += [f"{seq * f}: {analysis.human(g)} (x{g / prev:.2f})" for f, g, prev in zip((2, 4), growth[1:], growth)]
-    windowed = sum(n.attrs["window"] is not None for n in nodes)
+    windowed = sum(ops.REGISTRY[n.op].windowed(n) for n in nodes)
     lines.append(f"attention FLOPs     {', '.join(steps)}; {windowed} windowed (linear in T), "
                  f"{len(nodes) - windowed} full (quadratic in T)")
     return "\n".join(lines) + "\n"

@@ -2,9 +2,13 @@
 
 One `nn.Module` class per distinct block structure, named after the block;
 module attributes named after the spec; provenance comments pointing at spec
-lines. Classes are deduplicated by their generated text, so eight identical
-layers share one class. Nothing from a spec reaches the output except
-identifiers the grammar has validated and literals written with `repr`.
+lines. Classes are deduplicated by their generated code without those
+comments, so eight identical layers share one class, and so do two calls of a
+built-in from different lines: the class docstring then lists every line the
+class stands for (and the per-line comments, which would differ, are left out).
+Forward arguments follow the block's declaration order. Nothing from a spec
+reaches the output except identifiers the grammar has validated and literals
+written with `repr`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from archc.compiler.pytext import docstring_line, inert
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MODULE_NAMES = {"torch", "nn", "F", "AF", "annotations"}
+# Marks a provenance comment (the spec line a module or value came from) inside a class body while
+# classes are deduplicated; `_render` keeps or drops them and removes the mark.
+_PROVENANCE = "\x00"
+_MARKED = re.compile(_PROVENANCE + "[^\n]*")
 
 
 def safe_ident(name: str) -> str:
@@ -36,7 +44,6 @@ def safe_ident(name: str) -> str:
 class GeneratedCode:
     source: str
     class_name: str  # the model's class
-    line_map: dict[int, str]  # generated line -> IR node id
 
 
 class _Namespace:
@@ -89,15 +96,19 @@ class _Codegen:
                     break
                 path = _parent(graph, path)
         self.class_of: dict[str, str] = {}  # scope path -> class name
-        self.class_text: dict[str, str] = {}  # class name -> text
-        self.text_class: dict[str, str] = {}  # body text -> class name
+        self.key_class: dict[tuple, str] = {}  # (kind, block, code without provenance) -> class name
+        self.instances: dict[str, list[tuple[Scope, str]]] = {}  # class name -> (scope, marked body) per use
         self.used_names: set[str] = set(_MODULE_NAMES)
-        self.line_nodes: dict[str, list[str]] = {}
         self.order: list[str] = []  # class names in definition order
+        self._io: dict[str, tuple[list[str], list[str]]] = {}
 
     # ---- scope structure -----------------------------------------------------
 
     def io(self, path: str) -> tuple[list[str], list[str]]:
+        """The values a scope reads from outside (its arguments: declared ones in declaration order, then
+        the rest in order of first use) and the values it gives back."""
+        if path in self._io:
+            return self._io[path]
         nodes = self.subtree[path]
         inside = {n.id for n in nodes}
         if not path:
@@ -108,10 +119,13 @@ class _Codegen:
             for arg in self.g.args(node.id):
                 if arg not in inside and arg not in inputs:
                     inputs.append(arg)
+        declared = {v: i for i, v in reversed(list(enumerate(self.g.scopes[path].inputs)))}
+        inputs.sort(key=lambda v: declared.get(v, len(declared)))  # stable: undeclared keep first-use order
         graph_outs = {nid for _n, nid in self.g.outputs}
         for node in nodes:
             if node.id in graph_outs or any(u not in inside for u in self.g.users(node.id)):
                 outputs.append(node.id)
+        self._io[path] = inputs, outputs
         return inputs, outputs
 
     def attr_of(self, parent: str, child: str) -> tuple[str, int | None]:
@@ -128,8 +142,9 @@ class _Codegen:
             self.build(child)
         scope = self.g.scopes[path]
         body = self.class_body(path, scope)
-        if body in self.text_class:
-            name = self.text_class[body]
+        key = (scope.kind, scope.cls, _MARKED.sub("", body))
+        if key in self.key_class:
+            name = self.key_class[key]
         else:
             base = safe_ident(scope.cls)
             name, i = base, 1
@@ -137,21 +152,35 @@ class _Codegen:
                 i += 1
                 name = f"{base}{i}"
             self.used_names.add(name)
-            self.text_class[body] = name
-            self.class_text[name] = body
+            self.key_class[key] = name
+            self.instances[name] = []
             self.order.append(name)
+        self.instances[name].append((scope, body))
         self.class_of[path] = name
         return name
 
+    def render(self, name: str) -> str:
+        """The class text: its docstring names every spec line it stands for; the provenance comments stay
+        when every use has the same ones."""
+        uses = self.instances[name]
+        scope, body = uses[0]
+        lines = list(dict.fromkeys(inert(s.span.short) for s, _b in uses if s.span))
+        where = f" from {', '.join(lines)}" if lines else ""
+        kind = {"model": "model", "block": "block", "composite": "built-in", "step": "repeat step"}[scope.kind]
+        same = all(b == body for _s, b in uses)
+        body = body.replace(_PROVENANCE, "") if same else _MARKED.sub("", body)
+        return f'(nn.Module):\n    """The {kind} `{scope.cls}`{where}."""\n' + body
+
     def class_body(self, path: str, scope: Scope) -> str:
+        """The class after its docstring, provenance comments marked."""
         g = self.g
         direct = [n for n in self.subtree[path] if n.scope == path]
         lines: list[str] = []
-        where = f" from {inert(scope.span.short)}" if scope.span else ""
-        kind = {"model": "model", "block": "block", "composite": "built-in", "step": "repeat step"}[scope.kind]
-        doc = f"The {kind} `{scope.cls}`{where}."
-        lines += ["(nn.Module):", f'    """{doc}"""', "", "    def __init__(self) -> None:",
-                  "        super().__init__()"]
+        why = next(filter(None, (ops.REGISTRY[n.op].cannot_decode(n, [g.node(a).shape for a in g.args(n.id)])
+                                 for n in direct)), None)
+        if why:  # what archc.runtime.decoding reads to refuse this module by name
+            lines += ["", f"    cannot_decode = {why!r}"]
+        lines += ["", "    def __init__(self) -> None:", "        super().__init__()"]
         # modules in program order: this scope's own weighted nodes, child modules, lists
         entries: list[tuple[float, list[str]]] = []
         for node in direct:
@@ -192,7 +221,8 @@ class _Codegen:
         g = self.g
         inputs, outputs = self.io(path)
         # items in program order: own nodes, and child modules at their first node
-        items: list[tuple[float, str, object]] = [(n.order, "node", n) for n in direct if n.op != "input"]
+        params = set(scope.inputs) if scope.kind == "model" else set()  # the model's inputs are its arguments
+        items: list[tuple[float, str, object]] = [(n.order, "node", n) for n in direct if n.id not in params]
         for child in self.children[path]:
             items.append((min(n.order for n in self.subtree[child]), "child", child))
         items.sort(key=lambda t: t[0])
@@ -331,9 +361,8 @@ class _Codegen:
             attr, _index = self.attr_of(path, members[0])
             out = ns.name(node.var or "y", node.id, i, last_use[node.id])
             names[node.id] = out
-            return [f"{out} = torch.cat([",
-                    f"    expert(rows) for expert, rows in zip(self.{attr}, {names[rows]}.split({names[routing]}.split_sizes()))",
-                    "])"]
+            pieces = f"{names[rows]}.split({names[routing]}.split_sizes())"
+            return [f"{out} = torch.cat([", f"    expert(rows) for expert, rows in zip(self.{attr}, {pieces})", "])"]
         if kind == "child":
             ins, outs = self.io(obj)
             attr, index = self.attr_of(path, obj)
@@ -355,7 +384,7 @@ class _Codegen:
         if node.op == "linear" and node.attrs.get("tie"):
             node = attrs.evolve(node, attrs={**node.attrs, "tie_ref": f"self.{g.node(node.attrs['tie']).name}.weight"})
         lines = op.forward(node, arg_names, out, f"self.{node.name}", ins)
-        if node.op != "attention_core":
+        if op.line_comment:
             lines[-1] += _provenance(node, always=False)
         return lines
 
@@ -377,12 +406,13 @@ class _Codegen:
 
 
 def _provenance(node: Node, always: bool = True) -> str:
+    """`  # file:line` (or `  # fused: ...`), marked as provenance for deduplication."""
     if node.provenance:
         parts = [p.rsplit(" (", 1)[0].rsplit(".", 1)[-1] for p in node.provenance]
         what = f"{len(parts)} experts' {parts[0]}" if len(set(parts)) == 1 else ", ".join(parts)
-        return "  # fused: " + inert(what + (f" ({node.span.short})" if node.span else ""))
+        return _PROVENANCE + "  # fused: " + inert(what + (f" ({node.span.short})" if node.span else ""))
     if node.span is not None and always:
-        return "  # " + inert(node.span.short)
+        return _PROVENANCE + "  # " + inert(node.span.short)
     return ""
 
 
@@ -402,14 +432,14 @@ def generate(graph: Graph, summary_lines: list[str] | None = None) -> GeneratedC
                "from archc.runtime import functional as AF", ""]
     chunks = ["\n".join(header)]
     for name in cg.order:
-        chunks.append(f"\nclass {name}" + cg.class_text[name] + "\n")
+        chunks.append(f"\nclass {name}" + cg.render(name) + "\n")
     source = "\n".join(chunks)
     lines = source.split("\n")  # not splitlines(): escaped text holds no line break of any kind
     if lines[-1] == "":
         lines.pop()
     source = "\n".join(line.rstrip() for line in lines) + "\n"
     _check_parses(source)
-    return GeneratedCode(source, model_cls, {})
+    return GeneratedCode(source, model_cls)
 
 
 def _check_parses(source: str) -> None:

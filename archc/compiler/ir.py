@@ -55,6 +55,7 @@ class Scope:
     outputs: list[str] = attrs.Factory(list)  # node ids returned
     output_names: list[str] = attrs.Factory(list)
     expected: list[tuple[str, Shape, Span]] = attrs.Factory(list)  # declared input shapes to check
+    builtin: str = ""  # for a composite: the built-in it lowers (`attention`, `experts`, ...)
 
 
 class Graph:
@@ -118,7 +119,7 @@ class Graph:
         """All nodes in program order (a topological order)."""
         return sorted((d["node"] for _, d in self.g.nodes(data=True)), key=lambda n: n.order)
 
-    def copy(self) -> "Graph":
+    def copy(self) -> Graph:
         new = Graph(self.name)
         new.g = nx.MultiDiGraph()
         for node in self.nodes():
@@ -172,34 +173,3 @@ def _fmt(value: Any) -> str:
 
 class IRError(Exception):
     """The IR broke an invariant: a bug in a pass, not in the user's spec."""
-
-
-def verify(graph: Graph, *, folded: bool = False, shaped: bool = False) -> None:
-    """Check the IR's invariants; raise IRError naming the node and the fix."""
-    from archc.compiler import ops
-    from archc.compiler.scalars import Unfolded
-
-    if not nx.is_directed_acyclic_graph(graph.g):
-        cycle = nx.find_cycle(graph.g)
-        raise IRError(f"the IR has a cycle through {cycle}; passes must keep it acyclic")
-    for node in graph.nodes():
-        if node.op not in ops.REGISTRY:
-            raise IRError(f"node %{node.id} has unknown op {node.op!r}")
-        for arg in graph.args(node.id):
-            if graph.node(arg).order >= node.order:
-                raise IRError(
-                    f"node %{node.id} ({node.op}) uses %{arg}, which comes later in program order; "
-                    "a pass that inserts nodes must give them an order before their users"
-                )
-        indices = sorted(i for _s, _d, i in graph.g.in_edges(node.id, data="index"))
-        if indices != list(range(len(indices))):
-            raise IRError(f"node %{node.id} ({node.op}) has argument indices {indices}; expected 0..n-1")
-        if node.scope and node.scope not in graph.scopes:
-            raise IRError(f"node %{node.id} is in unknown scope {node.scope!r}")
-        if folded and any(isinstance(v, Unfolded) for v in node.attrs.values()):
-            raise IRError(f"node %{node.id} ({node.op}) still has unfolded attributes after fold_params")
-        if shaped and node.shape is None:
-            raise IRError(f"node %{node.id} ({node.op}) has no shape after infer_shapes")
-    for name, node_id in graph.outputs:
-        if node_id not in graph.g:
-            raise IRError(f"output {name!r} refers to removed node %{node_id}")

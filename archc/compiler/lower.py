@@ -1,7 +1,8 @@
 """Lower the typed AST of a spec (and the files it `use`s) to the graph IR.
 
 Lowering unrolls `repeat`, decides `if` conditions, inlines blocks into
-scopes and expands composite ops (composites.py). Attributes of primitive ops
+scopes and expands built-ins through the op families' lowerings (archc/compiler/ops/,
+which see only an `ops.LowerContext`). Attributes of primitive ops
 stay as expressions (`Unfolded`) for the `fold_params` pass; shapes are left
 to `infer_shapes`. Every name, type and call is checked here, and every
 problem is a `SpecError` located in the spec.
@@ -13,14 +14,16 @@ import ast as pyast
 import hashlib
 import keyword
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from archc.compiler import composites, ops
+from archc.compiler import ops
 from archc.compiler.ir import Graph, Scope
-from archc.compiler.lower_experts import add_aux_losses, lower_experts
+from archc.compiler.ops.base import attr_values
 from archc.compiler.scalars import BUILTINS, Unfolded, check_size, coerce, evaluate, scalar_op, show, type_name
 from archc.dsl import ast
 from archc.dsl.ast import Span
@@ -102,7 +105,7 @@ def _load(module, base, modules, blocks, stack) -> None:
             raise SpecError(f"`{block.name}` cannot name a {kind}: it becomes a Python class, and Python reserves "
                             "the word", header_span(block),
                             hint=f"rename it, e.g. `{_camel(block.name)}{kind.title()}`")
-        if block.name in ops.REGISTRY or block.name in composites.COMPOSITES:
+        if block.name in ops.REGISTRY or block.name in ops.COMPOSITES:
             raise SpecError(f"block `{block.name}` has the name of a built-in op", header_span(block),
                             hint="rename the block, e.g. `My" + _camel(block.name) + "`")
         blocks[block.name] = (block, module)
@@ -159,8 +162,9 @@ def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
                 notes = [(f"`{near}` is declared here", decls[near].span)]
             else:
                 notes = [("the spec's parameters are declared here", p.span) for p in spec.module.params[:1]]
+            known = f"the spec's parameters are: {', '.join(decls) or 'none'}"
             raise SpecError(f"unknown parameter `{name}` in override", None, notes=notes,
-                            hint=did_you_mean(name, decls) or f"the spec's parameters are: {', '.join(decls) or 'none'}")
+                            hint=did_you_mean(name, decls) or known)
     env: dict[str, Any] = {}
     for decl in spec.module.params:
         check_type(decl.type)
@@ -295,7 +299,8 @@ class Lowerer:
             if any(n == name for n, _ in g.outputs):
                 raise SpecError(f"output `{name}` is returned twice", expr.span)
             g.outputs.append((name, value.node))
-        add_aux_losses(g)
+        for op in dict.fromkeys(ops.REGISTRY[n.op] for n in g.nodes()):
+            op.after_lowering(g)
         g.meta["source"] = self.spec.module.source.name
         g.meta["sha256"] = hashlib.sha256(
             "\n".join(m.source.text for m in self.spec.modules).encode()
@@ -379,19 +384,25 @@ class Lowerer:
         attr = frame.names.claim(stmt.name or "layers", stmt.name is not None, stmt.span)
         for i in range(start, stop):
             path = f"{frame.scope}.{attr}.{i}" if frame.scope else f"{attr}.{i}"
-            self.graph.scopes[path] = Scope(path, _camel(attr) + "Step", "step", stmt.span)
-            self.names[path] = _Names()
-            first_node = self.graph._next
-            step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
-            frame.env[stmt.var] = i
-            if self._body(stmt.body, step) is not None:
-                raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
-                                hint="return after the loop, from the enclosing block")
-            self._collapse_step(path, first_node)
+            with self.step(path, attr, stmt.span):
+                frame.env[stmt.var] = i
+                step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
+                if self._body(stmt.body, step) is not None:
+                    raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
+                                    hint="return after the loop, from the enclosing block")
         frame.env.pop(stmt.var, None)
 
+    @contextmanager
+    def step(self, path: str, attr: str, span: Span) -> Iterator[None]:
+        """The scope of one step of a list (`repeat`, the experts of a MoE); a step whose only content
+        turns out to be one block or built-in call becomes that module itself."""
+        self.graph.scopes[path] = Scope(path, _camel(attr) + "Step", "step", span)
+        self.names[path] = _Names()
+        first_node = self.graph._next
+        yield
+        self._collapse_step(path, first_node)
+
     def _collapse_step(self, path: str, first_node: int) -> None:
-        """A step whose only content is one block call becomes that block itself."""
         g = self.graph
         # Only what this step created can change: the nodes numbered since it began, and the
         # scopes inserted after its own (dicts keep insertion order).
@@ -443,7 +454,7 @@ class Lowerer:
                 node = self.graph.add("mul", [value.node], {"scalar": -1, "scalar_left": True},
                                       scope=frame.scope, name="neg", span=expr.span)
                 return TensorRef(node.id)
-        return evaluate(expr, {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)})
+        return evaluate(expr, _scalars(frame.env))
 
     def _tensor_binop(self, expr: ast.BinOp, left, right, frame: _Frame) -> TensorRef:
         op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}.get(expr.op)
@@ -462,33 +473,15 @@ class Lowerer:
     def _call(self, call: ast.Call, frame: _Frame) -> Any:
         if call.func in self.spec.blocks:
             return self._call_block(call, frame)
-        if call.func == "experts":
-            return lower_experts(self, call, frame)
-        if call.func in composites.COMPOSITES:
-            return self._call_composite(call, frame)
+        if call.func in ops.COMPOSITES:
+            return self._call_composite(ops.COMPOSITES[call.func], call, frame)
         op = ops.REGISTRY.get(call.func)
         if op is not None and op.user:
             return self._call_op(op, call, frame)
         if call.func in BUILTINS:
-            return evaluate(call, {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)})
-        known = [*self.spec.blocks, *composites.COMPOSITES, "experts", *(n for n, o in ops.REGISTRY.items() if o.user),
-                 *BUILTINS]
+            return evaluate(call, _scalars(frame.env))
+        known = [*self.spec.blocks, *ops.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
         raise SpecError(f"unknown op or block `{call.func}`", call.func_span, hint=did_you_mean(call.func, known))
-
-    def _bind(self, call: ast.Call, names: list[str], what: str) -> dict[str, ast.Expr]:
-        """Match a call's arguments to parameter names; unknown keywords get a did-you-mean."""
-        if len(call.args) > len(names):
-            raise SpecError(f"{what} takes at most {len(names)} positional arguments "
-                            f"({', '.join(names)}), got {len(call.args)}", call.args[len(names)].span)
-        bound = dict(zip(names, call.args))
-        for kw in call.kwargs:
-            if kw.name not in names:
-                raise SpecError(f"{what} has no argument `{kw.name}`", kw.span,
-                                hint=did_you_mean(kw.name, names) or f"its arguments are: {', '.join(names)}")
-            if kw.name in bound:
-                raise SpecError(f"argument `{kw.name}` is given twice", kw.span)
-            bound[kw.name] = kw.value
-        return bound
 
     def _tensor_arg(self, expr: ast.Expr, frame: _Frame, what: str) -> TensorRef:
         value = self._expr(expr, frame)
@@ -497,13 +490,13 @@ class Lowerer:
         return value
 
     def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame) -> TensorRef:
-        bound = self._bind(call, [*op.inputs, *op.attrs], f"`{op.name}`")
+        bound = ops.bind(call, [*op.inputs, *op.attrs], f"`{op.name}`")
         args = []
         for name in op.inputs:
             if name not in bound:
                 raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
             args.append(self._tensor_arg(bound[name], frame, f"`{name}` of `{op.name}`").node)
-        scalars = {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)}
+        scalars = _scalars(frame.env)
         attrs_: dict[str, Any] = {}
         for name, spec in op.attrs.items():
             if name == "tie" and name in bound:
@@ -536,37 +529,32 @@ class Lowerer:
             raise SpecError(f"`tie=` must name an embedding, but `{expr.id}` is a {target.op}", expr.span, hint=how)
         return target.id
 
-    def _call_composite(self, call: ast.Call, frame: _Frame) -> TensorRef:
-        comp = composites.COMPOSITES[call.func]
-        bound = self._bind(call, [*comp.inputs, *comp.attrs], f"`{call.func}`")
+    def _call_composite(self, comp: ops.Composite, call: ast.Call, frame: _Frame) -> TensorRef:
+        what = f"`{comp.name}`"
+        bound = ops.bind(call, [*comp.inputs, *comp.attrs], what)
         args = []
         for name in comp.inputs:
             if name not in bound:
-                raise SpecError(f"`{call.func}` needs its `{name}` argument", call.span)
-            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of `{call.func}`").node)
-        scalars = {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)}
-        values: dict[str, Any] = {}
-        for name, spec in comp.attrs.items():
-            if name in bound:
-                value = evaluate(bound[name], scalars)
-                problem = spec.check(name, value)
-                if problem:
-                    raise SpecError(f"`{call.func}`: {problem}", bound[name].span)
-                if spec.type is float or (isinstance(spec.type, tuple) and float in spec.type):
-                    value = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-                values[name] = value
-            elif spec.default is ops.REQUIRED:
-                raise SpecError(f"`{call.func}` needs its `{name}` argument", call.span)
-            else:
-                values[name] = spec.default
+                raise SpecError(f"{what} needs its `{name}` argument", call.span)
+            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of {what}").node)
+        values = attr_values(call, bound, comp.attrs, _scalars(frame.env), what)
         attr = frame.names.claim(call.label or comp.default_name, call.label is not None, call.span)
         path = f"{frame.scope}.{attr}" if frame.scope else attr
-        self.graph.scopes[path] = Scope(path, comp.cls, "composite", call.span, inputs=list(args),
-                                        arg_names=list(comp.inputs))
+        scope = Scope(path, comp.cls, "composite", call.span, inputs=list(args), arg_names=list(comp.inputs),
+                      builtin=comp.name)
+        self.graph.scopes[path] = scope
         self.names[path] = _Names()
-        out = comp.lower(self.graph, args, values, path, self.names[path], call.span)
-        self.graph.scopes[path].outputs = [out]
-        return TensorRef(out)
+        scope.outputs = [comp.lower(ops.LowerContext(self, frame, path, call.span, bound), args, values)]
+        return TensorRef(scope.outputs[0])
+
+    def call_in(self, frame: _Frame, path: str, func: str, tensors: list[str], kwargs: dict[str, Any],
+                label: str | None, span: Span) -> str:
+        """Lower `func(tensors..., **kwargs) as label` in scope `path` (for a built-in's lowering), with the
+        scalars of `frame`; the output node id."""
+        env = {**_scalars(frame.env), **{f"__arg{i}": TensorRef(t) for i, t in enumerate(tensors)}}
+        call = ast.Call(func, tuple(ast.Name(f"__arg{i}", span) for i in range(len(tensors))),
+                        tuple(ast.Kwarg(k, _literal(v, span), span) for k, v in kwargs.items()), label, span, span)
+        return self._call(call, _Frame(path, frame.module, self.names[path], {}, env)).node
 
     def _call_block(self, call: ast.Call, frame: _Frame) -> Any:
         block, module = self.spec.blocks[call.func]
@@ -575,12 +563,12 @@ class Lowerer:
         if call.func in self.call_stack:
             chain = " -> ".join([*self.call_stack[self.call_stack.index(call.func):], call.func])
             raise SpecError(f"block `{call.func}` calls itself: {chain}", call.func_span)
-        bound = self._bind(call, [p.name for p in block.params], f"block `{block.name}`")
+        bound = ops.bind(call, [p.name for p in block.params], f"block `{block.name}`")
         env = dict(self.module_env[id(module)])
         attr = frame.names.claim(call.label or snake(block.name), call.label is not None, call.span)
         path = f"{frame.scope}.{attr}" if frame.scope else attr
         scope = Scope(path, block.name, "block", block.span)
-        caller_scalars = {k: v for k, v in frame.env.items() if not isinstance(v, TensorRef)}
+        caller_scalars = _scalars(frame.env)
         for p in block.params:
             if isinstance(p.type, ast.TensorType):
                 if p.name not in bound:
@@ -630,6 +618,19 @@ def _first_return(stmts) -> Span | None:
                 if found:
                     return found
     return None
+
+
+def _scalars(env: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in env.items() if not isinstance(v, TensorRef)}
+
+
+def _literal(value: Any, span: Span) -> ast.Expr:
+    """A scalar as the spec would write it."""
+    if isinstance(value, bool):
+        return ast.Bool(value, span)
+    if isinstance(value, str):
+        return ast.Str(value, span)
+    return ast.Num(value, span)
 
 
 def _camel(name: str) -> str:

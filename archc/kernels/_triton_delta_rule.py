@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from archc.kernels.delta_rule_chunks import _chunk_intra, _to_chunks
 
 # ============================================================================ forward kernels
 
@@ -474,8 +475,6 @@ def _intra_backward_torch(q, k, v, g, beta, scale, C, per_head, dQg, dKd, de, dW
     Not the default (`INTRA_BACKWARD = "triton"` runs `_intra_bwd_kernel`); kept as an independent
     cross-check of that kernel in the tests.
     """
-    from archc.kernels.delta_rule import _chunk_intra, _to_chunks
-
     T = q.shape[1]
     N = triton.cdiv(T, C)
     T_pad = N * C

@@ -7,13 +7,13 @@ heads — with an online softmax (running max m, running sum l, fp32 accumulator
 past T, or of a padding slot (block index -1) are masked. It writes o [B, T, HQ, V] (fp32) and
 the log-sum-exp lse [B, T, HQ] of each row's scores.
 
-Backward: `SelectionAttention.backward` recomputes the branch with the PyTorch gather path
+Backward: `nsa.SelectionAttention.backward` recomputes the branch with the PyTorch gather path
 (`nsa.selection_attention_gather`, whose own backward recomputes each chunk) and differentiates that; the
 selection itself is discrete and gets no gradient. A Triton backward is left for later.
 
 All arithmetic is fp32 (16-bit inputs are upcast on load); `tl.dot` uses "ieee" precision for fp32
 inputs and "tf32" for 16-bit ones (which carry less precision than tf32 anyway), as the delta-rule
-kernels do. Limits (checked by `nsa.triton_unsupported`): G <= 64, K, V <= 256, l' <= 128.
+kernels do. Limits (checked by `registry.nsa_triton_unfit`): G <= 64, K, V <= 256, l' <= 128.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from archc.kernels.nsa import selection_attention_gather
 
 
 @triton.jit
@@ -84,31 +82,3 @@ def selection_forward(q, k, v, block_indices, select_block: int, scale: float):
                                       BG=_tile(G), BK=_tile(K), BV=_tile(V), BL=_tile(select_block),
                                       DOT_PREC=prec)
     return o, lse
-
-
-class SelectionAttention(torch.autograd.Function):
-    """Triton forward; the backward recomputes the branch with the gather path and differentiates it."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, select_block: int, scale: float):
-        o, lse = selection_forward(q, k, v, block_indices, select_block, scale)
-        ctx.save_for_backward(q, k, v, block_indices)
-        ctx.select_block, ctx.scale = select_block, scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, block_indices = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
-            o = selection_attention_gather(*leaves, block_indices, select_block=ctx.select_block, scale=ctx.scale)
-            wanted = [x for x in leaves if x.requires_grad]
-            grads = iter(torch.autograd.grad(o, wanted, do) if wanted else ())
-        dq, dk, dv = (next(grads) if x.requires_grad else None for x in leaves)
-        return dq, dk, dv, None, None, None
-
-
-def selection_attention_triton(q, k, v, block_indices, *, select_block: int, scale: float):
-    """(o fp32 [B, T, HQ, V], lse [B, T, HQ]) of attention over the selected blocks (-1 padded) of each query."""
-    return SelectionAttention.apply(q, k, v, block_indices, select_block, scale)

@@ -1,7 +1,7 @@
 """Triton kernels for the chunked scalar-decay linear recurrence.
 
 One recurrence serves both Mamba-2/SSD and causal linear attention
-(algorithms.md §5.1, §5.2): per batch b and head h, with a *scalar* log-decay
+(docs/algorithms.md §3.1, §3.2): per batch b and head h, with a *scalar* log-decay
 g_t <= 0 per token and head (g = 0, i.e. no decay, for linear attention),
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T        S_t in R^{K x V} (fp32)
@@ -77,10 +77,11 @@ import torch
 import triton
 import triton.language as tl
 
+from archc.kernels.registry import TRITON_MAX_HEAD_DIM
+
 __all__ = ["chunk_scalar_decay", "ChunkScalarDecayFunction", "chunk_local_cumsum"]
 
 CHUNK_SIZES = (16, 32, 64, 128)
-MAX_HEAD_DIM = 256
 
 
 def _interpreting() -> bool:
@@ -428,8 +429,8 @@ def chunk_scalar_decay(
     H, V = v.shape[2], v.shape[3]
     if H % HK:
         raise ValueError(f"chunk_scalar_decay: v heads ({H}) must be a multiple of q/k heads ({HK})")
-    if K > MAX_HEAD_DIM:
-        raise ValueError(f"chunk_scalar_decay: key dim {K} > {MAX_HEAD_DIM} is not supported")
+    if K > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"chunk_scalar_decay: key dim {K} > {TRITON_MAX_HEAD_DIM} is not supported")
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_scalar_decay: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
     if g is not None and g.shape != (Bsz, T, H):

@@ -11,7 +11,7 @@ grouped-query) and the same mask options, and returns [B, H, T, d]:
 
 A query that sees no key (possible only when S < T) gets zeros, as flex_attention gives.
 
-Kernels (chosen per layer by the compiler's `choose_attention_kernel` pass):
+Kernels (chosen per layer by the compiler's `choose_kernels` pass):
 
     math       softmax of explicitly masked scores: the obviously right reference
     sdpa_mask  F.scaled_dot_product_attention with a boolean [T, S] mask (memory O(T·S))

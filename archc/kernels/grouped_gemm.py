@@ -55,13 +55,14 @@ Token permutation (top-k routing, torchtitan style):
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from archc.kernels import registry
+from archc.kernels.registry import triton_available
 
 __all__ = [
     "grouped_mm", "grouped_mm_reference", "grouped_mm_torch", "grouped_mm_triton",
@@ -197,12 +198,6 @@ def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> 
 
 
 # --------------------------------------------------------------------------- Triton
-
-
-@functools.cache
-def triton_available() -> bool:
-    """triton is importable (it may still need TRITON_INTERPRET=1 for CPU tensors)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def _triton_kernels():
@@ -363,25 +358,18 @@ def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _auto_impl(x: torch.Tensor) -> str:
-    if x.device.type == "cuda" and x.dtype in _TRITON_DTYPES and triton_available():
-        return "triton"
-    if _torch_supports(x):
-        return "torch"
-    return "reference"
+def _auto_impl(x: torch.Tensor, impl: str = "auto") -> str:
+    """The face `impl` runs as for `x`: "auto" is Triton for CUDA fp32 / bf16 / fp16 (archc.kernels.registry),
+    else torch._grouped_mm where it supports the device and dtype, else the reference loop."""
+    return registry.face("grouped_gemm", impl, cuda=x.device.type == "cuda" and x.dtype in _TRITON_DTYPES,
+                         fallback="torch" if _torch_supports(x) else "reference")
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, impl: Impl = "auto") -> torch.Tensor:
     """Grouped GEMM ``y[s_g:e_g] = x[s_g:e_g] @ w[g]``; see the module docstring for `impl`."""
-    if impl == "auto":
-        impl = _auto_impl(x)
-    if impl == "reference":
-        return grouped_mm_reference(x, w, counts)
-    if impl == "torch":
-        return grouped_mm_torch(x, w, counts)
-    if impl == "triton":
-        return grouped_mm_triton(x, w, counts)
-    raise ValueError(f"grouped_mm: unknown impl {impl!r} (auto | reference | torch | triton)")
+    impl = _auto_impl(x, impl)
+    fn = {"reference": grouped_mm_reference, "torch": grouped_mm_torch, "triton": grouped_mm_triton}[impl]
+    return fn(x, w, counts)
 
 
 # --------------------------------------------------------------------------- token permutation

@@ -1,4 +1,4 @@
-"""Causal linear attention (Katharopoulos et al. 2020; algorithms.md §5.1).
+"""Causal linear attention (Katharopoulos et al. 2020; docs/algorithms.md §3.1).
 
 Three faces and a dispatcher:
 
@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from archc.kernels import registry
 
 __all__ = [
     "elu_plus_one",
@@ -202,28 +204,17 @@ def linear_attention_triton(
 # ----------------------------------------------------------------------------- dispatcher
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def linear_attention(
     q, k, v, initial_state=None, output_final_state=False, normalize=True, eps=DEFAULT_EPS, scale=None,
     chunk_size: int = 64, impl: str = "auto",
 ):
     """Causal linear attention; returns (o, final state or None) — state (S, z) when normalize, else S.
 
-    impl: "auto" (triton on CUDA when triton imports, chunked otherwise), "reference", "chunked", "triton".
+    impl: "auto" (triton on CUDA when triton is installed and the head dim fits its limits, chunked otherwise:
+    archc.kernels.registry), "reference", "chunked", "triton".
     """
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_available() else "chunked"
+    impl = registry.face("linear_attention", impl, cuda=q.is_cuda, head_dim=q.shape[-1])
     if impl == "reference":
         return linear_attention_reference(q, k, v, initial_state, output_final_state, normalize, eps, scale)
-    if impl == "chunked":
-        return linear_attention_chunked(q, k, v, initial_state, output_final_state, normalize, eps, scale, chunk_size)
-    if impl == "triton":
-        return linear_attention_triton(q, k, v, initial_state, output_final_state, normalize, eps, scale, chunk_size)
-    raise ValueError(f'linear attention: impl must be "auto", "reference", "chunked" or "triton", got {impl!r}')
+    fn = linear_attention_chunked if impl == "chunked" else linear_attention_triton
+    return fn(q, k, v, initial_state, output_final_state, normalize, eps, scale, chunk_size)

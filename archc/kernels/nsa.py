@@ -1,4 +1,4 @@
-"""Native Sparse Attention (NSA, DeepSeek, arXiv 2502.11089; algorithms.md §4): the attention itself.
+"""Native Sparse Attention (NSA, DeepSeek, arXiv 2502.11089; docs/algorithms.md §2): the attention itself.
 
 For query t and query head h (in KV group g(h)), three branches, each with its own keys and values,
 combined by per-head gates in (0, 1):
@@ -56,7 +56,9 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
+from archc.kernels import registry
 from archc.kernels.attention import attention_local
+from archc.kernels.registry import nsa_triton_unfit as triton_unsupported  # the limits live in the registry
 
 __all__ = [
     "KERNELS",
@@ -71,12 +73,9 @@ __all__ = [
     "triton_unsupported",
 ]
 
-KERNELS = ("auto", "reference", "gather", "triton")
+KERNELS = registry.FAMILIES["nsa"].faces
 LOCAL_BLOCKS = 2  # the query's own selection block and the one before it are always kept (paper §3.3.2)
 CHUNK_FLOATS = 1 << 21  # fp32 work space (scores, gathered blocks) per query chunk of the gather path: 8 MB
-TRITON_MAX_GROUP = 64  # query heads per KV group the Triton kernel holds in one tile
-TRITON_MAX_DIM = 256  # head dims the Triton kernel holds in registers
-TRITON_MAX_SELECT_BLOCK = 128  # selection-block tokens per tile
 
 
 # ----------------------------------------------------------------------------- shared definitions
@@ -495,17 +494,34 @@ def nsa_gather(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
 # ----------------------------------------------------------------------------- triton
 
 
-def triton_unsupported(heads: int, kv_heads: int, head_dim: int, value_dim: int, select_block: int) -> str | None:
-    """Why the Triton selection kernel cannot tile this shape, or None when it can."""
-    group = heads // kv_heads
-    if group > TRITON_MAX_GROUP:
-        return f"GQA group of {group} query heads exceeds the Triton kernel's {TRITON_MAX_GROUP}"
-    big = {k: v for k, v in (("head_dim", head_dim), ("value_dim", value_dim)) if v > TRITON_MAX_DIM}
-    if big:
-        return ", ".join(f"{k}={v}" for k, v in big.items()) + f" exceed the Triton kernel's {TRITON_MAX_DIM}"
-    if select_block > TRITON_MAX_SELECT_BLOCK:
-        return f"select_block={select_block} exceeds the Triton kernel's {TRITON_MAX_SELECT_BLOCK}"
-    return None
+class SelectionAttention(torch.autograd.Function):
+    """Triton forward; the backward recomputes the branch with the gather path and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, select_block: int, scale: float):
+        from archc.kernels._triton_nsa import selection_forward  # triton loads only when this face runs
+
+        o, lse = selection_forward(q, k, v, block_indices, select_block, scale)
+        ctx.save_for_backward(q, k, v, block_indices)
+        ctx.select_block, ctx.scale = select_block, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, block_indices = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
+            o = selection_attention_gather(*leaves, block_indices, select_block=ctx.select_block, scale=ctx.scale)
+            wanted = [x for x in leaves if x.requires_grad]
+            grads = iter(torch.autograd.grad(o, wanted, do) if wanted else ())
+        dq, dk, dv = (next(grads) if x.requires_grad else None for x in leaves)
+        return dq, dk, dv, None, None, None
+
+
+def selection_attention_triton(q, k, v, block_indices, *, select_block: int, scale: float):
+    """(o fp32 [B, T, HQ, V], lse [B, T, HQ]) of attention over the selected blocks (-1 padded) of each query."""
+    return SelectionAttention.apply(q, k, v, block_indices, select_block, scale)
 
 
 def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, block: int, stride: int,
@@ -517,7 +533,7 @@ def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
     why = triton_unsupported(q.shape[2], k_slc.shape[2], q.shape[3], v_slc.shape[3], select_block)
     if not why and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         why = "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)"
-    if not why and not _triton_available():
+    if not why and not registry.triton_available():
         why = "triton is not installed"
     if why:  # fall back rather than fail: the gather path runs every shape on every device
         warnings.warn(f"nsa: kernel='triton' runs the gather path instead: {why}", stacklevel=2)
@@ -526,8 +542,6 @@ def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
                           chunk=chunk, return_block_indices=return_block_indices)
     if q.shape[1] == 0:
         return _empty(q, v_slc, top_n, return_block_indices)
-    from archc.kernels._triton_nsa import selection_attention_triton
-
     o_cmp, o_win, sel = _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, block=block, stride=stride,
                                   select_block=select_block, top_n=top_n, window=window, scale=scale, chunk=chunk,
                                   with_selection=False)
@@ -540,24 +554,10 @@ def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win,
 # ----------------------------------------------------------------------------- dispatcher
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_kernel(kernel: str, q: torch.Tensor, kv_heads: int, value_dim: int, select_block: int) -> str:
     """The face `kernel` runs as: "auto" is triton on CUDA where the kernel tiles the shape, else gather."""
-    if kernel not in KERNELS:
-        raise ValueError(f"nsa: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel != "auto":
-        return kernel
-    if q.is_cuda and _triton_available() and triton_unsupported(q.shape[2], kv_heads, q.shape[3], value_dim,
-                                                                 select_block) is None:
-        return "triton"
-    return "gather"
+    return registry.face("nsa", kernel, cuda=q.is_cuda, heads=q.shape[2], kv_heads=kv_heads, head_dim=q.shape[3],
+                         value_dim=value_dim, select_block=select_block)
 
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, block: int = 32,

@@ -1,4 +1,4 @@
-"""Mamba-2 state-space duality (SSD) with a scalar decay per head (algorithms.md §5.2).
+"""Mamba-2 state-space duality (SSD) with a scalar decay per head (docs/algorithms.md §3.2).
 
 Three faces and a dispatcher:
 
@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from archc.kernels import registry
 
 __all__ = ["ssd", "ssd_reference", "ssd_chunked", "ssd_triton", "segsum"]
 
@@ -203,28 +205,17 @@ def ssd_triton(
 # ----------------------------------------------------------------------------- dispatcher
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def ssd(
     x, dt, A, B, C, D=None, initial_state=None, output_final_state=False, chunk_size: int = 64,
     dt_bias=None, dt_softplus=False, impl: str = "auto",
 ):
     """Mamba-2 SSD; returns (y [B, T, H, P], final state [B, H, P, N] fp32 or None).
 
-    impl: "auto" (triton on CUDA when triton imports, chunked otherwise), "reference", "chunked", "triton".
+    impl: "auto" (triton on CUDA when triton is installed and the state dim fits its limits, chunked otherwise:
+    archc.kernels.registry), "reference", "chunked", "triton".
     """
-    if impl == "auto":
-        impl = "triton" if x.is_cuda and _triton_available() else "chunked"
+    impl = registry.face("ssd", impl, cuda=x.is_cuda, state=B.shape[-1])
     if impl == "reference":
         return ssd_reference(x, dt, A, B, C, D, initial_state, output_final_state, dt_bias, dt_softplus)
-    if impl == "chunked":
-        return ssd_chunked(x, dt, A, B, C, D, initial_state, output_final_state, chunk_size, dt_bias, dt_softplus)
-    if impl == "triton":
-        return ssd_triton(x, dt, A, B, C, D, initial_state, output_final_state, chunk_size, dt_bias, dt_softplus)
-    raise ValueError(f'ssd: impl must be "auto", "reference", "chunked" or "triton", got {impl!r}')
+    fn = ssd_chunked if impl == "chunked" else ssd_triton
+    return fn(x, dt, A, B, C, D, initial_state, output_final_state, chunk_size, dt_bias, dt_softplus)

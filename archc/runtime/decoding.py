@@ -98,7 +98,8 @@ class InputHistory(Decoding):
 
 
 class LearnedPositions(nn.Embedding):
-    """Learned absolute positions (`pos_embedding`): rows offset..offset+T of the table, offset > 0 only while decoding."""
+    """Learned absolute positions (`pos_embedding`): rows offset..offset+T of the table, offset > 0 only while
+    decoding."""
 
     def __init__(self, max_len: int, dim: int) -> None:
         super().__init__(max_len, dim)
@@ -116,7 +117,8 @@ class LearnedPositions(nn.Embedding):
             return super().forward(torch.arange(x.shape[1], device=self.weight.device))
         start, length = self.length, x.shape[1]
         if start + length > self.num_embeddings:
-            raise ValueError(f"positions {start}..{start + length - 1} exceed the table's max_len={self.num_embeddings}")
+            raise ValueError(f"positions {start}..{start + length - 1} exceed the table's "
+                             f"max_len={self.num_embeddings}")
         self.length = start + length
         return super().forward(torch.arange(start, start + length, device=self.weight.device))
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from archc.kernels.attention import (  # noqa: F401
-    attention_auto, attention_flex, attention_local, attention_math, attention_sdpa_mask,
+    attention_auto,
+    attention_flex,
+    attention_local,
+    attention_math,
+    attention_sdpa_mask,
 )
 from archc.runtime.decoding import KVCache, LearnedPositions  # noqa: F401
-from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
 from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401
+from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
 from archc.runtime.nsa import NSACore  # noqa: F401
 from archc.runtime.rope import InterleavedRotaryEmbedding, RotaryEmbedding, apply_rope, rotate_half  # noqa: F401
 

@@ -4,7 +4,7 @@ A mixer in a spec (`linear_attn`, `ssd`, `gated_deltanet`, `kda`) compiles to
 plain linears for its projections (fused by `fuse_projections`), a few
 parameter-free activations, and one core module from this file that holds
 what is not a projection — short convolutions, decay parameters, the output
-norm — and calls a kernel from `archc.kernels` (algorithms.md §5):
+norm — and calls a kernel from `archc.kernels` (docs/algorithms.md §3):
 
     LinearAttentionCore(q, k, v)              causal linear attention (Katharopoulos et al.)
     SSDCore(x, b, c, dt, z)                   Mamba-2: conv, SSD with scalar decay, D skip, gated RMSNorm
@@ -15,26 +15,28 @@ Inputs and outputs are [B, T, width] streams; heads are split and merged here.
 Parameter names follow FLA and mamba_ssm (`A_log`, `dt_bias`, `D`,
 `q_conv1d`, `conv1d`, `o_norm`, `norm`) so their checkpoints map one to one.
 
-Kernels: each core has a `kernel` chosen by the compiler's
-`choose_attention_kernel` pass: "reference" (the per-token recurrence),
-"chunked" (PyTorch chunkwise form), "triton", "fla" (flash-linear-attention,
-CUDA only), or "auto" — the kernels' own dispatcher decides per call: Triton
-on CUDA, chunked elsewhere, and the recurrence for single decoding steps.
+Kernels: each core has a `kernel` chosen by the compiler's `choose_kernels`
+pass: "reference" (the per-token recurrence), "chunked" (PyTorch chunkwise
+form), "triton", "fla" (flash-linear-attention, CUDA only), or "auto" —
+decided per call by the rule in `archc.kernels.registry`: Triton on CUDA,
+chunked elsewhere, and the recurrence for single decoding steps.
 
 Recurrent decoding: inside `with recurrent(model):` every core starts from an
 empty state and keeps its state after each call — the recurrent state of the
 kernel and the last `conv - 1` inputs of its short convolutions — so feeding a
 prompt and then one token at a time gives the logits of the whole sequence.
-`generate_recurrent(model, prompt, steps)` does exactly that. Full attention
-has no KV cache in the generated code yet, so hybrids are refused there.
+`generate_recurrent(model, prompt, steps)` does exactly that. Causal
+self-attention layers decode from their KV cache (`archc.runtime.decoding`),
+so hybrids decode too; a layer that cannot (bidirectional or cross-attention,
+whose generated class says `cannot_decode`) is refused by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ from torch import nn
 
 from archc.kernels.delta_rule import delta_rule
 from archc.kernels.linear_attention import elu_plus_one, linear_attention
+from archc.kernels.registry import FAMILIES
 from archc.kernels.ssd import ssd
 from archc.runtime.decoding import Decoding, LearnedPositions, sample_next
 
@@ -60,7 +63,7 @@ __all__ = [
     "generate_recurrent",
 ]
 
-KERNELS = ("auto", "reference", "chunked", "triton", "fla")
+KERNELS = FAMILIES["delta_rule"].choices  # every mixer family has these faces (archc.kernels.registry)
 FEATURE_MAPS = {"elu1": elu_plus_one, "relu": F.relu, "identity": lambda x: x}
 
 
@@ -211,7 +214,7 @@ class LinearAttentionCore(MixerCore):
 
 
 class SSDCore(MixerCore):
-    """Mamba-2's mixer after its input projection (algorithms.md §5.2; mamba_ssm `Mamba2`).
+    """Mamba-2's mixer after its input projection (docs/algorithms.md §3.2; mamba_ssm `Mamba2`).
 
         x, B, C = silu(conv1d([x, B, C]))                 causal depthwise conv over all three
         dt      = softplus(dt + dt_bias)                  [B, T, H]
@@ -406,9 +409,6 @@ class KDACore(_DeltaRuleCore):
         return super().extra_repr() + (f", safe_gate=True, lower_bound={self.lower_bound}" if self.safe_gate else "")
 
 
-CORES = (LinearAttentionCore, SSDCore, GatedDeltaNetCore, KDACore)
-
-
 # ----------------------------------------------------------------------------- recurrent decoding
 
 
@@ -416,18 +416,16 @@ def _cores(model: nn.Module) -> list[MixerCore]:
     return [m for m in model.modules() if isinstance(m, MixerCore)]
 
 
-# Generated attention classes (their docstrings name the built-in); they decode iff they hold a KV cache.
-_ATTENTION_DOC = re.compile(r"The built-in `(Attention|CrossAttention|MLA)`")
-
-
 def _undecodable(model: nn.Module) -> list[str]:
-    """Time-mixing modules that cannot continue a sequence call by call, by class name."""
+    """Time-mixing modules that cannot continue a sequence call by call, by class name: runtime modules say
+    so with `decodes = False`, generated classes with `cannot_decode = "<why>"`."""
     names = set()
     for m in model.modules():
+        why = getattr(m, "cannot_decode", None)
         if getattr(m, "decodes", True) is False:
             names.add(type(m).__name__)
-        elif _ATTENTION_DOC.match(type(m).__doc__ or "") and not isinstance(getattr(m, "kv_cache", None), Decoding):
-            names.add(f"{type(m).__name__} (not causal self-attention)")
+        elif why:
+            names.add(f"{type(m).__name__} ({why})")
     return sorted(names)
 
 
@@ -491,7 +489,7 @@ def generate_recurrent(model: nn.Module, prompt: torch.Tensor | list[int], steps
     try:
         with recurrent(model):
             step_in = tokens
-            for i in range(steps):
+            for _ in range(steps):
                 logits = model(step_in)["logits"]
                 pieces.append(logits)
                 step_in = sample_next(logits[:, -1], temperature, top_k, top_p, generator)[:, None]

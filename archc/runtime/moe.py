@@ -3,7 +3,7 @@
 Generated MoE modules call a `Router` for a `Routing` (which experts each
 token goes to, with what weight, in expert-sorted order), run the experts on
 the sorted rows (a per-expert loop, or grouped GEMMs after `fuse_experts`),
-and combine. Equations follow ../shared/reference/algorithms.md §1:
+and combine. Equations follow docs/algorithms.md §1:
 
 - `softmax`: Shazeer top-k gating, softmax over the kept top-k logits, with
   optional noisy gating (`noisy=true`: learned softplus noise scale, training
@@ -128,7 +128,8 @@ class Router(nn.Module):
         if self.z_loss_weight:
             aux = aux + self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
         if self.balance == "seq_aux":
-            aux = aux + self.aux_weight * sequence_balance_loss(scores, experts, self.num_experts, seq_len or x.shape[0])
+            seq_aux = sequence_balance_loss(scores, experts, self.num_experts, seq_len or x.shape[0])
+            aux = aux + self.aux_weight * seq_aux
         order, counts, inverse = dispatch(experts, self.num_experts)
         if self.balance == "aux_free" and self.training:
             with torch.no_grad():  # dropped assignments add 0 (a boolean-mask index would sync on GPUs)

@@ -1,4 +1,4 @@
-"""What generated Native Sparse Attention (`nsa(...)`) calls: `AF.NSACore` (algorithms.md §4).
+"""What generated Native Sparse Attention (`nsa(...)`) calls: `AF.NSACore` (docs/algorithms.md §2).
 
 The composite lowers to plain linears of the input — the queries, and for each of the three
 branches its own keys and values, as in the paper — plus the gate projection and its sigmoid;
@@ -24,7 +24,7 @@ Compression, over blocks of `block` tokens with stride `stride` (block i = token
 
 The three branches and their gated sum are `nsa_attention`'s; `kernel` is one of "auto"
 (Triton selection on CUDA where it tiles the shape, gather elsewhere), "reference", "gather",
-"triton", chosen by the compiler's `choose_attention_kernel` pass.
+"triton", chosen by the compiler's `choose_kernels` pass.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The optimisation passes, one file each; `PASSES` is their order in `archc.compile()`."""
 
-from archc.compiler.passes.choose_attention_kernel import choose_attention_kernel
+from archc.compiler.passes.choose_kernels import choose_kernels
 from archc.compiler.passes.cse import cse
 from archc.compiler.passes.dce import dce
 from archc.compiler.passes.fold_params import fold_params
@@ -16,9 +16,9 @@ PASSES = (
     ("cse", cse, True),
     ("fuse_experts", fuse_experts, True),
     ("fuse_projections", fuse_projections, True),
-    ("choose_attention_kernel", choose_attention_kernel, False),
+    ("choose_kernels", choose_kernels, False),
 )
 PASS_NAMES = tuple(name for name, _fn, _optional in PASSES)
 
-__all__ = ["PASSES", "PASS_NAMES", "choose_attention_kernel", "cse", "dce", "fold_params",
+__all__ = ["PASSES", "PASS_NAMES", "choose_kernels", "cse", "dce", "fold_params",
            "fuse_experts", "fuse_projections", "infer_shapes"]

@@ -15,7 +15,7 @@ def cse(graph: Graph, options=None) -> Graph:
     graph = graph.copy()
     seen: dict[tuple, str] = {}
     for node in graph.nodes():
-        if not ops.REGISTRY[node.op].pure or node.op == "input":
+        if not ops.REGISTRY[node.op].pure:
             continue
         key = (node.op, node.scope, tuple(graph.args(node.id)), repr(sorted(node.attrs.items())))
         first = seen.setdefault(key, node.id)

@@ -23,11 +23,5 @@ def fold_params(graph: Graph, options=None) -> Graph:
             problem = spec[name].check(name, folded)
             if problem:
                 raise SpecError(f"`{node.op}`: {problem}", value.expr.span)
-            if float in _types(spec[name]) and isinstance(folded, int) and not isinstance(folded, bool):
-                folded = float(folded)
-            node.attrs[name] = folded
+            node.attrs[name] = spec[name].coerce(folded)
     return graph
-
-
-def _types(spec: ops.A) -> tuple:
-    return spec.type if isinstance(spec.type, tuple) else (spec.type,)

@@ -33,17 +33,17 @@ from archc.runtime import functional as AF
 
 
 class Attention(nn.Module):
-    """The built-in `Attention` from deepseek_moe.arch:21."""
+    """The built-in `Attention` from deepseek_moe.arch:21, deepseek_moe.arch:27."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (deepseek_moe.arch:21)
+        self.qkv = nn.Linear(128, 384, bias=False)
         self.rope = AF.RotaryEmbedding(32, theta=10000.0)
         self.kv_cache = AF.KVCache()
-        self.o = nn.Linear(128, 128, bias=False)  # deepseek_moe.arch:21
+        self.o = nn.Linear(128, 128, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split((128, 128, 128), dim=-1)  # fused: q, k, v (deepseek_moe.arch:21)
+        q, k, v = self.qkv(x).split((128, 128, 128), dim=-1)
         B, T, _ = q.shape
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
@@ -93,33 +93,6 @@ class DenseLayer(nn.Module):
         mlp = self.mlp(mlp_norm)
         x = x + mlp
         return x
-
-
-class Attention2(nn.Module):
-    """The built-in `Attention` from deepseek_moe.arch:27."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (deepseek_moe.arch:27)
-        self.rope = AF.RotaryEmbedding(32, theta=10000.0)
-        self.kv_cache = AF.KVCache()
-        self.o = nn.Linear(128, 128, bias=False)  # deepseek_moe.arch:27
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split((128, 128, 128), dim=-1)  # fused: q, k, v (deepseek_moe.arch:27)
-        B, T, _ = q.shape
-        q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
-        k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
-        v_BKTd = v.view(B, -1, 4, 32).transpose(1, 2)
-        q_BHTd, k_BKTd = self.rope(q_BHTd, k_BKTd, offset=self.kv_cache.length)
-        if self.kv_cache.active:  # decoding: attend over the cached keys and values too
-            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
-        else:
-            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, 128)
-        o = self.o(y)
-        return o
 
 
 class SwiGLU2(nn.Module):
@@ -181,7 +154,7 @@ class MoELayer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(128, eps=1e-06)  # deepseek_moe.arch:27
-        self.attn = Attention2()
+        self.attn = Attention()
         self.mlp_norm = nn.RMSNorm(128, eps=1e-06)  # deepseek_moe.arch:28
         self.moe = MoE()
 

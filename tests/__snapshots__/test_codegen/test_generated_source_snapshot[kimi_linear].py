@@ -96,15 +96,15 @@ class KDALayer(nn.Module):
 
 
 class SwiGLU2(nn.Module):
-    """The built-in `SwiGLU` from kimi_linear.arch:28."""
+    """The built-in `SwiGLU` from kimi_linear.arch:28, kimi_linear.arch:39."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(128, 128, bias=False)  # fused: gate, up (kimi_linear.arch:28)
-        self.down = nn.Linear(64, 128, bias=False)  # kimi_linear.arch:28
+        self.gate_up = nn.Linear(128, 128, bias=False)
+        self.down = nn.Linear(64, 128, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split((64, 64), dim=-1)  # fused: gate, up (kimi_linear.arch:28)
+        gate, up = self.gate_up(x).split((64, 64), dim=-1)
         gate = F.silu(gate)
         h = gate * up
         down = self.down(h)
@@ -112,29 +112,29 @@ class SwiGLU2(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """The built-in `GroupedExperts` from kimi_linear.arch:28."""
+    """The built-in `GroupedExperts` from kimi_linear.arch:28, kimi_linear.arch:39."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = AF.GroupedLinear(8, 128, 64)  # fused: 8 experts' gate (kimi_linear.arch:28)
-        self.up = AF.GroupedLinear(8, 128, 64)  # fused: 8 experts' up (kimi_linear.arch:28)
-        self.down = AF.GroupedLinear(8, 64, 128)  # fused: 8 experts' down (kimi_linear.arch:28)
+        self.gate = AF.GroupedLinear(8, 128, 64)
+        self.up = AF.GroupedLinear(8, 128, 64)
+        self.down = AF.GroupedLinear(8, 64, 128)
 
     def forward(self, x_R: torch.Tensor, routing: AF.Routing) -> torch.Tensor:
-        gate = self.gate(x_R, routing.counts)  # fused: 8 experts' gate (kimi_linear.arch:28)
-        up = self.up(x_R, routing.counts)  # fused: 8 experts' up (kimi_linear.arch:28)
+        gate = self.gate(x_R, routing.counts)
+        up = self.up(x_R, routing.counts)
         gate = F.silu(gate)
         h = gate * up
-        y_R = self.down(h, routing.counts)  # fused: 8 experts' down (kimi_linear.arch:28)
+        y_R = self.down(h, routing.counts)
         return y_R
 
 
 class MoE(nn.Module):
-    """The built-in `MoE` from kimi_linear.arch:28."""
+    """The built-in `MoE` from kimi_linear.arch:28, kimi_linear.arch:39."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.router = AF.Router(128, 8, top_k=2, kind='deepseek_v3', balance='aux_free', aux_weight=0.0)  # kimi_linear.arch:28
+        self.router = AF.Router(128, 8, top_k=2, kind='deepseek_v3', balance='aux_free', aux_weight=0.0)
         self.experts = GroupedExperts()
         self.shared = SwiGLU2()
 
@@ -193,59 +193,6 @@ class Attention(nn.Module):
         return o
 
 
-class SwiGLU3(nn.Module):
-    """The built-in `SwiGLU` from kimi_linear.arch:39."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(128, 128, bias=False)  # fused: gate, up (kimi_linear.arch:39)
-        self.down = nn.Linear(64, 128, bias=False)  # kimi_linear.arch:39
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split((64, 64), dim=-1)  # fused: gate, up (kimi_linear.arch:39)
-        gate = F.silu(gate)
-        h = gate * up
-        down = self.down(h)
-        return down
-
-
-class GroupedExperts2(nn.Module):
-    """The built-in `GroupedExperts` from kimi_linear.arch:39."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = AF.GroupedLinear(8, 128, 64)  # fused: 8 experts' gate (kimi_linear.arch:39)
-        self.up = AF.GroupedLinear(8, 128, 64)  # fused: 8 experts' up (kimi_linear.arch:39)
-        self.down = AF.GroupedLinear(8, 64, 128)  # fused: 8 experts' down (kimi_linear.arch:39)
-
-    def forward(self, x_R: torch.Tensor, routing: AF.Routing) -> torch.Tensor:
-        gate = self.gate(x_R, routing.counts)  # fused: 8 experts' gate (kimi_linear.arch:39)
-        up = self.up(x_R, routing.counts)  # fused: 8 experts' up (kimi_linear.arch:39)
-        gate = F.silu(gate)
-        h = gate * up
-        y_R = self.down(h, routing.counts)  # fused: 8 experts' down (kimi_linear.arch:39)
-        return y_R
-
-
-class MoE2(nn.Module):
-    """The built-in `MoE` from kimi_linear.arch:39."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.router = AF.Router(128, 8, top_k=2, kind='deepseek_v3', balance='aux_free', aux_weight=0.0)  # kimi_linear.arch:39
-        self.experts = GroupedExperts2()
-        self.shared = SwiGLU3()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        routing = self.router(x.reshape(-1, x.shape[-1]), seq_len=x.shape[1])
-        x_R = AF.dispatch_rows(x.reshape(-1, x.shape[-1]), routing)
-        y_R = self.experts(x_R, routing)
-        shared = self.shared(x)
-        y = AF.combine_rows(y_R, routing).view_as(x)
-        y = y + shared
-        return y
-
-
 class FullAttentionLayer(nn.Module):
     """The block `FullAttentionLayer` from kimi_linear.arch:34."""
 
@@ -254,7 +201,7 @@ class FullAttentionLayer(nn.Module):
         self.attn_norm = nn.RMSNorm(128, eps=1e-06)  # kimi_linear.arch:35
         self.attn = Attention()
         self.mlp_norm = nn.RMSNorm(128, eps=1e-06)  # kimi_linear.arch:39
-        self.moe = MoE2()
+        self.moe = MoE()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn_norm = self.attn_norm(x)

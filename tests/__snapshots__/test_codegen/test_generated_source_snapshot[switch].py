@@ -27,16 +27,16 @@ from archc.runtime import functional as AF
 
 
 class Attention(nn.Module):
-    """The built-in `Attention` from switch.arch:19."""
+    """The built-in `Attention` from switch.arch:19, switch.arch:25."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (switch.arch:19)
+        self.qkv = nn.Linear(128, 384, bias=False)
         self.kv_cache = AF.KVCache()
-        self.o = nn.Linear(128, 128, bias=False)  # switch.arch:19
+        self.o = nn.Linear(128, 128, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split((128, 128, 128), dim=-1)  # fused: q, k, v (switch.arch:19)
+        q, k, v = self.qkv(x).split((128, 128, 128), dim=-1)
         B, T, _ = q.shape
         q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
         k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
@@ -86,31 +86,6 @@ class DenseLayer(nn.Module):
         return x
 
 
-class Attention2(nn.Module):
-    """The built-in `Attention` from switch.arch:25."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(128, 384, bias=False)  # fused: q, k, v (switch.arch:25)
-        self.kv_cache = AF.KVCache()
-        self.o = nn.Linear(128, 128, bias=False)  # switch.arch:25
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split((128, 128, 128), dim=-1)  # fused: q, k, v (switch.arch:25)
-        B, T, _ = q.shape
-        q_BHTd = q.view(B, T, 4, 32).transpose(1, 2)
-        k_BKTd = k.view(B, -1, 4, 32).transpose(1, 2)
-        v_BKTd = v.view(B, -1, 4, 32).transpose(1, 2)
-        if self.kv_cache.active:  # decoding: attend over the cached keys and values too
-            y = self.kv_cache.attend(q_BHTd, k_BKTd, v_BKTd, causal=True)
-        else:
-            # kernel: sdpa — plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)
-            y = F.scaled_dot_product_attention(q_BHTd, k_BKTd, v_BKTd, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, 128)
-        o = self.o(y)
-        return o
-
-
 class GroupedExperts(nn.Module):
     """The built-in `GroupedExperts` from switch.arch:26."""
 
@@ -148,7 +123,7 @@ class SwitchLayer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(128, eps=1e-05, bias=True)  # switch.arch:25
-        self.attn = Attention2()
+        self.attn = Attention()
         self.ln_2 = nn.LayerNorm(128, eps=1e-05, bias=True)  # switch.arch:26
         self.moe = MoE()
 

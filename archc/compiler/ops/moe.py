@@ -1,4 +1,7 @@
-"""IR ops of mixtures of experts: router, dispatch, per-expert rows, grouped linears, combine.
+"""Mixtures of experts: the `experts(...)` built-in and its IR ops (router, dispatch, per-expert rows,
+grouped linears, combine).
+
+    x += experts(h, n=64, top_k=6, hidden=256, shared=2, router="deepseek_v3") as moe
 
 An `experts(...)` call lowers to
 
@@ -13,14 +16,18 @@ and `fuse_experts` rewrites the per-expert bodies into one body whose linears
 are `grouped_linear`s over stacked weights [E, in, out]. Row counts are
 symbolic: `B*T*k` rows in all, `B*T*k/E` per expert (their expected number under
 balanced routing, which is what FLOP counts use).
+
+Each expert is a step of a list `experts` inside the MoE scope, like a
+`repeat`: its body is the block named by `body=` (called with `hidden=` when
+the block has that parameter) or SwiGLU by default. With routers in the
+model, its `loss` output also carries their auxiliary losses.
 """
 
 from __future__ import annotations
 
-from archc.compiler.ops import A, OpDef, Width, fmt_shape, numel, register
+from archc.compiler.ops.base import A, BlockName, OpDef, Width, composite, fmt_shape, numel, register
 from archc.dsl.diagnostics import SpecError
-
-from archc.runtime.moe import BALANCE_RULES, ROUTER_KINDS  # noqa: F401  (one list, owned by the runtime)
+from archc.runtime.moe import BALANCE_RULES, ROUTER_KINDS  # one list, owned by the runtime
 
 
 def rows_dim(tokens: str, k: int, experts: int | None = None) -> str:
@@ -74,6 +81,19 @@ class Router(OpDef):
     def forward(self, node, args, out, mod, ins):
         (x,) = args
         return [f"{out} = {mod}({x}.reshape(-1, {x}.shape[-1]), seq_len={x}.shape[1])"]
+
+    def active_share(self, node):
+        return node.scope + ".experts", node.attrs["top_k"] / node.attrs["experts"]
+
+    def after_lowering(self, graph) -> None:
+        """With routers in the model, its `loss` output also carries their auxiliary losses."""
+        if not any(n.op == self.name for n in graph.nodes()):
+            return
+        for i, (name, node_id) in enumerate(graph.outputs):
+            if name == "loss":
+                total = graph.add("add_aux_losses", [node_id], {}, scope="", name="aux",
+                                  span=graph.node(node_id).span, var="loss")
+                graph.outputs[i] = (name, total.id)
 
 
 @register
@@ -188,3 +208,77 @@ class AddAuxLosses(OpDef):
 
     def forward(self, node, args, out, mod, ins):
         return [f"{out} = {args[0]} + AF.moe_aux_loss(self)"]
+
+
+# ---- the built-in -------------------------------------------------------------
+
+DEFAULT_BALANCE = {"softmax": "aux_loss", "switch": "aux_loss", "deepseek_v3": "aux_free"}
+DEFAULT_AUX_WEIGHT = {"aux_loss": 0.01, "seq_aux": 1e-4, "aux_free": 0.0, "none": 0.0}
+
+
+def _check(ctx, v) -> None:
+    """Cross-argument checks, located at the argument at fault; fills in the balance rule and its weight."""
+    if v["top_k"] > v["n"]:
+        raise SpecError(f"top_k={v['top_k']} is larger than the number of experts n={v['n']}", ctx.where("top_k"))
+    if ctx.given("capacity") and v["capacity"] <= 0:
+        raise SpecError(f"the capacity factor must be positive, got {v['capacity']} "
+                        "(leave it out to drop no tokens)", ctx.where("capacity"))
+    if v["n"] % v["groups"] or v["top_groups"] > v["groups"]:
+        raise SpecError(f"groups={v['groups']} must divide n={v['n']} and top_groups "
+                        f"({v['top_groups']}) must not exceed it", ctx.where("groups"))
+    if v["top_k"] > v["top_groups"] * (v["n"] // v["groups"]):
+        raise SpecError(f"top_k={v['top_k']} experts do not fit in top_groups={v['top_groups']} "
+                        f"groups of {v['n'] // v['groups']}", ctx.where("top_groups"))
+    if v["balance"] is None:
+        v["balance"] = DEFAULT_BALANCE[v["router"]]
+    if v["balance"] == "aux_free" and v["router"] != "deepseek_v3":
+        raise SpecError("aux-free balancing (a selection bias) needs router=\"deepseek_v3\"", ctx.where("balance"))
+    if v["aux_weight"] is None:
+        v["aux_weight"] = DEFAULT_AUX_WEIGHT[v["balance"]]
+
+
+@composite("experts", cls="MoE", default_name="moe", attrs={
+    "n": A(int, positive=True),
+    "top_k": A(int, positive=True),
+    "hidden": A(int, positive=True),
+    "shared": A(int, 0),
+    "shared_hidden": A((int, type(None)), None),
+    "router": A(str, "softmax", choices=ROUTER_KINDS),
+    "balance": A((str, type(None)), None, choices=(*BALANCE_RULES, None)),
+    "aux_weight": A((float, type(None)), None),
+    "z_loss": A(float, 0.0),
+    "capacity": A(float, 0.0),
+    "noisy": A(bool, False),
+    "groups": A(int, 1, positive=True),
+    "top_groups": A(int, 1, positive=True),
+    "route_scale": A(float, 1.0, positive=True),
+    "bias_rate": A(float, 1e-3),
+    "body": A(BlockName, None),
+})
+def lower_experts(ctx, args, v) -> str:
+    (x,) = args
+    _check(ctx, v)
+    body, hidden = "swiglu", {"hidden": v["hidden"]}
+    if v["body"] is not None:
+        block = ctx.block(v["body"], "body", "`body=` names a block that maps expert rows [N, D] to [N, D]")
+        body = block.name
+        hidden = hidden if any(p.name == "hidden" for p in block.params) else {}
+    router = ctx.add("router", [x], {
+        "experts": v["n"], "top_k": v["top_k"], "kind": v["router"], "balance": v["balance"],
+        "aux_weight": v["aux_weight"], "z_loss": v["z_loss"], "capacity": v["capacity"],
+        "noisy": v["noisy"], "groups": v["groups"], "top_groups": v["top_groups"],
+        "route_scale": v["route_scale"], "bias_rate": v["bias_rate"],
+    }, name="router", module=True, dtype="routing", var="routing")
+    rows = ctx.add("dispatch", [x, router], name="dispatch", var="x_R")
+    experts = ctx.claim("experts")
+    outs = []
+    for e in range(v["n"]):
+        with ctx.step(experts, e) as step:
+            piece = ctx.add("expert_rows", [rows, router], {"expert": e, "experts": v["n"]}, name="rows", var="rows")
+            outs.append(step.call(body, [piece], hidden))
+    joined = ctx.add("concat_experts", [*outs, router], name="concat", var="y_R")
+    y = ctx.add("combine", [joined, router, x], name="combine", var="y")
+    if v["shared"]:
+        shared = ctx.call("swiglu", [x], {"hidden": v["shared_hidden"] or v["shared"] * v["hidden"]}, label="shared")
+        y = ctx.add("add", [y, shared], name="add", var="y")
+    return y

@@ -1,4 +1,4 @@
-"""The composite `mla(...)`: Multi-head Latent Attention (DeepSeek-V2/V3), as Hugging Face computes it.
+"""The built-in `mla(...)`: Multi-head Latent Attention (DeepSeek-V2/V3), as Hugging Face computes it.
 
     x += mla(h, heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
              qk_rope_head_dim=64, v_head_dim=128) as attn
@@ -19,11 +19,8 @@ q_b_proj), q (q_proj), kv_a (kv_a_proj_with_mqa), kv_norm (kv_a_layernorm), kv_b
 
 from __future__ import annotations
 
-from archc.compiler.composites import COMPOSITES, Composite
-from archc.compiler.ops import REQUIRED, A, OpDef, Width, fmt_shape, numel, register
+from archc.compiler.ops.base import REQUIRED, A, OpDef, Width, composite, fmt_shape, numel, register
 from archc.dsl.diagnostics import SpecError
-
-__all__ = ["MLA", "MLACore"]
 
 
 @register
@@ -61,6 +58,9 @@ class MLACore(OpDef):
             raise SpecError(f"RoPE needs an even qk_rope_head_dim, got {rope}", node.span)
         return (*q[:-1], h * dv)
 
+    def cannot_decode(self, node, ins):
+        return None if node.attrs["causal"] else "not causal self-attention"
+
     def extra_modules(self, node, ins):
         a = node.attrs
         cls = "AF.InterleavedRotaryEmbedding" if a["rope_interleave"] else "AF.RotaryEmbedding"
@@ -80,8 +80,10 @@ class MLACore(OpDef):
                       f"    {out} = self.kv_cache.attend({q}_BHTd, k_BHTd, v_BHTd, causal=True)", "else:"]
         return [
             f"B, T, _ = {q}.shape",
-            f"{q}_nope, {q}_pe = {q}.view(B, T, {h!r}, {nope + rope!r}).transpose(1, 2).split(({nope!r}, {rope!r}), dim=-1)",
-            f"k_nope, v_BHTd = {kv}.view(B, T, {h!r}, {nope + dv!r}).transpose(1, 2).split(({nope!r}, {dv!r}), dim=-1)",
+            f"{q}_nope, {q}_pe = {q}.view(B, T, {h!r}, {nope + rope!r}).transpose(1, 2)"
+            f".split(({nope!r}, {rope!r}), dim=-1)",
+            f"k_nope, v_BHTd = {kv}.view(B, T, {h!r}, {nope + dv!r}).transpose(1, 2)"
+            f".split(({nope!r}, {dv!r}), dim=-1)",
             f"{k_pe} = {k_pe}.view(B, T, 1, {rope!r}).transpose(1, 2)  # one RoPE key for all heads",
             f"{q}_pe, {k_pe} = self.rope({q}_pe, {k_pe}{offset})  # {pairs}",
             f"{q}_BHTd = torch.cat(({q}_nope, {q}_pe), dim=-1)",
@@ -102,49 +104,7 @@ class MLACore(OpDef):
         return 2 * b_t * s * a["heads"] * per_head
 
 
-def _linear(graph, x: str, out, path: str, names, name: str, span, var: str = "") -> str:
-    return graph.add("linear", [x], {"out": out, "bias": False, "tie": None}, scope=path,
-                     name=names.claim(name, False, span), span=span, var=var).id
-
-
-def _rms_norm(graph, x: str, eps: float, path: str, names, name: str, span) -> str:
-    return graph.add("rms_norm", [x], {"eps": eps}, scope=path, name=names.claim(name, False, span), span=span,
-                     var=name).id
-
-
-def _split(graph, x: str, index: int, start: int, size: int, path: str, var: str, span) -> str:
-    return graph.add("split_part", [x], {"index": index, "start": start, "size": size}, scope=path, name=var,
-                     span=span, var=var).id
-
-
-def _lower_mla(graph, args, v, path, names, span) -> str:
-    (x,) = args
-    h, nope, rope, dv = v["heads"], v["qk_nope_head_dim"], v["qk_rope_head_dim"], v["v_head_dim"]
-    if v["q_lora_rank"] < 0:
-        raise SpecError(f"`mla`: `q_lora_rank` must be 0 (no query compression) or positive, got {v['q_lora_rank']}",
-                        span)
-    if v["q_lora_rank"]:
-        q_a = _linear(graph, x, v["q_lora_rank"], path, names, "q_a", span)
-        q_norm = _rms_norm(graph, q_a, v["norm_eps"], path, names, "q_norm", span)
-        q = _linear(graph, q_norm, h * (nope + rope), path, names, "q_b", span, var="q")
-    else:
-        q = _linear(graph, x, h * (nope + rope), path, names, "q", span)
-    kv_a = _linear(graph, x, v["kv_lora_rank"] + rope, path, names, "kv_a", span)
-    c_kv = _split(graph, kv_a, 0, 0, v["kv_lora_rank"], path, "c_kv", span)
-    k_pe = _split(graph, kv_a, 1, v["kv_lora_rank"], rope, path, "k_pe", span)
-    kv_norm = _rms_norm(graph, c_kv, v["norm_eps"], path, names, "kv_norm", span)
-    kv = _linear(graph, kv_norm, h * (nope + dv), path, names, "kv_b", span, var="kv")
-    core = graph.add(
-        "mla_core", [q, kv, k_pe],
-        {"heads": h, "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": dv,
-         "rope_theta": v["rope_theta"], "rope_interleave": v["rope_interleave"], "causal": v["causal"]},
-        scope=path, name=names.claim("core", False, span), span=span, var="y",
-    ).id
-    # The output projection maps back to the width of the attention's input.
-    return _linear(graph, core, Width(of=x), path, names, "o", span)
-
-
-MLA = Composite("MLA", "attn", ("x",), {
+@composite("mla", cls="MLA", default_name="attn", attrs={
     "heads": A(int, positive=True),
     "q_lora_rank": A(int, 0),
     "kv_lora_rank": A(int, REQUIRED, positive=True),
@@ -155,6 +115,26 @@ MLA = Composite("MLA", "attn", ("x",), {
     "norm_eps": A(float, 1e-6, positive=True),
     "causal": A(bool, True),
     "rope_interleave": A(bool, True),
-}, _lower_mla)
-
-COMPOSITES["mla"] = MLA
+})
+def lower_mla(ctx, args, v) -> str:
+    (x,) = args
+    h, nope, rope, dv = v["heads"], v["qk_nope_head_dim"], v["qk_rope_head_dim"], v["v_head_dim"]
+    if v["q_lora_rank"] < 0:
+        raise SpecError(f"`mla`: `q_lora_rank` must be 0 (no query compression) or positive, got {v['q_lora_rank']}",
+                        ctx.span)
+    if v["q_lora_rank"]:
+        q_a = ctx.linear(x, v["q_lora_rank"], "q_a")
+        q_norm = ctx.rms_norm(q_a, v["norm_eps"], "q_norm")
+        q = ctx.linear(q_norm, h * (nope + rope), "q_b", var="q")
+    else:
+        q = ctx.linear(x, h * (nope + rope), "q")
+    kv_a = ctx.linear(x, v["kv_lora_rank"] + rope, "kv_a")
+    c_kv = ctx.split(kv_a, 0, 0, v["kv_lora_rank"], "c_kv")
+    k_pe = ctx.split(kv_a, 1, v["kv_lora_rank"], rope, "k_pe")
+    kv_norm = ctx.rms_norm(c_kv, v["norm_eps"], "kv_norm")
+    kv = ctx.linear(kv_norm, h * (nope + dv), "kv_b", var="kv")
+    core = ctx.core("mla_core", [q, kv, k_pe], {
+        "heads": h, "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": dv,
+        "rope_theta": v["rope_theta"], "rope_interleave": v["rope_interleave"], "causal": v["causal"]})
+    # The output projection maps back to the width of the attention's input.
+    return ctx.linear(core, Width(of=x), "o")

@@ -1,4 +1,4 @@
-"""The composite `nsa(...)`: Native Sparse Attention (DeepSeek, arXiv 2502.11089; algorithms.md §4).
+"""The built-in `nsa(...)`: Native Sparse Attention (DeepSeek, arXiv 2502.11089; docs/algorithms.md §2).
 
     x += nsa(rms_norm(x), heads=16, kv_heads=1, head_dim=64, cmp_block=32, stride=16, select_block=64,
              top_n=16, window=512) as mixer
@@ -29,17 +29,13 @@ linear in T for fixed top_n·select_block and window; compression attention grow
 
 from __future__ import annotations
 
-from archc.compiler.composites import COMPOSITES, Composite, _linear
-from archc.compiler.composites_mixers import MixerOp, _act, _check_stream, _check_width, _core, _heads_of, _out
-from archc.compiler.ops import A, Width, _need_width, numel, register
+from archc.compiler.ops.base import A, Width, composite, need_width, numel, register
+from archc.compiler.ops.mixers import MixerOp, check_width, heads_of, out_projection
 from archc.dsl.diagnostics import SpecError
-from archc.kernels.nsa import KERNELS, LOCAL_BLOCKS, compressed_blocks, triton_unsupported
-
-__all__ = ["NSA", "NSACore"]
+from archc.kernels.nsa import LOCAL_BLOCKS, compressed_blocks
 
 COMPRESS = ("mlp", "mean")
 BRANCHES = ("cmp", "slc", "win")
-AUTO_REASON = "at run time: Triton selection kernel on CUDA, else the gather path"
 
 
 @register
@@ -48,8 +44,8 @@ class NSACore(MixerOp):
 
     name = "nsa_core"
     mixer = "nsa"
+    kernel_family = "nsa"
     runtime = "NSACore"
-    kernels = KERNELS
     growth = "selection and window linear in T, compression T²/stride"
     inputs = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "g")
     attrs = {
@@ -65,31 +61,26 @@ class NSACore(MixerOp):
 
     def infer(self, node, ins, graph):
         q, *kvs, g = ins
-        _check_stream(node, q)
+        self.check_stream(node, q)
         a = node.attrs
-        hd = _heads_of(node, _need_width(node, q, "query"), "query")
+        hd = heads_of(node, need_width(node, q, "query"), "query")
         if a["head_dim"] not in (None, hd):
             raise SpecError(f"heads={a['heads']} × head_dim={a['head_dim']} but the queries are {q[-1]} wide",
                             node.span)
         a["head_dim"] = hd
         for what, shape in zip(("compression key", "compression value", "selection key", "selection value",
                                 "window key", "window value"), kvs):
-            _check_width(node, shape, a["kv_heads"] * hd, what)
-        _check_width(node, g, 3 * a["heads"], "gate projection")
+            check_width(node, shape, a["kv_heads"] * hd, what)
+        check_width(node, g, 3 * a["heads"], "gate projection")
         if a["rope"] and hd % 2:
             raise SpecError(f"nsa: RoPE needs an even head_dim, got {hd}", node.span,
                             hint="use an even head_dim, or rope=false")
         return q
 
     def dims(self, node):
-        return {"head_dim": node.attrs["head_dim"]}
-
-    def choose_kernel(self, node):
         a = node.attrs
-        why = triton_unsupported(a["heads"], a["kv_heads"], a["head_dim"], a["head_dim"], a["select_block"])
-        if why:
-            return "gather", f"{why}: the gather path on every device"
-        return "auto", AUTO_REASON
+        return {"heads": a["heads"], "kv_heads": a["kv_heads"], "head_dim": a["head_dim"], "value_dim": a["head_dim"],
+                "select_block": a["select_block"]}
 
     def weights(self, node, ins):
         a = node.attrs
@@ -178,28 +169,7 @@ def _check_options(v, span) -> None:
                         "(each key/value head serves a group of query heads)", span)
 
 
-def _lower_nsa(graph, args, v, path, names, span) -> str:
-    (x,) = args
-    _check_options(v, span)
-    heads, hd = v["heads"], v["head_dim"]
-    kv_heads = v["kv_heads"] or heads
-    q_out = heads * hd if hd else Width()
-    kv_out = kv_heads * hd if hd else Width(
-        kv_heads, heads, why=f"the input width {{width}} does not split into heads={heads}; "
-                             "choose heads that divide it, or give head_dim")
-    q = _linear(graph, x, q_out, v["bias"], path, names, "q", span)
-    kvs = [_linear(graph, x, kv_out, v["bias"], path, names, f"{kv}_{branch}", span)
-           for branch in BRANCHES for kv in ("k", "v")]
-    g = _linear(graph, x, 3 * heads, v["bias"], path, names, "g", span)
-    g = _act(graph, "sigmoid", g, path, "g", span)
-    core = _core(graph, "nsa_core", [q, *kvs, g],
-                 {"heads": heads, "kv_heads": kv_heads, "head_dim": hd,
-                  **{k: v[k] for k in ("cmp_block", "stride", "select_block", "top_n", "window", "compress", "rope",
-                                       "rope_theta", "max_len")}}, path, names, span)
-    return _out(graph, core, x, v, path, names, span)
-
-
-NSA = Composite("NativeSparseAttention", "mixer", ("x",), {
+@composite("nsa", cls="NativeSparseAttention", default_name="mixer", attrs={
     "heads": A(int, positive=True),
     "kv_heads": A((int, type(None)), None, positive=True),
     "head_dim": A((int, type(None)), None, positive=True),
@@ -214,6 +184,24 @@ NSA = Composite("NativeSparseAttention", "mixer", ("x",), {
     "max_len": A((int, type(None)), None, positive=True),
     "bias": A(bool, False),
     "out_bias": A((bool, type(None)), None),
-}, _lower_nsa)
+})
+def lower_nsa(ctx, args, v) -> str:
+    (x,) = args
+    _check_options(v, ctx.span)
+    heads, hd = v["heads"], v["head_dim"]
+    kv_heads = v["kv_heads"] or heads
+    q_out = heads * hd if hd else Width()
+    kv_out = kv_heads * hd if hd else Width(
+        kv_heads, heads, why=f"the input width {{width}} does not split into heads={heads}; "
+                             "choose heads that divide it, or give head_dim")
+    q = ctx.linear(x, q_out, "q", bias=v["bias"])
+    kvs = [ctx.linear(x, kv_out, f"{kv}_{branch}", bias=v["bias"]) for branch in BRANCHES for kv in ("k", "v")]
+    g = ctx.linear(x, 3 * heads, "g", bias=v["bias"])
+    g = ctx.act("sigmoid", g, var="g")
+    core = ctx.core("nsa_core", [q, *kvs, g],
+                    {"heads": heads, "kv_heads": kv_heads, "head_dim": hd,
+                     **{k: v[k] for k in ("cmp_block", "stride", "select_block", "top_n", "window", "compress", "rope",
+                                          "rope_theta", "max_len")}})
+    return out_projection(ctx, core, x, v)
 
-COMPOSITES["nsa"] = NSA
+

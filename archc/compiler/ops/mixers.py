@@ -1,4 +1,4 @@
-"""Linear-attention mixers as composites: `linear_attn`, `ssd`, `gated_deltanet`, `kda`.
+"""Linear-attention mixers: `linear_attn`, `ssd`, `gated_deltanet`, `kda`, their core ops and lowering.
 
 Each is used wherever `attention` is (`x += kda(rms_norm(x), heads=4) as mixer`)
 and lowers, like `attention`, to a scope of plain `linear` nodes (which
@@ -13,14 +13,11 @@ one core op that holds everything else, and an output `linear`:
 The core ops generate `y = self.core(...)` calls to `archc.runtime.mixers`
 (reached as `AF.<Core>`), which hold the short convolutions, decay
 parameters and output norms and call the kernels in `archc.kernels`. Their
-kernel (`auto | reference | chunked | triton | fla`) is chosen by the
-`choose_attention_kernel` pass, which records it with its reason; FLOPs count
-the chunked form's matmuls (linear in T) and each op reports the size of its
-recurrent state for `archc summary`. Parameterisations follow the papers and
-FLA / mamba_ssm (algorithms.md §5); see GRAMMAR.md for every option.
-
-Import order: `archc.compiler.composites` imports this module at its end;
-import that one, not this one, first.
+kernel (a face of the op's family in `archc.kernels.registry`, or `fla`) is
+chosen by the `choose_kernels` pass, which records it with its reason; FLOPs
+count the chunked form's matmuls (linear in T) and each op reports the size of
+its recurrent state for `archc summary`. Parameterisations follow the papers
+and FLA / mamba_ssm (docs/algorithms.md §3); see GRAMMAR.md for every option.
 """
 
 from __future__ import annotations
@@ -28,19 +25,15 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import ClassVar
 
-from archc.compiler.composites import Composite, _linear
-from archc.compiler.ops import A, OpDef, Width, _need_width, fmt_shape, numel, register
+from archc.compiler.ops.base import A, OpDef, Width, composite, fmt_shape, need_width, numel, register
 from archc.compiler.pytext import comment
 from archc.dsl.diagnostics import SpecError
+from archc.kernels.registry import FAMILIES
 
-MIXER_KERNELS = ("auto", "reference", "chunked", "triton", "fla")
-TRITON_MAX_DIM = 256  # the Triton kernels keep whole K×V states and K-wide tiles in registers
 DELTA_CHUNKS = (16, 32, 64)
 SCALAR_DECAY_CHUNKS = (16, 32, 64, 128)
 GATES = ("swish", "sigmoid", "none")
 FEATURES = ("elu1", "relu", "identity")
-
-AUTO_REASON = "at run time: Triton on CUDA, else chunked PyTorch; one-token steps use the recurrence"
 
 
 # ----------------------------------------------------------------------------- core ops
@@ -51,22 +44,33 @@ class MixerOp(OpDef):
 
     mixer: ClassVar[str]  # the spec op it belongs to
     runtime: ClassVar[str]  # class in archc.runtime.mixers (AF.<runtime>)
-    kernels: ClassVar[tuple[str, ...]] = MIXER_KERNELS
     pure = False
     user = False
+    growth: ClassVar[str] = "linear in T"  # how its FLOPs grow with the sequence (archc summary)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "mixer" in cls.__dict__:
+            cls.kernel_groups = ("mixers", cls.mixer)
 
     def dims(self, node) -> dict[str, int]:
-        """Sizes the Triton kernels care about (name -> size)."""
+        """Sizes the Triton kernels care about (name -> size), as the family's limits take them."""
         raise NotImplementedError
 
-    def choose_kernel(self, node) -> tuple[str, str]:
-        """The default kernel and why, when `--kernel` does not force one."""
-        big = {k: v for k, v in self.dims(node).items() if v > TRITON_MAX_DIM}
-        if big:
-            sizes = ", ".join(f"{k}={v}" for k, v in big.items())
-            return "chunked", (f"{sizes} exceed the Triton kernels' {TRITON_MAX_DIM}: "
-                               "the chunked PyTorch form on every device")
-        return "auto", AUTO_REASON
+    def choose_kernel(self, node, graph) -> tuple[str, str]:
+        """`auto` (decided at run time), or the family's fallback where the Triton face cannot run the shape."""
+        family = FAMILIES[self.kernel_family]
+        why = family.triton_unfit(**self.dims(node))
+        if why:
+            return family.fallback, f"{why}: {family.fallback_words} on every device"
+        return "auto", family.auto
+
+    def describe_node(self, node) -> str:
+        return self.mixer
+
+    def check_stream(self, node, shape) -> None:
+        if len(shape) != 3:
+            raise SpecError(f"{self.mixer} expects a [B, T, D] stream, got {fmt_shape(shape)}", node.span)
 
     def state_numel(self, node, ins) -> int:
         """Floats of recurrent state per sequence (kernel state plus convolution cache)."""
@@ -93,7 +97,7 @@ class MixerOp(OpDef):
                 f"{out} = {mod}({', '.join(args)})"]
 
 
-def _heads_of(node, width: int, what: str) -> int:
+def heads_of(node, width: int, what: str) -> int:
     """width / heads, or a located error."""
     heads = node.attrs["heads"]
     if width % heads:
@@ -102,15 +106,9 @@ def _heads_of(node, width: int, what: str) -> int:
     return width // heads
 
 
-def _check_width(node, shape, want: int, what: str) -> None:
-    if _need_width(node, shape, what) != want:
+def check_width(node, shape, want: int, what: str) -> None:
+    if need_width(node, shape, what) != want:
         raise SpecError(f"{node.op}: the {what} has shape {fmt_shape(shape)} but {want} channels are needed",
-                        node.span)
-
-
-def _check_stream(node, shape) -> None:
-    if len(shape) != 3:
-        raise SpecError(f"{MIXER_NAMES.get(node.op, node.op)} expects a [B, T, D] stream, got {fmt_shape(shape)}",
                         node.span)
 
 
@@ -130,6 +128,7 @@ _KERNEL_ATTRS = {"kernel": A((str, type(None)), None), "kernel_reason": A((str, 
 class LinearAttentionCore(MixerOp):
     name = "linear_attention_core"
     mixer = "linear_attn"
+    kernel_family = "linear_attention"
     runtime = "LinearAttentionCore"
     inputs = ("q", "k", "v")
     attrs = {
@@ -141,15 +140,15 @@ class LinearAttentionCore(MixerOp):
 
     def infer(self, node, ins, graph):
         q, k, v = ins
-        _check_stream(node, q)
+        self.check_stream(node, q)
         a = node.attrs
-        kd = _heads_of(node, _need_width(node, q, "query"), "query")
+        kd = heads_of(node, need_width(node, q, "query"), "query")
         if a["head_dim"] not in (None, kd):
             raise SpecError(f"heads={a['heads']} × head_dim={a['head_dim']} but the queries are {q[-1]} wide",
                             node.span)
         a["head_dim"] = kd
-        _check_width(node, k, a["heads"] * kd, "key")
-        a["value_dim"] = _heads_of(node, _need_width(node, v, "value"), "value")
+        check_width(node, k, a["heads"] * kd, "key")
+        a["value_dim"] = heads_of(node, need_width(node, v, "value"), "value")
         if a["feature"] == "identity" and a["normalize"]:
             raise SpecError('linear_attn: feature="identity" with normalize=true divides by an unsigned '
                             "denominator that can be zero", node.span,
@@ -194,6 +193,7 @@ class LinearAttentionCore(MixerOp):
 class SSDCore(MixerOp):
     name = "ssd_core"
     mixer = "ssd"
+    kernel_family = "ssd"
     runtime = "SSDCore"
     inputs = ("x", "b", "c", "dt", "z")
     attrs = {
@@ -205,11 +205,11 @@ class SSDCore(MixerOp):
 
     def infer(self, node, ins, graph):
         x, b, c, dt, z = ins
-        _check_stream(node, x)
+        self.check_stream(node, x)
         a = node.attrs
-        inner = _need_width(node, x, "input")
+        inner = need_width(node, x, "input")
         if a["head_dim"] is None:
-            a["head_dim"] = _heads_of(node, inner, "inner (expand × input)")
+            a["head_dim"] = heads_of(node, inner, "inner (expand × input)")
         elif a["heads"] * a["head_dim"] != inner:
             raise SpecError(
                 f"ssd: heads={a['heads']} × head_dim={a['head_dim']} = {a['heads'] * a['head_dim']} but the inner "
@@ -221,7 +221,7 @@ class SSDCore(MixerOp):
         for what, shape, want in (("B projection", b, a["groups"] * a["state"]),
                                   ("C projection", c, a["groups"] * a["state"]),
                                   ("dt projection", dt, a["heads"]), ("gate", z, inner)):
-            _check_width(node, shape, want, what)
+            check_width(node, shape, want, what)
         return x
 
     def dims(self, node):
@@ -274,21 +274,23 @@ class SSDCore(MixerOp):
 
 
 class _DeltaRuleOp(MixerOp):
+    kernel_family = "delta_rule"
+
     def infer(self, node, ins, graph):
         q, k, v, decay, beta, *gate = ins
-        _check_stream(node, q)
+        self.check_stream(node, q)
         a = node.attrs
-        kd = _heads_of(node, _need_width(node, q, "query"), "query")
+        kd = heads_of(node, need_width(node, q, "query"), "query")
         if a["head_dim"] not in (None, kd):
             raise SpecError(f"heads={a['heads']} × head_dim={a['head_dim']} but the queries are {q[-1]} wide",
                             node.span)
         a["head_dim"] = kd
-        a["value_dim"] = _heads_of(node, _need_width(node, v, "value"), "value")
-        _check_width(node, k, a["heads"] * kd, "key")
-        _check_width(node, decay, self._decay_width(a), "decay projection")
-        _check_width(node, beta, a["heads"], "beta projection")
+        a["value_dim"] = heads_of(node, need_width(node, v, "value"), "value")
+        check_width(node, k, a["heads"] * kd, "key")
+        check_width(node, decay, self._decay_width(a), "decay projection")
+        check_width(node, beta, a["heads"], "beta projection")
         if gate:
-            _check_width(node, gate[0], a["heads"] * a["value_dim"], "output gate")
+            check_width(node, gate[0], a["heads"] * a["value_dim"], "output gate")
         return v
 
     def _decay_width(self, a) -> int:
@@ -401,23 +403,10 @@ class KDACore(_DeltaRuleOp):
         return args
 
 
-MIXER_NAMES = {"linear_attention_core": "linear_attn", "ssd_core": "ssd", "gated_deltanet_core": "gated_deltanet",
-               "kda_core": "kda"}
+# ----------------------------------------------------------------------------- lowering
 
 
-# ----------------------------------------------------------------------------- lowering helpers
-
-
-def _act(graph, op: str, x: str, path: str, var: str, span) -> str:
-    return graph.add(op, [x], {}, scope=path, name=op, span=span, var=var).id
-
-
-def _core(graph, op: str, args: list[str], attrs_: dict, path: str, names, span) -> str:
-    return graph.add(op, args, {**attrs_, "kernel": None, "kernel_reason": None}, scope=path,
-                     name=names.claim("core", False, span), span=span, var="y").id
-
-
-def _ratio(value: float, span, what: str) -> Fraction:
+def ratio_of(value: float, span, what: str) -> Fraction:
     ratio = Fraction(value).limit_denominator(64)
     if ratio <= 0 or abs(float(ratio) - value) > 1e-9:
         raise SpecError(f"`{what}` must be a positive ratio of small integers (such as 1, 2, 0.5), got {value!r}",
@@ -425,7 +414,7 @@ def _ratio(value: float, span, what: str) -> Fraction:
     return ratio
 
 
-def _scaled(base: int | None, ratio: Fraction, span, what: str, heads: int = 1):
+def scaled(base: int | None, ratio: Fraction, span, what: str, heads: int = 1):
     """`base × ratio / heads` as a number when base is known, else a width relative to the input."""
     if base is not None:
         value = base * ratio
@@ -437,74 +426,100 @@ def _scaled(base: int | None, ratio: Fraction, span, what: str, heads: int = 1):
                      + (f" does not split into heads={heads}" if heads > 1 else " is not a whole number"))
 
 
-def _check_conv(v, span) -> None:
+def check_conv(v, span) -> None:
     if v["conv"] < 0:
         raise SpecError(f"`conv` is the short convolution's width (0 for none), got {v['conv']}", span)
     if v.get("dt_min") is not None and not v["dt_min"] <= v["dt_max"]:
         raise SpecError(f"`dt_min` ({v['dt_min']}) must not exceed `dt_max` ({v['dt_max']})", span)
 
 
-def _out(graph, core: str, x: str, v, path, names, span) -> str:
+def out_projection(ctx, core: str, x: str, v) -> str:
+    """The mixer's output linear, back to the width of its input."""
     out_bias = v["bias"] if v.get("out_bias") is None else v["out_bias"]
-    return _linear(graph, core, Width(of=x), out_bias, path, names, "o", span)
+    return ctx.linear(core, Width(of=x), "o", bias=out_bias)
 
 
-# ----------------------------------------------------------------------------- composites
+COMMON = {
+    "heads": A(int, positive=True),
+    "head_dim": A((int, type(None)), None, positive=True),
+}
+BIAS = {"bias": A(bool, False), "out_bias": A((bool, type(None)), None)}
 
 
-def _lower_linear_attn(graph, args, v, path, names, span) -> str:
+@composite("linear_attn", cls="LinearAttention", default_name="mixer", attrs={
+    **COMMON,
+    "feature": A(str, "elu1", choices=FEATURES),
+    "normalize": A(bool, True),
+    "eps": A(float, 1e-6, positive=True),
+    "chunk": A(int, 64, choices=SCALAR_DECAY_CHUNKS),
+    **BIAS,
+})
+def lower_linear_attn(ctx, args, v) -> str:
     (x,) = args
     heads, hd = v["heads"], v["head_dim"]
     width = heads * hd if hd else Width()
-    q = _linear(graph, x, width, v["bias"], path, names, "q", span)
-    k = _linear(graph, x, width, v["bias"], path, names, "k", span)
-    val = _linear(graph, x, width, v["bias"], path, names, "v", span)
-    core = _core(graph, "linear_attention_core", [q, k, val],
-                 {"heads": heads, "head_dim": hd, "value_dim": None, "feature": v["feature"],
-                  "normalize": v["normalize"], "eps": v["eps"], "chunk": v["chunk"]}, path, names, span)
-    return _out(graph, core, x, v, path, names, span)
+    q = ctx.linear(x, width, "q", bias=v["bias"])
+    k = ctx.linear(x, width, "k", bias=v["bias"])
+    val = ctx.linear(x, width, "v", bias=v["bias"])
+    core = ctx.core("linear_attention_core", [q, k, val],
+                    {"heads": heads, "head_dim": hd, "value_dim": None, "feature": v["feature"],
+                     "normalize": v["normalize"], "eps": v["eps"], "chunk": v["chunk"]})
+    return out_projection(ctx, core, x, v)
 
 
-def _lower_ssd(graph, args, v, path, names, span) -> str:
+@composite("ssd", cls="Mamba2", default_name="mixer", attrs={
+    **COMMON,
+    "state": A(int, 128, positive=True),
+    "expand": A((int, type(None)), None, positive=True),
+    "groups": A(int, 1, positive=True),
+    "conv": A(int, 4),
+    "conv_bias": A(bool, True),
+    "D": A(bool, True),
+    "norm": A(bool, True),
+    "norm_eps": A(float, 1e-5, positive=True),
+    **_DECAY,
+    "chunk": A(int, 64, choices=SCALAR_DECAY_CHUNKS),
+    **BIAS,
+})
+def lower_ssd(ctx, args, v) -> str:
     (x,) = args
-    _check_conv(v, span)
+    check_conv(v, ctx.span)
     heads, hd, n, groups = v["heads"], v["head_dim"], v["state"], v["groups"]
     if hd is not None and v["expand"] is None:
         inner = heads * hd
     else:
         inner = Width(v["expand"] or 2, why="")
     # In Mamba-2's order, so the fused projection is mamba's in_proj: [z, x, B, C, dt].
-    z = _linear(graph, x, inner, v["bias"], path, names, "z", span)
-    xs = _linear(graph, x, inner, v["bias"], path, names, "x", span)
-    b = _linear(graph, x, groups * n, v["bias"], path, names, "b", span)
-    c = _linear(graph, x, groups * n, v["bias"], path, names, "c", span)
-    dt = _linear(graph, x, heads, v["bias"], path, names, "dt", span)
-    z = _act(graph, "silu", z, path, "z", span)
-    core = _core(graph, "ssd_core", [xs, b, c, dt, z],
-                 {"heads": heads, "head_dim": hd, "state": n, "groups": groups, "conv": v["conv"],
-                  "conv_bias": v["conv_bias"], "D": v["D"], "norm": v["norm"], "norm_eps": v["norm_eps"],
-                  "dt_min": v["dt_min"], "dt_max": v["dt_max"], "chunk": v["chunk"]}, path, names, span)
-    return _out(graph, core, x, v, path, names, span)
+    z = ctx.linear(x, inner, "z", bias=v["bias"])
+    xs = ctx.linear(x, inner, "x", bias=v["bias"])
+    b = ctx.linear(x, groups * n, "b", bias=v["bias"])
+    c = ctx.linear(x, groups * n, "c", bias=v["bias"])
+    dt = ctx.linear(x, heads, "dt", bias=v["bias"])
+    z = ctx.act("silu", z, var="z")
+    core = ctx.core("ssd_core", [xs, b, c, dt, z],
+                    {"heads": heads, "head_dim": hd, "state": n, "groups": groups, "conv": v["conv"],
+                     "conv_bias": v["conv_bias"], "D": v["D"], "norm": v["norm"], "norm_eps": v["norm_eps"],
+                     "dt_min": v["dt_min"], "dt_max": v["dt_max"], "chunk": v["chunk"]})
+    return out_projection(ctx, core, x, v)
 
 
-def _gate(graph, g: str, kind: str, path, span) -> str:
-    return _act(graph, "silu" if kind == "swish" else "sigmoid", g, path, "g", span)
+def _gate(ctx, g: str, kind: str) -> str:
+    return ctx.act("silu" if kind == "swish" else "sigmoid", g, var="g")
 
 
-def _beta(graph, b: str, v, path, span) -> str:
-    beta = _act(graph, "sigmoid", b, path, "beta", span)
+def _beta(ctx, b: str, v) -> str:
+    beta = ctx.act("sigmoid", b, var="beta")
     if v["neg_eigval"]:  # beta in (0, 2): the transition may have negative eigenvalues (Grazzi et al.)
-        beta = graph.add("mul", [beta], {"scalar": 2.0, "scalar_left": False}, scope=path, name="mul", span=span,
-                         var="beta").id
+        beta = ctx.scale(beta, 2.0, var="beta")
     return beta
 
 
 def _delta_common(v, span):
-    _check_conv(v, span)
+    check_conv(v, span)
     heads, hd = v["heads"], v["head_dim"]
-    ratio = _ratio(v["expand_v"], span, "expand_v")
+    ratio = ratio_of(v["expand_v"], span, "expand_v")
     qk = heads * hd if hd else Width()
-    val = _scaled(heads * hd if hd else None, ratio, span, "expand_v")
+    val = scaled(heads * hd if hd else None, ratio, span, "expand_v")
     return heads, hd, ratio, qk, val
 
 
@@ -514,100 +529,65 @@ def _core_attrs(v, hd) -> dict:
             "dt_min": v["dt_min"], "dt_max": v["dt_max"], "chunk": v["chunk"]}
 
 
-def _lower_gated_deltanet(graph, args, v, path, names, span) -> str:
+@composite("gated_deltanet", cls="GatedDeltaNet", default_name="mixer", attrs={
+    **COMMON,
+    "expand_v": A(float, 2.0, positive=True),
+    "conv": A(int, 4),
+    "gate": A(str, "swish", choices=GATES),
+    "neg_eigval": A(bool, False),
+    "norm_eps": A(float, 1e-5, positive=True),
+    **_DECAY,
+    "chunk": A(int, 64, choices=DELTA_CHUNKS),
+    **BIAS,
+})
+def lower_gated_deltanet(ctx, args, v) -> str:
     (x,) = args
-    heads, hd, _ratio_v, qk, val = _delta_common(v, span)
-    q = _linear(graph, x, qk, v["bias"], path, names, "q", span)
-    k = _linear(graph, x, qk, v["bias"], path, names, "k", span)
-    vv = _linear(graph, x, val, v["bias"], path, names, "v", span)
-    a = _linear(graph, x, heads, v["bias"], path, names, "a", span)
-    b = _linear(graph, x, heads, v["bias"], path, names, "b", span)
+    heads, hd, _ratio_v, qk, val = _delta_common(v, ctx.span)
+    q = ctx.linear(x, qk, "q", bias=v["bias"])
+    k = ctx.linear(x, qk, "k", bias=v["bias"])
+    vv = ctx.linear(x, val, "v", bias=v["bias"])
+    a = ctx.linear(x, heads, "a", bias=v["bias"])
+    b = ctx.linear(x, heads, "b", bias=v["bias"])
     ins = [q, k, vv, a]
-    g = _linear(graph, x, val, v["bias"], path, names, "g", span) if v["gate"] != "none" else None
-    ins.append(_beta(graph, b, v, path, span))
+    g = ctx.linear(x, val, "g", bias=v["bias"]) if v["gate"] != "none" else None
+    ins.append(_beta(ctx, b, v))
     if g is not None:
-        ins.append(_gate(graph, g, v["gate"], path, span))
-    core = _core(graph, "gated_deltanet_core", ins, _core_attrs(v, hd), path, names, span)
-    return _out(graph, core, x, v, path, names, span)
+        ins.append(_gate(ctx, g, v["gate"]))
+    core = ctx.core("gated_deltanet_core", ins, _core_attrs(v, hd))
+    return out_projection(ctx, core, x, v)
 
 
-def _lower_kda(graph, args, v, path, names, span) -> str:
+@composite("kda", cls="KimiDeltaAttention", default_name="mixer", attrs={
+    **COMMON,
+    "expand_v": A(float, 1.0, positive=True),
+    "conv": A(int, 4),
+    "rank": A((int, type(None)), None, positive=True),
+    "gate": A(str, "sigmoid", choices=GATES),
+    "safe_gate": A(bool, False),
+    "lower_bound": A(float, -5.0),
+    "neg_eigval": A(bool, False),
+    "norm_eps": A(float, 1e-5, positive=True),
+    **_DECAY,
+    "chunk": A(int, 64, choices=DELTA_CHUNKS),
+    **BIAS,
+})
+def lower_kda(ctx, args, v) -> str:
     (x,) = args
-    heads, hd, ratio, qk, val = _delta_common(v, span)
+    heads, hd, ratio, qk, val = _delta_common(v, ctx.span)
     # The low-rank gates' inner width: one head's value width unless `rank` is given (FLA).
-    rank = v["rank"] if v["rank"] is not None else _scaled(heads * hd if hd else None, ratio, span,
-                                                           "kda head value width", heads)
-    q = _linear(graph, x, qk, v["bias"], path, names, "q", span)
-    k = _linear(graph, x, qk, v["bias"], path, names, "k", span)
-    vv = _linear(graph, x, val, v["bias"], path, names, "v", span)
-    f = _linear(graph, x, rank, False, path, names, "f", span)
-    b = _linear(graph, x, heads, v["bias"], path, names, "b", span)
-    g = _linear(graph, x, rank, False, path, names, "g", span) if v["gate"] != "none" else None
-    f = graph.add("linear", [f], {"out": Width(of=q), "bias": False, "tie": None}, scope=path,
-                  name=names.claim("f_up", False, span), span=span, var="f").id
-    ins = [q, k, vv, f, _beta(graph, b, v, path, span)]
+    rank = v["rank"] if v["rank"] is not None else scaled(heads * hd if hd else None, ratio, ctx.span,
+                                                          "kda head value width", heads)
+    q = ctx.linear(x, qk, "q", bias=v["bias"])
+    k = ctx.linear(x, qk, "k", bias=v["bias"])
+    vv = ctx.linear(x, val, "v", bias=v["bias"])
+    f = ctx.linear(x, rank, "f")
+    b = ctx.linear(x, heads, "b", bias=v["bias"])
+    g = ctx.linear(x, rank, "g") if v["gate"] != "none" else None
+    f = ctx.linear(f, Width(of=q), "f_up", var="f")
+    ins = [q, k, vv, f, _beta(ctx, b, v)]
     if g is not None:
-        g = graph.add("linear", [g], {"out": Width(of=vv), "bias": True, "tie": None}, scope=path,
-                      name=names.claim("g_up", False, span), span=span, var="g").id
-        ins.append(_gate(graph, g, v["gate"], path, span))
-    core = _core(graph, "kda_core", ins,
-                 {**_core_attrs(v, hd), "safe_gate": v["safe_gate"], "lower_bound": v["lower_bound"]},
-                 path, names, span)
-    return _out(graph, core, x, v, path, names, span)
-
-
-_COMMON = {
-    "heads": A(int, positive=True),
-    "head_dim": A((int, type(None)), None, positive=True),
-}
-_BIAS = {"bias": A(bool, False), "out_bias": A((bool, type(None)), None)}
-
-MIXERS: dict[str, Composite] = {
-    "linear_attn": Composite("LinearAttention", "mixer", ("x",), {
-        **_COMMON,
-        "feature": A(str, "elu1", choices=FEATURES),
-        "normalize": A(bool, True),
-        "eps": A(float, 1e-6, positive=True),
-        "chunk": A(int, 64, choices=SCALAR_DECAY_CHUNKS),
-        **_BIAS,
-    }, _lower_linear_attn),
-    "ssd": Composite("Mamba2", "mixer", ("x",), {
-        **_COMMON,
-        "state": A(int, 128, positive=True),
-        "expand": A((int, type(None)), None, positive=True),
-        "groups": A(int, 1, positive=True),
-        "conv": A(int, 4),
-        "conv_bias": A(bool, True),
-        "D": A(bool, True),
-        "norm": A(bool, True),
-        "norm_eps": A(float, 1e-5, positive=True),
-        **_DECAY,
-        "chunk": A(int, 64, choices=SCALAR_DECAY_CHUNKS),
-        **_BIAS,
-    }, _lower_ssd),
-    "gated_deltanet": Composite("GatedDeltaNet", "mixer", ("x",), {
-        **_COMMON,
-        "expand_v": A(float, 2.0, positive=True),
-        "conv": A(int, 4),
-        "gate": A(str, "swish", choices=GATES),
-        "neg_eigval": A(bool, False),
-        "norm_eps": A(float, 1e-5, positive=True),
-        **_DECAY,
-        "chunk": A(int, 64, choices=DELTA_CHUNKS),
-        **_BIAS,
-    }, _lower_gated_deltanet),
-    "kda": Composite("KimiDeltaAttention", "mixer", ("x",), {
-        **_COMMON,
-        "expand_v": A(float, 1.0, positive=True),
-        "conv": A(int, 4),
-        "rank": A((int, type(None)), None, positive=True),
-        "gate": A(str, "sigmoid", choices=GATES),
-        "safe_gate": A(bool, False),
-        "lower_bound": A(float, -5.0),
-        "neg_eigval": A(bool, False),
-        "norm_eps": A(float, 1e-5, positive=True),
-        **_DECAY,
-        "chunk": A(int, 64, choices=DELTA_CHUNKS),
-        **_BIAS,
-    }, _lower_kda),
-}
+        g = ctx.linear(g, Width(of=vv), "g_up", bias=True, var="g")
+        ins.append(_gate(ctx, g, v["gate"]))
+    core = ctx.core("kda_core", ins,
+                    {**_core_attrs(v, hd), "safe_gate": v["safe_gate"], "lower_bound": v["lower_bound"]})
+    return out_projection(ctx, core, x, v)

@@ -1,0 +1,285 @@
+"""Softmax attention: the core op (`attention_core`), its kernel choice, and the built-ins
+`attention` and `cross_attention` that lower to linear projections around it."""
+
+from __future__ import annotations
+
+from archc.compiler.ops.base import A, OpDef, Width, composite, dim_value, fmt_shape, need_width, numel, register
+from archc.compiler.pytext import comment
+from archc.dsl.diagnostics import SpecError
+
+
+@register
+class AttentionCore(OpDef):
+    """softmax(q kᵀ / √d + mask) v over heads, after RoPE and QK-norm; q comes in as [B, T, H·d],
+    k and v as [B, S, K·d] (S = T for self-attention).
+
+    The mask: `causal`, a sliding `window`, `sinks` always-visible first keys,
+    a bidirectional `prefix` (archc.kernels.attention has the exact predicate).
+    """
+
+    name = "attention_core"
+    inputs = ("q", "k", "v")
+    attrs = {
+        "heads": A(int, positive=True),
+        "kv_heads": A(int, positive=True),
+        "head_dim": A((int, type(None)), None),
+        "causal": A(bool, True),
+        "window": A((int, type(None)), None, positive=True),
+        "sinks": A(int, 0),
+        "prefix": A(int, 0),
+        "rope": A(bool, False),
+        "rope_theta": A(float, 10000.0, positive=True),
+        "qk_norm": A(bool, False),
+        "norm_eps": A(float, 1e-6, positive=True),
+        "dropout": A(float, 0.0, unit=True),
+        "kernel": A((str, type(None)), None),  # chosen by choose_kernels
+        "kernel_reason": A((str, type(None)), None),
+    }
+    pure = False
+    user = False
+    kernel_family = "attention"
+    kernel_groups = ("attention",)
+    line_comment = False  # the forward ends with a reshape; its kernel comment says where it came from
+
+    def infer(self, node, ins, graph):
+        a = node.attrs
+        q, k, v = ins
+        if len(q) != 3:
+            raise SpecError(f"attention expects a [B, T, D] stream, got {fmt_shape(q)}", node.span)
+        if len(k) != 3 or k[:2] != v[:2] or k[0] != q[0]:
+            raise SpecError(f"keys and values must be [B, S, D] streams with the queries' batch dim {q[0]}, "
+                            f"got {fmt_shape(k)} and {fmt_shape(v)}", node.span)
+        self._check_mask(node)
+        width = need_width(node, q, "query")
+        if width % a["heads"]:
+            near = [h for d in range(1, 1000) for h in (a["heads"] - d, a["heads"] + d)
+                    if 0 < h <= width and width % h == 0][:2]
+            such = f", such as {' or '.join(map(str, sorted(near)))}" if near else ""
+            raise SpecError(f"the query width {width} does not split into heads={a['heads']}", node.span,
+                            hint=f"use heads that divide {width}{such}, or give head_dim")
+        if a["head_dim"] is None:
+            a["head_dim"] = width // a["heads"]
+        hd = a["head_dim"]
+        if hd * a["heads"] != width:
+            raise SpecError(f"heads={a['heads']} × head_dim={hd} = {hd * a['heads']} but queries are {width} wide",
+                            node.span)
+        if a["heads"] % a["kv_heads"]:
+            raise SpecError(
+                f"heads={a['heads']} must be a multiple of kv_heads={a['kv_heads']} "
+                "(each key/value head serves a group of query heads)",
+                node.span,
+            )
+        for what, shape in (("key", k), ("value", v)):
+            if shape[-1] != a["kv_heads"] * hd:
+                raise SpecError(
+                    f"{what}s have shape {fmt_shape(shape)} but kv_heads={a['kv_heads']} × head_dim={hd} "
+                    f"needs width {a['kv_heads'] * hd}",
+                    node.span,
+                )
+        if a["rope"] and hd % 2:
+            raise SpecError(f"RoPE needs an even head_dim, got {hd}", node.span)
+        return q
+
+    @staticmethod
+    def _check_mask(node) -> None:
+        a = node.attrs
+        if a["window"] is not None and a["window"] < 1:
+            raise SpecError(f"attention: `window` must be at least 1 (key j is visible to query i when "
+                            f"i-window < j <= i), got {a['window']}", node.span,
+                            hint="leave `window` out for no window")
+        for name in ("sinks", "prefix"):
+            if a[name] < 0:
+                raise SpecError(f"attention: `{name}` must be 0 or more, got {a[name]}", node.span)
+        if a["sinks"] and a["window"] is None:
+            raise SpecError(f"attention: sinks={a['sinks']} needs a window: without one every earlier key is "
+                            "visible already", node.span, hint="add window=N, or drop sinks")
+        if a["prefix"] and not a["causal"] and a["window"] is None:
+            raise SpecError(f"attention: prefix={a['prefix']} has no effect on bidirectional attention without a "
+                            "window: every position sees every other already", node.span,
+                            hint="drop prefix, or use causal=true (prefix-LM)")
+
+    def describe_node(self, node) -> str:
+        """The mask in the spec's words, for kernel reasons: `causal, window=64, sinks=4`."""
+        a = node.attrs
+        words = ["causal" if a["causal"] else "bidirectional"]
+        words += [f"{k}={a[k]}" for k in ("window", "sinks", "prefix") if a[k]]
+        return ", ".join(words)
+
+    @staticmethod
+    def masked(node) -> bool:
+        """A mask beyond what SDPA's is_causal expresses."""
+        a = node.attrs
+        return a["window"] is not None or bool(a["sinks"]) or bool(a["prefix"])
+
+    @staticmethod
+    def windowed(node) -> bool:
+        """Each query reaches a bounded number of keys: its cost grows linearly in T."""
+        return node.attrs["window"] is not None
+
+    def unfit(self, node, kernel: str, graph) -> str | None:
+        """Why `kernel` cannot compute this attention, or None."""
+        a = node.attrs
+        if kernel == "sdpa" and self.masked(node):
+            return f"SDPA's is_causal cannot express {self.describe_node(node)}"
+        if kernel == "sdpa" and a["causal"] and not self.same_length(node, graph):
+            return ("SDPA's is_causal aligns queries with the first keys, but keys here have another length "
+                    "(archc aligns them at the end)")
+        if kernel == "local" and a["window"] is None:
+            return "`local` needs a window"
+        if kernel == "flex" and a["dropout"]:
+            return "flex_attention has no attention dropout"
+        return None
+
+    def choose_kernel(self, node, graph) -> tuple[str, str]:
+        """SDPA for a plain causal mask or none; `auto` (decided at run time) for everything else."""
+        if self.unfit(node, "sdpa", graph) is None:
+            if node.attrs["causal"]:
+                return "sdpa", "plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)"
+            return "sdpa", "no mask: SDPA without a mask (flash / memory-efficient back ends)"
+        masked = self.describe_node(node)
+        if not self.masked(node):
+            masked += " over keys of another length"
+        cpu = ("the blocked local kernel (linear in T)" if node.attrs["window"] is not None
+               else "SDPA with a boolean mask")
+        return "auto", (f"{masked}: at run time flex_attention (block-sparse) on CUDA, {cpu} elsewhere"
+                        + (" and while dropout is on" if node.attrs["dropout"] else ""))
+
+    @staticmethod
+    def same_length(node, graph) -> bool:
+        q, k, _v = graph.args(node.id)
+        return graph.node(q).shape[1] == graph.node(k).shape[1]
+
+    weights_at_scope = True
+
+    def weights(self, node, ins):
+        hd = node.attrs["head_dim"]
+        return {"q_norm.weight": (hd,), "k_norm.weight": (hd,)} if node.attrs["qk_norm"] else {}
+
+    def kv_per_token(self, node) -> float:
+        """Floats cached per token to decode: a key and a value per KV head."""
+        return 2 * node.attrs["kv_heads"] * node.attrs["head_dim"]
+
+    def extra_modules(self, node, ins):
+        a = node.attrs
+        mods = []
+        if a["qk_norm"]:
+            mods += [("q_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})"),
+                     ("k_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})")]
+        if a["rope"]:
+            mods.append(("rope", f"AF.RotaryEmbedding({a['head_dim']!r}, theta={a['rope_theta']!r})"))
+        if self.decodes(node, ins):
+            mods.append(("kv_cache", "AF.KVCache()"))
+        return mods
+
+    @staticmethod
+    def decodes(node, ins) -> bool:
+        """Causal self-attention (keys as long as queries) decodes token by token from a KV cache."""
+        return node.attrs["causal"] and ins[0][1] == ins[1][1]
+
+    def cannot_decode(self, node, ins):
+        return None if self.decodes(node, ins) else "not causal self-attention"
+
+    def forward(self, node, args, out, mod, ins):
+        a = node.attrs
+        q, k, v = args
+        h, kv, hd = a["heads"], a["kv_heads"], a["head_dim"]
+        s = "T" if ins[0][1] == ins[1][1] else "S"  # the keys' length, in the local names
+        lines = [
+            f"B, T, _ = {q}.shape",
+            f"{q}_BHTd = {q}.view(B, T, {h!r}, {hd!r}).transpose(1, 2)",
+            f"{k}_BK{s}d = {k}.view(B, -1, {kv!r}, {hd!r}).transpose(1, 2)",
+            f"{v}_BK{s}d = {v}.view(B, -1, {kv!r}, {hd!r}).transpose(1, 2)",
+        ]
+        qh, kh, vh = f"{q}_BHTd", f"{k}_BK{s}d", f"{v}_BK{s}d"
+        if a["qk_norm"]:
+            lines.append(f"{qh}, {kh} = self.q_norm({qh}), self.k_norm({kh})")
+        decodes = self.decodes(node, ins)
+        if a["rope"]:
+            offset = ", offset=self.kv_cache.length" if decodes else ""
+            lines.append(f"{qh}, {kh} = self.rope({qh}, {kh}{offset})")
+        drop = f", dropout_p={a['dropout']!r} if self.training else 0.0" if a["dropout"] else ""
+        mask = "".join(f", {name}={a[name]!r}" for name in ("window", "sinks", "prefix") if a[name])
+        if a["kernel"] == "sdpa":
+            gqa = ", enable_gqa=True" if kv != h else ""
+            call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{gqa})"
+        else:
+            call = f"AF.attention_{a['kernel']}({qh}, {kh}, {vh}, causal={a['causal']!r}{mask}{drop})"
+        chosen = [comment(f"kernel: {a['kernel']} — {a['kernel_reason']}"), f"{out} = {call}"]
+        if decodes:
+            lines += ["if self.kv_cache.active:  # decoding: attend over the cached keys and values too",
+                      f"    {out} = self.kv_cache.attend({qh}, {kh}, {vh}, causal=True{mask})",
+                      "else:", *("    " + line for line in chosen)]
+        else:
+            lines += chosen
+        lines.append(f"{out} = {out}.transpose(1, 2).reshape(B, T, {h * hd!r})")
+        return lines
+
+    def keys_per_query(self, node, s: int) -> int:
+        """Keys each query is counted against: all S, or with a window the keys it reaches
+        (w causal, 2w-1 bidirectional) plus the max(sinks, prefix) first ones, at most S."""
+        a = node.attrs
+        if a["window"] is None:
+            return s
+        reach = a["window"] if a["causal"] else 2 * a["window"] - 1
+        return min(s, reach + max(a["sinks"], a["prefix"]))
+
+    def flops(self, node, ins, out, sizes):
+        # Two batched products per head (q kᵀ and p v). Without a window every key is
+        # counted, even when causal, as FlopCounterMode does for SDPA; with one, the
+        # band a query reaches is counted in full, so the cost grows linearly in T.
+        q, k, _v = ins
+        b_t = numel(q[:-1], sizes)
+        s = round(dim_value(k[-2], sizes))
+        return 4 * b_t * self.keys_per_query(node, s) * node.attrs["heads"] * node.attrs["head_dim"]
+
+
+def _attention(ctx, x: str, memory: str, v) -> str:
+    """Queries from `x`, keys and values from `memory` (`x` itself for self-attention), core, output."""
+    heads = v["heads"]
+    kv_heads = v["kv_heads"] or heads
+    hd = v["head_dim"]
+    # Without an explicit head_dim, widths follow x: q is as wide as x, and so are k, v per head.
+    of = None if memory == x else x  # None: the linear's own input
+    q_out = heads * hd if hd else Width()
+    kv_out = kv_heads * hd if hd else Width(
+        kv_heads, heads, of=of, why=f"the input width {{width}} does not split into heads={heads}; "
+                                   "choose heads that divide it, or give head_dim")
+    q = ctx.linear(x, q_out, "q", bias=v["bias"])
+    k = ctx.linear(memory, kv_out, "k", bias=v["bias"])
+    val = ctx.linear(memory, kv_out, "v", bias=v["bias"])
+    core = ctx.core("attention_core", [q, k, val], {
+        "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "causal": v["causal"], "window": v["window"],
+        "sinks": v["sinks"], "prefix": v["prefix"], "rope": v["rope"], "rope_theta": v["rope_theta"],
+        "qk_norm": v["qk_norm"], "norm_eps": v["norm_eps"], "dropout": v["dropout"]})
+    out_bias = v["bias"] if v["out_bias"] is None else v["out_bias"]
+    # The output projection maps back to the width of x.
+    return ctx.linear(core, Width(of=x), "o", bias=out_bias)
+
+
+def _attention_attrs(causal: bool) -> dict[str, A]:
+    """The spec options of `attention` / `cross_attention`: the core's mask, position and norm options, plus
+    projection options; head counts and width may be left to follow the input."""
+    core = AttentionCore.attrs
+    shared = ("window", "sinks", "prefix", "rope", "rope_theta", "qk_norm", "norm_eps", "dropout")
+    return {
+        "heads": core["heads"],
+        "kv_heads": A((int, type(None)), None, positive=True),
+        "head_dim": A((int, type(None)), None, positive=True),
+        "causal": A(bool, causal),
+        **{name: core[name] for name in shared},
+        "bias": A(bool, False),
+        "out_bias": A((bool, type(None)), None),
+    }
+
+
+@composite("attention", cls="Attention", default_name="attn", attrs=_attention_attrs(causal=True))
+def lower_attention(ctx, args, v) -> str:
+    (x,) = args
+    return _attention(ctx, x, x, v)
+
+
+@composite("cross_attention", cls="CrossAttention", default_name="cross_attn", inputs=("x", "memory"),
+           attrs=_attention_attrs(causal=False))
+def lower_cross_attention(ctx, args, v) -> str:
+    x, memory = args
+    return _attention(ctx, x, memory, v)
