@@ -145,46 +145,57 @@ def lanes_post_reference(h: torch.Tensor, y: torch.Tensor, post: torch.Tensor, r
 # ----------------------------------------------------------------------------- torch face
 
 
+def _lanes_first(x: torch.Tensor) -> torch.Tensor:
+    """[..., n, n] -> [n, n, N] contiguous: the torch face's Sinkhorn runs with tokens innermost, so its
+    reductions over i or j are vector adds over tokens (10x faster on CPU than over a middle dim of 4)."""
+    return x.reshape(-1, *x.shape[-2:]).permute(1, 2, 0).contiguous()
+
+
+def _tokens_first(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return x.permute(2, 0, 1).reshape(shape)
+
+
 def _column_exp(L: torch.Tensor) -> torch.Tensor:
-    """K = exp(L - max of each column): the Sinkhorn output does not see per-column factors."""
-    return torch.exp(L - L.amax(dim=-2, keepdim=True))
+    """K = exp(L - max of each column) for L [n(i), n(j), N]: the Sinkhorn output does not see per-column factors."""
+    return torch.exp(L - L.amax(dim=0, keepdim=True))
 
 
 def _scalings(K: torch.Tensor, iters: int):
-    """The scaling form of Sinkhorn–Knopp: final (a, b) and each step's (a^{k-1}, b^k, a^k)."""
-    a = K.new_ones(K.shape[:-1])
+    """The scaling form of Sinkhorn–Knopp on K [n, n, N]: final (a, b) and each step's (a^{k-1}, b^k, a^k)."""
+    a = K.new_ones(K.shape[0], K.shape[2])
     steps = []
     for _ in range(iters):
-        b = 1.0 / (K * a[..., :, None]).sum(dim=-2)  # columns: (Kᵀ a)_j
-        a_next = 1.0 / (K * b[..., None, :]).sum(dim=-1)  # rows: (K b)_i
+        b = 1.0 / (K * a[:, None, :]).sum(dim=0)  # columns: (Kᵀ a)_j
+        a_next = 1.0 / (K * b[None, :, :]).sum(dim=1)  # rows: (K b)_i
         steps.append((a, b, a_next))
         a = a_next
     return a, b, steps
 
 
 def _sinkhorn_forward(L: torch.Tensor, iters: int) -> torch.Tensor:
-    K = _column_exp(L)
+    K = _column_exp(_lanes_first(L))
     a, b, _ = _scalings(K, iters)
-    return a[..., :, None] * K * b[..., None, :]
+    return _tokens_first(a[:, None, :] * K * b[None, :, :], L.shape)
 
 
 def _sinkhorn_backward(L: torch.Tensor, G: torch.Tensor, iters: int) -> torch.Tensor:
     """dL from dM = G, by running the scaling steps backwards (they are recomputed here)."""
-    K = _column_exp(L)
+    K = _column_exp(_lanes_first(L))
+    G = _lanes_first(G)
     a, b, steps = _scalings(K, iters)
-    dK = a[..., :, None] * G * b[..., None, :]
+    dK = a[:, None, :] * G * b[None, :, :]
     GK = G * K
-    da = (GK * b[..., None, :]).sum(dim=-1)
-    db = (GK * a[..., :, None]).sum(dim=-2)
+    da = (GK * b[None, :, :]).sum(dim=1)
+    db = (GK * a[:, None, :]).sum(dim=0)
     for a_prev, b_k, a_k in reversed(steps):
         dr = -da * a_k * a_k  # a^k = 1 / r^k, r^k = K b^k
-        dK = dK + dr[..., :, None] * b_k[..., None, :]
-        db = db + (K * dr[..., :, None]).sum(dim=-2)
+        dK = dK + dr[:, None, :] * b_k[None, :, :]
+        db = db + (K * dr[:, None, :]).sum(dim=0)
         ds = -db * b_k * b_k  # b^k = 1 / s^k, s^k = Kᵀ a^{k-1}
-        dK = dK + a_prev[..., :, None] * ds[..., None, :]
-        da = (K * ds[..., None, :]).sum(dim=-1)
+        dK = dK + a_prev[:, None, :] * ds[None, :, :]
+        da = (K * ds[None, :, :]).sum(dim=1)
         db = torch.zeros_like(db)  # b^{k-1} fed nothing but step k-1's rows
-    return dK * K  # through K = exp(L - colmax); colmax needs no gradient (see _column_exp)
+    return _tokens_first(dK * K, L.shape)  # through K = exp(L - colmax); colmax needs no gradient
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -202,8 +213,18 @@ class _Sinkhorn(torch.autograd.Function):
         return _sinkhorn_backward(L, grad.to(L.dtype), ctx.iters), None
 
 
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, contiguous: what CPU bmm needs for its batched path."""
+    return x.to(dtype).contiguous()
+
+
 class _TorchFace:
-    """The torch face's forward and backward pieces on flat [N, n, d] tensors."""
+    """The torch face's forward and backward pieces on flat [N, n, d] tensors.
+
+    Every mix is one batched matmul over the tokens with contiguous (or last-two-dims
+    transposed) operands: with permuted or stride-0 operands (an einsum's, an expanded
+    gradient's) CPU bmm loops over the N tiny matrices one by one, and broadcast
+    multiply-adds would cost n passes over [N, n, d]."""
 
     @staticmethod
     def pre_forward(h, logits, act, iters):
@@ -212,7 +233,7 @@ class _TorchFace:
         pre, post, res = split_logits(logits.to(acc), n)
         if act == "mhc":
             pre, post, res = torch.sigmoid(pre), 2.0 * torch.sigmoid(post), _sinkhorn_forward(res, iters)
-        u = torch.einsum("ti,tid->td", pre, h.to(acc))
+        u = torch.bmm(_dense(pre, acc).unsqueeze(1), _dense(h, acc)).squeeze(1)  # logits may be shared (stride 0)
         return u.to(h.dtype), post.contiguous(), res.contiguous()
 
     @staticmethod
@@ -221,9 +242,9 @@ class _TorchFace:
         acc = _acc(h, logits)
         pre_l, post_l, res_l = split_logits(logits.to(acc), n)
         pre = torch.sigmoid(pre_l) if act == "mhc" else pre_l
-        g = du.to(acc)
-        dh = (pre[:, :, None] * g[:, None, :]).to(h.dtype)
-        dpre = torch.einsum("td,tid->ti", g, h.to(acc))
+        g = _dense(du, acc)
+        dh = torch.bmm(_dense(pre, acc).unsqueeze(2), g.unsqueeze(1)).to(h.dtype)  # pre_i du
+        dpre = torch.bmm(_dense(h, acc), g.unsqueeze(2)).squeeze(2)  # <h_i, du>
         dpost, dres = dpost.to(acc), dres.to(acc)
         if act == "mhc":
             s_pre, s_post = torch.sigmoid(pre_l), torch.sigmoid(post_l)
@@ -236,18 +257,19 @@ class _TorchFace:
     @staticmethod
     def post_forward(h, y, post, res):
         acc = _acc(h, y, post, res)
-        out = torch.einsum("tij,tjd->tid", res.to(acc), h.to(acc)) + post.to(acc)[:, :, None] * y.to(acc)[:, None, :]
+        out = torch.bmm(_dense(res, acc), _dense(h, acc))
+        out.addcmul_(post.to(acc).unsqueeze(2), y.to(acc).unsqueeze(1))
         return out.to(h.dtype)
 
     @staticmethod
     def post_backward(h, y, post, res, dout):
         acc = _acc(h, y, post, res)
-        g = dout.to(acc)
-        dh = torch.einsum("tij,tid->tjd", res.to(acc), g).to(h.dtype)
-        dy = torch.einsum("ti,tid->td", post.to(acc), g).to(y.dtype)
-        dpost = torch.einsum("tid,td->ti", g, y.to(acc)).to(post.dtype)
-        dres = torch.einsum("tid,tjd->tij", g, h.to(acc)).to(res.dtype)
-        return dh, dy, dpost, dres
+        g = _dense(dout, acc)
+        dh = torch.bmm(_dense(res, acc).transpose(1, 2), g)  # dh_j = Σ_i res_ij g_i
+        dy = torch.bmm(_dense(post, acc).unsqueeze(1), g).squeeze(1)
+        dpost = torch.bmm(g, _dense(y, acc).unsqueeze(2)).squeeze(2)
+        dres = torch.bmm(g, _dense(h, acc).transpose(1, 2))  # <g_i, h_j>
+        return dh.to(h.dtype), dy.to(y.dtype), dpost.to(post.dtype), dres.to(res.dtype)
 
 
 # ----------------------------------------------------------------------------- triton face
