@@ -41,8 +41,8 @@ recomputed in the backward. So each site keeps one n·d lane state per token.
 `recompute=True` is the mHC paper's recomputation: only every `segment`-th
 lane state is kept; the others are rebuilt in the backward from the last
 kept one by re-running the writes (h' = res h + post y, from the saved y and
-coefficients — the branches F are not re-run). Per site that leaves y (d)
-and the coefficients (2n + n² + n) per token plus n·d / segment.
+coefficients — the branches F are not re-run). Per site that leaves y (d),
+the logits and coefficients (3n + 2n²) per token, plus n·d / segment.
 
 Decoding: the mixing is per token, so caches and mixer states inside lanes
 work unchanged (each call mixes its own tokens).
