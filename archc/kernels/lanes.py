@@ -1,0 +1,485 @@
+"""Residual-lane mixing for hyper-connections and mHC, with Sinkhorn–Knopp (algorithms.md §2).
+
+A residual stream widened to n lanes holds h [n, d] per token. Each residual
+update site (one `x += F(x)` of a block) reads its branch input from the lanes
+and writes the branch output back:
+
+    read:   u    = Σ_i pre_i h_i                  u [d], the input of F
+    write:  h'_i = Σ_j res_ij h_j + post_i y      y = F(u) [d]
+
+The coefficients come per token from logits laid out as
+[pre (n) | post (n) | res (n·n, row-major: res_ij at 2n + i·n + j)], with an
+activation `act`:
+
+- "mhc" (mHC, Xie et al.): pre = σ(l_pre), post = 2σ(l_post),
+  res = SinkhornKnopp(l_res) — doubly stochastic.
+- "identity" (hyper-connections, Zhu et al.): the logits are the coefficients
+  (static HC: learned constants; dynamic HC: constants + s·tanh(...), computed
+  by the caller). HC's residual matrix A_r mixes as H' = A_rᵀ H, so res = A_rᵀ.
+
+Sinkhorn–Knopp as in the mHC paper: M⁰ = exp(L), then `iters` times
+M ← RowNorm(ColNorm(M)) (divide every column by its sum, then every row by
+its sum), unrolled and differentiated through. After the last step the rows
+sum to 1 exactly and the columns approximately. Before the exp each column's
+maximum is subtracted: a positive column scaling of M⁰ is removed exactly by
+the first column normalisation, so the output (and its gradient) is unchanged
+and exp cannot overflow. The scaling form used by the fast faces: with
+K = exp(L - colmax), a⁰ = 1,
+
+    b^k = 1 / (Kᵀ a^{k-1})    (the column step)      a^k = 1 / (K b^k)    (the row step)
+    M   = diag(a^T) K diag(b^T)
+
+is the same sequence of matrices (M^k = diag(a^k) K diag(b^k)) with only 2n
+numbers of state per step; its backward runs the steps in reverse, needing
+a^{k-1} at each step, which it recomputes (the forward keeps nothing but L).
+
+Three faces and a dispatcher:
+
+- `*_reference`: the formulas above with plain autograd — the matrix-form
+  Sinkhorn loop, einsum mixes. Obviously right; keeps every Sinkhorn iterate
+  for the backward (2·iters·n² floats per token).
+- "torch": autograd Functions whose backward is written out and recomputes
+  the coefficients (activations, the Sinkhorn scalings) from the logits:
+  the forward saves only h and the logits (`lanes_pre`), or h, y and the
+  coefficients (`lanes_post`). Any dtype (fp64 stays fp64, for gradcheck).
+- "triton": the same two Functions with Triton kernels (`_triton_lanes.py`):
+  `lanes_pre` computes the activations, the Sinkhorn projection and u in one
+  pass over h; `lanes_post` the write; each backward is one kernel, the
+  Sinkhorn backward recomputing the scalings in registers. Computes in fp32
+  whatever the storage dtype. Runs on CUDA, and on CPU tensors when
+  TRITON_INTERPRET=1 was set before triton was imported (tests).
+- `lanes_pre` / `lanes_post` / `sinkhorn` (impl="auto"): triton on CUDA for
+  fp32 / bf16 / fp16 and n ≤ TRITON_MAX_LANES, the torch face elsewhere.
+
+Shapes: h [..., n, d]; logits [..., 2n + n²] (any leading dims that broadcast
+to h's, e.g. [2n + n²] for static coefficients); y [..., d]. `lanes_pre`
+returns (u [..., d] in h's dtype, post [..., n], res [..., n, n] in fp32 —
+fp64 for fp64 logits); `lanes_post` returns h' [..., n, d] in h's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "ACTS", "IMPLS", "TRITON_MAX_LANES", "coefficient_count", "lanes_coefficients_reference", "lanes_post",
+    "lanes_post_reference", "lanes_pre", "lanes_pre_reference", "sinkhorn", "sinkhorn_reference", "split_logits",
+]
+
+ACTS = ("mhc", "identity")
+IMPLS = ("auto", "reference", "torch", "triton")
+TRITON_MAX_LANES = 16
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def coefficient_count(n: int) -> int:
+    """Logits per token for n lanes: pre (n) + post (n) + res (n·n)."""
+    return 2 * n + n * n
+
+
+def _acc(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype the torch faces compute in: fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _check_iters(iters: int) -> None:
+    if int(iters) != iters or iters < 1:
+        raise ValueError(f"sinkhorn: iters must be a positive integer, got {iters!r}")
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTS:
+        raise ValueError(f"lanes: act must be one of {', '.join(ACTS)}, got {act!r}")
+
+
+def split_logits(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[..., 2n + n²] -> pre [..., n], post [..., n], res [..., n, n] (views)."""
+    if logits.shape[-1] != coefficient_count(n):
+        raise ValueError(f"lanes: {n} lanes take {coefficient_count(n)} coefficient logits per token "
+                         f"(pre n, post n, res n·n), got {logits.shape[-1]}")
+    return logits[..., :n], logits[..., n:2 * n], logits[..., 2 * n:].unflatten(-1, (n, n))
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def sinkhorn_reference(logits: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """M⁰ = exp(L), then `iters` times: columns divided by their sums, then rows. [..., n, n] -> [..., n, n]."""
+    _check_iters(iters)
+    m = logits.to(_acc(logits))
+    m = torch.exp(m - m.amax(dim=(-2, -1), keepdim=True).detach())  # a constant factor: cancels exactly
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)  # column sums -> 1
+        m = m / m.sum(dim=-1, keepdim=True)  # row sums -> 1
+    return m
+
+
+def lanes_coefficients_reference(logits: torch.Tensor, n: int, act: str = "mhc", iters: int = 20):
+    """(pre [..., n], post [..., n], res [..., n, n]) from the logits, with plain autograd."""
+    _check_act(act)
+    pre, post, res = split_logits(logits.to(_acc(logits)), n)
+    if act == "identity":
+        return pre, post, res
+    return torch.sigmoid(pre), 2.0 * torch.sigmoid(post), sinkhorn_reference(res, iters)
+
+
+def lanes_pre_reference(h: torch.Tensor, logits: torch.Tensor, *, act: str = "mhc", iters: int = 20):
+    """u = Σ_i pre_i h_i; returns (u, post, res)."""
+    pre, post, res = lanes_coefficients_reference(logits, h.shape[-2], act, iters)
+    u = (pre[..., :, None] * h.to(pre.dtype)).sum(dim=-2)
+    return u.to(h.dtype), post, res
+
+
+def lanes_post_reference(h: torch.Tensor, y: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """h'_i = Σ_j res_ij h_j + post_i y."""
+    acc = _acc(h, y, post, res)
+    mixed = (res.to(acc)[..., :, :, None] * h.to(acc)[..., None, :, :]).sum(dim=-2)
+    return (mixed + post.to(acc)[..., :, None] * y.to(acc)[..., None, :]).to(h.dtype)
+
+
+# ----------------------------------------------------------------------------- torch face
+
+
+def _lanes_first(x: torch.Tensor) -> torch.Tensor:
+    """[..., n, n] -> [n, n, N] contiguous: the torch face's Sinkhorn runs with tokens innermost, so its
+    reductions over i or j are vector adds over tokens (10x faster on CPU than over a middle dim of 4)."""
+    return x.reshape(-1, *x.shape[-2:]).permute(1, 2, 0).contiguous()
+
+
+def _tokens_first(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return x.permute(2, 0, 1).reshape(shape)
+
+
+def _column_exp(L: torch.Tensor) -> torch.Tensor:
+    """K = exp(L - max of each column) for L [n(i), n(j), N]: the Sinkhorn output does not see per-column factors."""
+    return torch.exp(L - L.amax(dim=0, keepdim=True))
+
+
+def _scalings(K: torch.Tensor, iters: int):
+    """The scaling form of Sinkhorn–Knopp on K [n, n, N]: final (a, b) and each step's (a^{k-1}, b^k, a^k)."""
+    a = K.new_ones(K.shape[0], K.shape[2])
+    steps = []
+    for _ in range(iters):
+        b = 1.0 / (K * a[:, None, :]).sum(dim=0)  # columns: (Kᵀ a)_j
+        a_next = 1.0 / (K * b[None, :, :]).sum(dim=1)  # rows: (K b)_i
+        steps.append((a, b, a_next))
+        a = a_next
+    return a, b, steps
+
+
+def _sinkhorn_forward(L: torch.Tensor, iters: int) -> torch.Tensor:
+    K = _column_exp(_lanes_first(L))
+    a, b, _ = _scalings(K, iters)
+    return _tokens_first(a[:, None, :] * K * b[None, :, :], L.shape)
+
+
+def _sinkhorn_backward(L: torch.Tensor, G: torch.Tensor, iters: int) -> torch.Tensor:
+    """dL from dM = G, by running the scaling steps backwards (they are recomputed here)."""
+    K = _column_exp(_lanes_first(L))
+    G = _lanes_first(G)
+    a, b, steps = _scalings(K, iters)
+    dK = a[:, None, :] * G * b[None, :, :]
+    GK = G * K
+    da = (GK * b[None, :, :]).sum(dim=1)
+    db = (GK * a[:, None, :]).sum(dim=0)
+    for a_prev, b_k, a_k in reversed(steps):
+        dr = -da * a_k * a_k  # a^k = 1 / r^k, r^k = K b^k
+        dK = dK + dr[:, None, :] * b_k[None, :, :]
+        db = db + (K * dr[:, None, :]).sum(dim=0)
+        ds = -db * b_k * b_k  # b^k = 1 / s^k, s^k = Kᵀ a^{k-1}
+        dK = dK + a_prev[:, None, :] * ds[None, :, :]
+        da = (K * ds[None, :, :]).sum(dim=1)
+        db = torch.zeros_like(db)  # b^{k-1} fed nothing but step k-1's rows
+    return _tokens_first(dK * K, L.shape)  # through K = exp(L - colmax); colmax needs no gradient
+
+
+class _Sinkhorn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, iters):
+        L = logits.to(_acc(logits))
+        ctx.save_for_backward(L)
+        ctx.iters = iters
+        return _sinkhorn_forward(L, iters)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (L,) = ctx.saved_tensors
+        return _sinkhorn_backward(L, grad.to(L.dtype), ctx.iters), None
+
+
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, contiguous: what CPU bmm needs for its batched path."""
+    return x.to(dtype).contiguous()
+
+
+class _TorchFace:
+    """The torch face's forward and backward pieces on flat [N, n, d] tensors.
+
+    Every mix is one batched matmul over the tokens with contiguous (or last-two-dims
+    transposed) operands: with permuted or stride-0 operands (an einsum's, an expanded
+    gradient's) CPU bmm loops over the N tiny matrices one by one, and broadcast
+    multiply-adds would cost n passes over [N, n, d]."""
+
+    @staticmethod
+    def pre_forward(h, logits, act, iters):
+        n = h.shape[1]
+        acc = _acc(h, logits)
+        pre, post, res = split_logits(logits.to(acc), n)
+        if act == "mhc":
+            pre, post, res = torch.sigmoid(pre), 2.0 * torch.sigmoid(post), _sinkhorn_forward(res, iters)
+        u = torch.bmm(_dense(pre, acc).unsqueeze(1), _dense(h, acc)).squeeze(1)  # logits may be shared (stride 0)
+        return u.to(h.dtype), post.contiguous(), res.contiguous()
+
+    @staticmethod
+    def pre_backward(h, logits, du, dpost, dres, act, iters):
+        n = h.shape[1]
+        acc = _acc(h, logits)
+        pre_l, post_l, res_l = split_logits(logits.to(acc), n)
+        pre = torch.sigmoid(pre_l) if act == "mhc" else pre_l
+        g = _dense(du, acc)
+        dh = torch.bmm(_dense(pre, acc).unsqueeze(2), g.unsqueeze(1)).to(h.dtype)  # pre_i du
+        dpre = torch.bmm(_dense(h, acc), g.unsqueeze(2)).squeeze(2)  # <h_i, du>
+        dpost, dres = dpost.to(acc), dres.to(acc)
+        if act == "mhc":
+            s_pre, s_post = torch.sigmoid(pre_l), torch.sigmoid(post_l)
+            dpre = dpre * s_pre * (1.0 - s_pre)
+            dpost = dpost * 2.0 * s_post * (1.0 - s_post)
+            dres = _sinkhorn_backward(res_l, dres, iters)
+        dlogits = torch.cat((dpre, dpost, dres.flatten(-2)), dim=-1)
+        return dh, dlogits.to(logits.dtype)
+
+    @staticmethod
+    def post_forward(h, y, post, res):
+        acc = _acc(h, y, post, res)
+        out = torch.bmm(_dense(res, acc), _dense(h, acc))
+        out.addcmul_(post.to(acc).unsqueeze(2), y.to(acc).unsqueeze(1))
+        return out.to(h.dtype)
+
+    @staticmethod
+    def post_backward(h, y, post, res, dout):
+        acc = _acc(h, y, post, res)
+        g = _dense(dout, acc)
+        dh = torch.bmm(_dense(res, acc).transpose(1, 2), g)  # dh_j = Σ_i res_ij g_i
+        dy = torch.bmm(_dense(post, acc).unsqueeze(1), g).squeeze(1)
+        dpost = torch.bmm(g, _dense(y, acc).unsqueeze(2)).squeeze(2)
+        dres = torch.bmm(g, _dense(h, acc).transpose(1, 2))  # <g_i, h_j>
+        return dh.to(h.dtype), dy.to(y.dtype), dpost.to(post.dtype), dres.to(res.dtype)
+
+
+# ----------------------------------------------------------------------------- triton face
+
+
+@functools.cache
+def triton_available() -> bool:
+    """triton is importable (CPU tensors still need TRITON_INTERPRET=1 set before the import)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _triton_blocks(h: torch.Tensor, n: int) -> tuple[int, int, int]:
+    """(BLOCK_T tokens, BLOCK_D channels, NP padded lanes) per program."""
+    lanes = max(2, _next_pow2(n))
+    if h.device.type != "cuda":  # interpreter: small tiles, so tests cover partial ones
+        return 4, 16, lanes
+    block_t = 16 if lanes <= 4 else 8 if lanes <= 8 else 2
+    block_d = max(16, min(128, 8192 // (block_t * lanes), _next_pow2(h.shape[-1])))
+    return block_t, block_d, lanes
+
+
+class _TritonFace:
+    """The Triton face: the same pieces as _TorchFace, each one kernel launch."""
+
+    @staticmethod
+    def _kernels():
+        # lazy: TRITON_INTERPRET is read when the kernels are defined
+        from archc.kernels import _triton_lanes
+
+        return _triton_lanes
+
+    @staticmethod
+    def pre_forward(h, logits, act, iters):
+        N, n, d = h.shape
+        u = torch.empty((N, d), dtype=h.dtype, device=h.device)
+        post = torch.empty((N, n), dtype=torch.float32, device=h.device)
+        res = torch.empty((N, n, n), dtype=torch.float32, device=h.device)
+        if N == 0:
+            return u, post, res
+        bt, bd, lanes = _triton_blocks(h, n)
+        kern = _TritonFace._kernels()._lanes_pre_fwd
+        kern[(triton_cdiv(N, bt),)](
+            h, logits, u, post, res, N, d, iters, *h.stride(), *logits.stride(), *u.stride(),
+            LANES=n, NP=lanes, MHC=act == "mhc", BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        return u, post, res
+
+    @staticmethod
+    def pre_backward(h, logits, du, dpost, dres, act, iters):
+        N, n, d = h.shape
+        dh = torch.empty((N, n, d), dtype=h.dtype, device=h.device)
+        dlogits = torch.empty((N, coefficient_count(n)), dtype=torch.float32, device=h.device)
+        if N == 0:
+            return dh, dlogits.to(logits.dtype)
+        bt, bd, lanes = _triton_blocks(h, n)
+        dpost, dres = dpost.float().contiguous(), dres.float().contiguous()
+        kern = _TritonFace._kernels()._lanes_pre_bwd
+        kern[(triton_cdiv(N, bt),)](
+            h, logits, du, dpost, dres, dh, dlogits, N, d, iters, *h.stride(), *logits.stride(), *du.stride(),
+            *dh.stride(), LANES=n, NP=lanes, MHC=act == "mhc", BLOCK_T=bt, BLOCK_D=bd,
+            ITP=max(2, _next_pow2(iters)), num_warps=4)
+        return dh, dlogits.to(logits.dtype)
+
+    @staticmethod
+    def post_forward(h, y, post, res):
+        N, n, d = h.shape
+        out = torch.empty((N, n, d), dtype=h.dtype, device=h.device)
+        if N == 0:
+            return out
+        bt, bd, lanes = _triton_blocks(h, n)
+        post, res = post.contiguous(), res.contiguous()
+        kern = _TritonFace._kernels()._lanes_post_fwd
+        kern[(triton_cdiv(N, bt),)](
+            h, y, post, res, out, N, d, *h.stride(), *y.stride(), *out.stride(),
+            LANES=n, NP=lanes, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        return out
+
+    @staticmethod
+    def post_backward(h, y, post, res, dout):
+        N, n, d = h.shape
+        dh = torch.empty((N, n, d), dtype=h.dtype, device=h.device)
+        dy = torch.empty((N, d), dtype=y.dtype, device=h.device)
+        dpost = torch.empty((N, n), dtype=torch.float32, device=h.device)
+        dres = torch.empty((N, n, n), dtype=torch.float32, device=h.device)
+        if N == 0:
+            return dh, dy, dpost.to(post.dtype), dres.to(res.dtype)
+        bt, bd, lanes = _triton_blocks(h, n)
+        post, res = post.contiguous(), res.contiguous()
+        kern = _TritonFace._kernels()._lanes_post_bwd
+        kern[(triton_cdiv(N, bt),)](
+            h, y, post, res, dout, dh, dy, dpost, dres, N, d, *h.stride(), *y.stride(), *dout.stride(),
+            *dh.stride(), *dy.stride(), LANES=n, NP=lanes, BLOCK_T=bt, BLOCK_D=bd, num_warps=4)
+        return dh, dy, dpost.to(post.dtype), dres.to(res.dtype)
+
+
+
+def _check_triton(h: torch.Tensor, n: int) -> None:
+    if not triton_available():
+        raise RuntimeError("lanes: impl='triton' needs triton installed")
+    if n > TRITON_MAX_LANES:
+        raise ValueError(f"lanes: the Triton kernels take at most {TRITON_MAX_LANES} lanes, got {n}")
+    if h.device.type == "cuda":
+        return
+    if h.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise RuntimeError(f"lanes: impl='triton' on {h.device} needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                       "before triton is imported (the CPU interpreter)")
+
+
+# ----------------------------------------------------------------------------- autograd + dispatch
+
+
+class _LanesPre(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, logits, act, iters, face):
+        u, post, res = face.pre_forward(h, logits, act, iters)
+        ctx.save_for_backward(h, logits)  # coefficients are recomputed in the backward
+        ctx.act, ctx.iters, ctx.face = act, iters, face
+        return u, post, res
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, du, dpost, dres):
+        h, logits = ctx.saved_tensors
+        dh, dlogits = ctx.face.pre_backward(h, logits, du, dpost, dres, ctx.act, ctx.iters)
+        return dh, dlogits, None, None, None
+
+
+class _LanesPost(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, y, post, res, face):
+        ctx.save_for_backward(h, y, post, res)
+        ctx.face = face
+        return face.post_forward(h, y, post, res)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        h, y, post, res = ctx.saved_tensors
+        return (*ctx.face.post_backward(h, y, post, res, dout), None)
+
+
+def _resolve(impl: str, h: torch.Tensor, n: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"lanes: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl != "auto":
+        if impl == "triton":
+            _check_triton(h, n)
+        return impl
+    if h.is_cuda and h.dtype in _TRITON_DTYPES and n <= TRITON_MAX_LANES and triton_available():
+        return "triton"
+    return "torch"
+
+
+_FACES = {"torch": _TorchFace, "triton": _TritonFace}
+
+
+def _flat_lanes(h: torch.Tensor) -> torch.Tensor:
+    if h.dim() < 2:
+        raise ValueError(f"lanes: h must be [..., n, d], got {tuple(h.shape)}")
+    return h.reshape(-1, h.shape[-2], h.shape[-1])
+
+
+def lanes_pre(h: torch.Tensor, logits: torch.Tensor, *, act: str = "mhc", iters: int = 20, impl: str = "auto"):
+    """Coefficients from the logits and the read u = Σ_i pre_i h_i: (u [..., d], post [..., n], res [..., n, n])."""
+    _check_act(act)
+    _check_iters(iters)
+    n = h.shape[-2]
+    face = _resolve(impl, h, n)
+    if face == "reference":
+        return lanes_pre_reference(h, logits, act=act, iters=iters)
+    lead = h.shape[:-2]
+    logits = logits.expand(*lead, logits.shape[-1]).reshape(-1, logits.shape[-1])  # stride 0 for shared logits
+    split_logits(logits, n)  # shape check
+    u, post, res = _LanesPre.apply(_flat_lanes(h), logits, act, iters, _FACES[face])
+    return u.view(*lead, h.shape[-1]), post.view(*lead, n), res.view(*lead, n, n)
+
+
+def lanes_post(h: torch.Tensor, y: torch.Tensor, post: torch.Tensor, res: torch.Tensor, *,
+               impl: str = "auto") -> torch.Tensor:
+    """The write h'_i = Σ_j res_ij h_j + post_i y: [..., n, d]."""
+    n, d = h.shape[-2], h.shape[-1]
+    lead = h.shape[:-2]
+    if y.shape != (*lead, d) or post.shape[-1:] != (n,) or res.shape[-2:] != (n, n):
+        raise ValueError(f"lanes_post: h {tuple(h.shape)} wants y [..., {d}], post [..., {n}], res [..., {n}, {n}]; "
+                         f"got {tuple(y.shape)}, {tuple(post.shape)}, {tuple(res.shape)}")
+    face = _resolve(impl, h, n)
+    if face == "reference":
+        return lanes_post_reference(h, y, post, res)
+    out = _LanesPost.apply(_flat_lanes(h), y.reshape(-1, d), post.expand(*lead, n).reshape(-1, n),
+                           res.expand(*lead, n, n).reshape(-1, n, n), _FACES[face])
+    return out.view(*lead, n, d)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20, *, impl: str = "auto") -> torch.Tensor:
+    """Sinkhorn–Knopp projection of exp(logits) [..., n, n]; "reference" or "torch" (auto: torch).
+
+    The Triton face of the projection is fused into `lanes_pre` (its `res` output with act="mhc")."""
+    _check_iters(iters)
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn: logits must be [..., n, n], got {tuple(logits.shape)}")
+    if impl == "reference":
+        return sinkhorn_reference(logits, iters)
+    if impl in ("auto", "torch"):
+        return _Sinkhorn.apply(logits, iters)
+    raise ValueError(f"sinkhorn: impl must be auto, reference or torch (Triton runs fused in lanes_pre), got {impl!r}")
