@@ -261,7 +261,6 @@ def test_config_maps(mixtral, deepseek):
     ("mixtral", {"sliding_window": 4096}, "sliding_window"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
     ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
-    ("mixtral", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}}, "rope_type"),
     ("deepseek_v3", {"rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 40.0}}, "rope_type"),
     ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob"),
