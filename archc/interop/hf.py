@@ -313,16 +313,23 @@ def load_converted(spec, path: str | Path, overrides: dict[str, Any], compile_kw
     return compiled, model.eval(), meta.get("archc.model_type")
 
 
-def save_hf(compiled, model: torch.nn.Module, out_dir: str | Path, map: MapLike) -> dict[str, Any]:
+def save_hf(compiled, model: torch.nn.Module, out_dir: str | Path, map: MapLike,
+            base_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write `out_dir/config.json` and `out_dir/model.safetensors` that transformers loads as the same
     model: the weight map run backwards. Refuses (SpecError) spec parameters the family's config.json
-    cannot say — the written config must load back as exactly these parameters. Returns the config."""
+    cannot say — the written config must load back as exactly these parameters. `base_config` (e.g.
+    the config.json the weights came from) supplies the fields the map does not write: token ids,
+    max_position_embeddings, chunk sizes. Returns the config."""
     from archc.compiler.lower import resolve_params
 
     wmap = resolve_map(map)
     declared = declared_params(compiled.spec)
     canonical = to_canonical(compiled, model.state_dict())
-    config = hf_config(wmap, compiled.params, declared)
+    # Token ids belong to the tokenizer, which archc does not know: without a base config none is
+    # written (a family's default pad id may lie outside a small vocabulary).
+    config = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    config.update({k: v for k, v in (base_config or {}).items() if k != "transformers_version"})
+    config.update(hf_config(wmap, compiled.params, declared))
     for rule in wmap.rules().values():
         if isinstance(rule, Tied) and rule.flag:
             config[rule.flag] = rule.untied is None or rule.untied not in canonical

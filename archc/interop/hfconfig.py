@@ -53,7 +53,7 @@ def spec_overrides(wmap: WeightMap, config: Any, declared: Mapping[str, str] | N
         method = quant.get("quant_method", quant) if isinstance(quant, dict) else quant
         refuse(config, "quantization_config", "quantized checkpoints are refused, never cast; dequantize to "
                "float32/bfloat16 first", method, source=source)
-    c = dict(config)
+    c = {field: _special_floats(value) for field, value in config.items()}
     for field, default in cfg.defaults.items():
         if isinstance(default, Same):
             if c.get(field) is None:
@@ -83,6 +83,17 @@ def spec_overrides(wmap: WeightMap, config: Any, declared: Mapping[str, str] | N
     overrides.update({param: c[field] for field, param in params.items() if c.get(field) is not None})
     overrides.update(extra or {})
     return overrides
+
+
+def _special_floats(value: Any) -> Any:
+    """transformers 5 writes inf and nan as {"__float__": "Infinity"} (JSON has no such numbers)."""
+    if isinstance(value, dict):
+        if value.keys() == {"__float__"} and value["__float__"] in ("Infinity", "-Infinity", "NaN"):
+            return float(value["__float__"].replace("Infinity", "inf"))
+        return {k: _special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(v) for v in value]
+    return value
 
 
 def _check_present(c: dict, fields, params: Mapping[str, str], source: str) -> None:
