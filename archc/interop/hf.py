@@ -48,6 +48,7 @@ __all__ = [
     "load_for_convert",
     "load_hf",
     "load_hf_into",
+    "read_config",
     "read_hf",
     "resolve_map",
     "save_converted",
@@ -116,6 +117,11 @@ def expected_weights(compiled, model: torch.nn.Module | None = None) -> dict[str
     (the aux-free routers' expert_bias): what a converted checkpoint must provide."""
     model = compiled.build() if model is None else model
     return {name: tuple(t.shape) for name, t in to_canonical(compiled, model.state_dict()).items()}
+
+
+def read_config(hf_dir: str | Path) -> dict:
+    """The config.json of an HF model directory."""
+    return _read_config(_model_dir(hf_dir))
 
 
 def read_hf(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -142,6 +142,11 @@ def _rope_theta(c: dict, default_theta: float, source: str) -> float:
 def hf_config(wmap: WeightMap, params: Mapping[str, Any], declared: Mapping[str, str]) -> dict[str, Any]:
     """The config.json fields that load back as `params` through `wmap` (the inverse of spec_overrides)."""
     cfg = wmap.config
+    needed = [*cfg.params.values(), *([cfg.rope] if cfg.rope else [])]
+    absent = [p for p in needed if p not in params]
+    if absent:
+        raise SpecError(f"the {wmap.model_type} weight map ({wmap.origin}) writes config.json from spec parameters "
+                        f"{', '.join(absent)}, which this spec does not declare")
     out: dict[str, Any] = {"architectures": [wmap.architecture], "model_type": wmap.model_type}
     for field, only in cfg.require.items():
         out[field] = only.values[0]
@@ -151,7 +156,11 @@ def hf_config(wmap: WeightMap, params: Mapping[str, Any], declared: Mapping[str,
         if param in declared:
             out[field] = params[param]
     if cfg.rope:
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": params[cfg.rope]}
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": params[cfg.rope], "partial_rotary_factor": 1.0}
         out["rope_theta"] = params[cfg.rope]  # what transformers 4 reads
-    out.update(cfg.export(dict(params)) if cfg.export else {})
+    try:
+        out.update(cfg.export(dict(params)) if cfg.export else {})
+    except KeyError as err:
+        raise SpecError(f"the {wmap.model_type} weight map ({wmap.origin}) writes config.json from spec parameter "
+                        f"{err}, which this spec does not declare") from None
     return out
