@@ -14,6 +14,7 @@ import pytest
 import torch
 from hf_checkpoints import (
     ATOL,
+    ROOT,
     VOCAB,
     assert_same_decoding,
     assert_same_logits,
@@ -80,36 +81,8 @@ model StableLM(tokens: Tokens[B, T]) {
 }
 """
 
-STABLELM_MAP = '''
-"""transformers' StableLmForCausalLM, with q/k/v biases, sequential residuals, full rotary."""
-from archc.interop.maps import Config, Only, Tied, WeightMap
-
-L, O = "model.layers.{}", "layers.{}"
-KEYS = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "model.norm.bias": "norm.bias",
-        "lm_head.weight": Tied("embed.weight", untied="head.weight", flag="tie_word_embeddings")}
-for hf, ours in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")):
-    KEYS.update({f"{L}.{hf}.{p}": f"{O}.{ours}.{p}" for p in ("weight", "bias")})
-for n in "qkv":
-    KEYS.update({f"{L}.self_attn.{n}_proj.{p}": f"{O}.attn.{n}.{p}" for p in ("weight", "bias")})
-KEYS[f"{L}.self_attn.o_proj.weight"] = f"{O}.attn.o.weight"
-KEYS.update({f"{L}.mlp.{n}_proj.weight": f"{O}.mlp.{n}.weight" for n in ("gate", "up", "down")})
-
-MAP = WeightMap(
-    model_type="stablelm", architecture="StableLmForCausalLM", base_prefix="model.", keys=KEYS,
-    config=Config(
-        params={"vocab_size": "vocab", "hidden_size": "d_model", "intermediate_size": "d_ff",
-                "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-                "num_key_value_heads": "n_kv_heads", "layer_norm_eps": "eps"},
-        rope="rope_theta",
-        defaults={"partial_rotary_factor": 0.25, "use_qkv_bias": False, "qk_layernorm": False,
-                  "use_parallel_residual": False, "hidden_act": "silu", "tie_word_embeddings": False},
-        require={"use_qkv_bias": Only(True, why="the spec's q, k, v projections have biases"),
-                 "qk_layernorm": Only(False, why="the spec does not normalise queries and keys"),
-                 "use_parallel_residual": Only(False, why="the spec's residuals are sequential"),
-                 "hidden_act": Only("silu", why="the spec's MLP is SwiGLU")},
-    ),
-)
-'''
+# The map README.md shows ("Bring your own checkpoint"), run as a user would: from its own file.
+STABLELM_MAP = re.search(r"```python\n(# stablelm_map\.py.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
 
 
 @pytest.fixture(scope="module")
