@@ -8,6 +8,7 @@ file is a clear error naming the file and key (exit 1, never 3).
 
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,22 @@ def test_map_files_errors_name_file_and_line(tmp_path, hf_checkpoints, capsys):
         assert main(["convert", spec_path("llama"), "--from-hf", str(directory), "--map", str(tmp_path / name),
                      "-o", str(out)]) == 1
         assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_a_failing_map_hook_is_reported_at_its_line(hf_checkpoints, tmp_path, capsys):
+    directory, _hf = hf_checkpoints("llama")
+    (tmp_path / "hook.py").write_text(textwrap.dedent("""\
+        import attrs
+        from archc.interop.families.llama import LLAMA
+
+        def prepare(c):
+            return {"d_ff": c["ffn_hidden"]}  # no such field
+
+        MAP = attrs.evolve(LLAMA, config=attrs.evolve(LLAMA.config, prepare=prepare))
+        """))
+    assert main(["convert", spec_path("llama"), "--from-hf", str(directory), "--map", str(tmp_path / "hook.py"),
+                 "-o", str(tmp_path / "out.safetensors")]) == 1
+    assert f"{tmp_path / 'hook.py'}:5: Config.prepare: KeyError: 'ffn_hidden'" in capsys.readouterr().err
 
 
 # ---- bad checkpoints: every one a clear error (exit 1), never a cast, never exit 3 ----------------------

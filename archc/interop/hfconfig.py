@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from archc.dsl.diagnostics import SpecError
-from archc.interop.maps import Same, Tied, WeightMap
+from archc.interop.maps import Same, Tied, WeightMap, run_hook
 
 __all__ = ["hf_config", "refuse", "same_value", "spec_overrides"]
 
@@ -77,7 +77,7 @@ def spec_overrides(wmap: WeightMap, config: Any, declared: Mapping[str, str] | N
     for rule in wmap.rules().values():  # a head with no weight of its own in the model: the config must tie it
         if isinstance(rule, Tied) and rule.flag and rule.untied is None and not same_value(c.get(rule.flag), True):
             refuse(c, rule.flag, "the spec ties the output head to the embedding", source=source)
-    extra = cfg.prepare(c) if cfg.prepare else None
+    extra = run_hook(wmap, "prepare", c)
     _check_present(c, cfg.params, params, source)
     _check_types(c, params, declared, source)  # again: `prepare` may have filled fields in
     overrides.update({param: c[field] for field, param in params.items() if c.get(field) is not None})
@@ -159,8 +159,8 @@ def hf_config(wmap: WeightMap, params: Mapping[str, Any], declared: Mapping[str,
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": params[cfg.rope], "partial_rotary_factor": 1.0}
         out["rope_theta"] = params[cfg.rope]  # what transformers 4 reads
     try:
-        out.update(cfg.export(dict(params)) if cfg.export else {})
-    except KeyError as err:
+        out.update(run_hook(wmap, "export", dict(params)) or {})
+    except KeyError as err:  # a built-in map's export reads a parameter this spec lacks
         raise SpecError(f"the {wmap.model_type} weight map ({wmap.origin}) writes config.json from spec parameter "
                         f"{err}, which this spec does not declare") from None
     return out

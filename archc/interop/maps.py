@@ -42,6 +42,7 @@ from typing import Any
 import attrs
 import torch
 
+from archc.dsl.diagnostics import SpecError
 from archc.interop.weights import WeightsError
 
 __all__ = [
@@ -59,7 +60,9 @@ __all__ = [
     "Transpose",
     "WeightMap",
     "load_map_file",
+    "located",
     "placeholders",
+    "run_hook",
 ]
 
 
@@ -385,6 +388,32 @@ def _check_rule(pattern: str, rule: Rule) -> None:
                            f"{extra}")
 
 
+def located(path: str | Path, err: Exception, doing: str = "") -> MapError:
+    """`err`, raised by code in the map file `path`, as a MapError at the file's line that raised it."""
+    path = Path(path)
+    line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
+                 if Path(f.filename).resolve() == path.resolve()), None)
+    where = f"{path}:{line}" if line else str(path)
+    what = str(err) if isinstance(err, MapError) else f"{type(err).__name__}: {err}"
+    return MapError(f"{where}: {doing}{what}")
+
+
+def run_hook(wmap: WeightMap, name: str, arg: dict) -> Any:
+    """Config.prepare / Config.export of `wmap` on `arg`. A user map's failure is reported at its file and
+    line (a refusal, SpecError, passes through); a built-in map's is a bug and propagates."""
+    hook = getattr(wmap.config, name)
+    if hook is None:
+        return None
+    if wmap.origin == "built-in":
+        return hook(arg)
+    try:
+        return hook(arg)
+    except (SpecError, WeightsError):  # a refusal (hfconfig.refuse) or a located error already
+        raise
+    except Exception as err:  # noqa: BLE001 -- any other error in the user's hook, at its line
+        raise located(wmap.origin, err, f"Config.{name}: ") from None
+
+
 def load_map_file(path: str | Path) -> WeightMap:
     """The `MAP` a user's map file defines. The file is Python and runs: only ever load one the user
     named (`--map FILE`, `load_hf(..., map=FILE)`). Errors name the file and line."""
@@ -401,11 +430,7 @@ def load_map_file(path: str | Path) -> WeightMap:
     except SyntaxError as err:
         raise MapError(f"{path}:{err.lineno}:{err.offset or 0}: {err.msg}") from None
     except Exception as err:  # noqa: BLE001 -- any error in the map file is the user's, reported with its line
-        line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
-                     if Path(f.filename).resolve() == path.resolve()), None)
-        where = f"{path}:{line}" if line else str(path)
-        what = str(err) if isinstance(err, MapError) else f"{type(err).__name__}: {err}"
-        raise MapError(f"{where}: {what}") from None
+        raise located(path, err) from None
     found = getattr(module, "MAP", None)
     if not isinstance(found, WeightMap):
         got = "nothing" if found is None else type(found).__name__
