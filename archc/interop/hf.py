@@ -80,9 +80,9 @@ def resolve_map(map: MapLike, model_type: str | None = None, source: str = "conf
 
 def declared_params(spec) -> dict[str, str]:
     """The spec's parameters and their declared types (int, float, bool, str)."""
-    from archc.compiler.lower import load_spec
+    from archc.compiler.lower import Spec, load_spec
 
-    loaded = spec if hasattr(spec, "module") else load_spec(spec)
+    loaded = spec if isinstance(spec, Spec) else load_spec(spec)
     return {p.name: p.type.name for p in loaded.module.params}
 
 
