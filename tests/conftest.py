@@ -21,3 +21,13 @@ class PythonSnapshot(SingleFileSnapshotExtension):
 @pytest.fixture
 def snapshot_py(snapshot):
     return snapshot.with_defaults(extension_class=PythonSnapshot)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """family -> (directory, transformers model): small random checkpoints, built once per session
+    (hf_checkpoints.py); skips without transformers."""
+    pytest.importorskip("transformers")
+    from hf_checkpoints import Checkpoints
+
+    return Checkpoints(tmp_path_factory)

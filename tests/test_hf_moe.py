@@ -1,6 +1,6 @@
 """Mixtral and DeepSeek-V3 checkpoints load into the MoE specs and compute Hugging Face's logits.
 
-Small random HF models (no download, eager attention, fp32) are saved with
+Small random HF models (no download, eager attention, fp32; hf_checkpoints.py) are saved with
 `save_pretrained` — experts one tensor each, as on the hub — or as the raw
 in-memory state dict of transformers 5 (experts stacked, gate and up fused),
 and loaded through the key maps of `archc.interop.hf`. Router weights are
@@ -9,89 +9,63 @@ change which are chosen; DeepSeek's selection bias (e_score_correction_bias)
 is random and nonzero, so it must be loaded into the router's expert_bias.
 """
 
-import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from hf_checkpoints import (
+    COMMON,
+    VOCAB,
+    assert_same_logits,
+    config,
+    corrupt,
+    randomise,
+    spec_path,
+)
 from safetensors.torch import load_file, load_model, save_file
 
 import archc
 from archc.cli import main
 from archc.dsl.diagnostics import SpecError
 from archc.interop.hf import hf_overrides, load_hf
-from archc.runtime.moe import moe_aux_loss
 from archc.interop.weights import WeightsError, load_canonical
 
 transformers = pytest.importorskip("transformers")
 
-SPECS = Path(__file__).resolve().parents[1] / "specs"
-MIXTRAL_SPEC, DEEPSEEK_SPEC = str(SPECS / "mixtral.arch"), str(SPECS / "deepseek_v3.arch")
-ATOL = 1e-4
-VOCAB = 80
-
-
-def _randomise(model):
-    """Norms away from 1, routers with well-separated scores, a nonzero selection bias."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("mlp.gate.weight"):  # routers (DeepSeek's dense MLPs have gate_proj)
-                p.normal_(0.0, 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
-
-
-def _hf_mixtral(directory):
-    cfg = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 31337.0}, router_aux_loss_coef=0.02,
-        max_position_embeddings=64, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
-    )
-    torch.manual_seed(3)
-    hf = transformers.MixtralForCausalLM(cfg).eval()
-    _randomise(hf)
-    hf.save_pretrained(directory)
-    return directory, hf
-
+MIXTRAL_SPEC, DEEPSEEK_SPEC = spec_path("mixtral"), spec_path("deepseek_v3")
 
 DEEPSEEK_CFGS = {
-    "q_lora-interleaved": dict(q_lora_rank=24, rope_interleave=True, first_k_dense_replace=1, n_group=2,
-                               topk_group=1, n_shared_experts=1),
-    "no_q_lora-rotate_half": dict(q_lora_rank=None, rope_interleave=False, first_k_dense_replace=2, n_group=4,
-                                  topk_group=2, n_shared_experts=2),
+    "q_lora-interleaved": {"q_lora_rank": 24, "rope_interleave": True, "first_k_dense_replace": 1, "n_group": 2,
+                           "topk_group": 1, "n_shared_experts": 1},
+    "no_q_lora-rotate_half": {"q_lora_rank": None, "rope_interleave": False, "first_k_dense_replace": 2,
+                              "n_group": 4, "topk_group": 2, "n_shared_experts": 2},
 }
 
 
-def _hf_deepseek(directory, variant="q_lora-interleaved"):
+def _hf_deepseek(directory, variant):
     cfg = transformers.DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, moe_intermediate_size=16, num_hidden_layers=3,
+        hidden_size=48, intermediate_size=72, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.7,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-        max_position_embeddings=64, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
-        **DEEPSEEK_CFGS[variant],
+        max_position_embeddings=64, **COMMON, **DEEPSEEK_CFGS[variant],
     )
     torch.manual_seed(4)
     hf = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    _randomise(hf)
+    randomise(hf)
     hf.save_pretrained(directory)
     return directory, hf
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    return _hf_mixtral(tmp_path_factory.mktemp("mixtral"))
+@pytest.fixture
+def mixtral(hf_checkpoints):
+    return hf_checkpoints("mixtral")
 
 
-@pytest.fixture(scope="module")
-def deepseek(tmp_path_factory):
-    return _hf_deepseek(tmp_path_factory.mktemp("deepseek_v3"))
+@pytest.fixture
+def deepseek(hf_checkpoints):
+    return hf_checkpoints("deepseek_v3")
 
 
 def _stacked(src, dst, hf):
@@ -104,15 +78,8 @@ def _stacked(src, dst, hf):
     return dst
 
 
-def _assert_same_logits(model, hf, tokens=None):
-    tokens = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0)) if tokens is None \
-        else tokens
-    with torch.no_grad():
-        ours = model(tokens)
-        theirs = hf(tokens, labels=tokens)
-    torch.testing.assert_close(ours["logits"], theirs.logits, atol=ATOL, rtol=0)
-    # HF adds its router loss only with output_router_logits; ours is always in `loss`.
-    torch.testing.assert_close(ours["loss"] - moe_aux_loss(model), theirs.loss, atol=ATOL, rtol=0)
+def _assert_same_logits(model, hf):
+    assert_same_logits(model, hf, moe=True)
 
 
 # ---- Mixtral -----------------------------------------------------------------
@@ -171,16 +138,16 @@ def test_deepseek_v3_convert_cli(deepseek, tmp_path, capsys):
     assert main(["convert", DEEPSEEK_SPEC, "--from-hf", str(directory), "-o", str(out)]) == 0
     err = capsys.readouterr().err
     assert "all weights matched" in err and "n_dense=1" in err
-    model = archc.compile(DEEPSEEK_SPEC, hf_overrides("deepseek_v3", _config(directory))).build().eval()
+    model = archc.compile(DEEPSEEK_SPEC, hf_overrides("deepseek_v3", config(directory))).build().eval()
     load_model(model, out)  # strict: every key of our model (expert_bias buffers too), and nothing else
     _assert_same_logits(model, hf)
 
 
 def test_deepseek_v3_skips_the_multi_token_prediction_layer(deepseek, tmp_path):
     directory, hf = deepseek
-    assert _config(directory)["num_nextn_predict_layers"] == 1
+    assert config(directory)["num_nextn_predict_layers"] == 1
     mtp = {"model.layers.3.eh_proj.weight": torch.zeros(48, 96), "model.layers.3.enorm.weight": torch.ones(48)}
-    _compiled, model = load_hf(DEEPSEEK_SPEC, _corrupt(directory, tmp_path / "mtp", lambda s: s.update(mtp)))
+    _compiled, model = load_hf(DEEPSEEK_SPEC, corrupt(directory, tmp_path / "mtp", lambda s: s.update(mtp)))
     _assert_same_logits(model, hf)
 
 
@@ -234,24 +201,11 @@ def test_mla_shape_errors_are_located():
 # ---- configs and strictness --------------------------------------------------
 
 
-def _config(directory):
-    return json.loads((Path(directory) / "config.json").read_text())
-
-
-def _corrupt(src, dst, edit):
-    dst.mkdir()
-    shutil.copy(src / "config.json", dst / "config.json")
-    state = load_file(src / "model.safetensors")
-    edit(state)
-    save_file(state, dst / "model.safetensors")
-    return dst
-
-
 def test_config_maps(mixtral, deepseek):
-    assert hf_overrides("mixtral", _config(mixtral[0])) == dict(
+    assert hf_overrides("mixtral", config(mixtral[0])) == dict(
         vocab=VOCAB, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=6, top_k=2, d_expert=40,
         rope_theta=31337.0, eps=1e-5, aux_weight=0.02)
-    assert hf_overrides("deepseek_v3", {**_config(deepseek[0]), "q_lora_rank": None}) == dict(
+    assert hf_overrides("deepseek_v3", {**config(deepseek[0]), "q_lora_rank": None}) == dict(
         vocab=VOCAB, d_model=48, n_layers=3, n_dense=1, n_heads=4, q_lora_rank=0, kv_lora_rank=16,
         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, rope_theta=5000.0, rope_interleave=True, d_ff=72,
         n_experts=8, top_k=2, n_shared=1, d_expert=16, groups=2, top_groups=1, route_scale=1.7, eps=1e-5)
@@ -261,7 +215,6 @@ def test_config_maps(mixtral, deepseek):
     ("mixtral", {"sliding_window": 4096}, "sliding_window"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
     ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
-    ("mixtral", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}}, "rope_type"),
     ("deepseek_v3", {"rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 40.0}}, "rope_type"),
     ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob"),
@@ -272,7 +225,7 @@ def test_config_maps(mixtral, deepseek):
     ("deepseek_v3", {"n_shared_experts": 0}, "n_shared_experts"),
 ])
 def test_unrepresentable_configs_are_rejected(mixtral, deepseek, arch, change, field):
-    base = _config(mixtral[0] if arch == "mixtral" else deepseek[0])
+    base = config(mixtral[0] if arch == "mixtral" else deepseek[0])
     with pytest.raises(SpecError, match=field):
         hf_overrides(arch, {**base, **change})
 
@@ -296,4 +249,4 @@ def test_strict_errors_name_the_key(mixtral, deepseek, tmp_path, problem):
     arch, key, edit = BROKEN[problem]
     src, spec = (mixtral[0], MIXTRAL_SPEC) if arch == "mixtral" else (deepseek[0], DEEPSEEK_SPEC)
     with pytest.raises(WeightsError, match=re.escape(key)):
-        load_hf(spec, _corrupt(src, tmp_path / "broken", edit))
+        load_hf(spec, corrupt(src, tmp_path / "broken", edit))

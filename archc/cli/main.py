@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from archc.cli.options import pairs, compile_options
+from archc.cli.options import compile_options, pairs
 from archc.dsl.diagnostics import SpecError
 
 
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     from archc.cli.convert import register as register_convert
 
     register_convert(sub, common)
+    from archc.cli.export import register as register_export
+
+    register_export(sub, common)
     return parser
 
 
@@ -333,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that describe a problem with the user's input, shown as one line."""
+    from archc.interop.weights import WeightsError
     from archc.training.checkpoint import CheckpointError
     from archc.training.data import DataError
     from archc.training.distributed.diloco import DiLoCoError
     from archc.training.optim import OptimizerError
     from archc.training.train import TrainError
-    from archc.interop.weights import WeightsError
 
     return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, OSError)
 

@@ -1,0 +1,15 @@
+"""The built-in weight maps, by config.json's model_type: each family's map, written in the same
+vocabulary as a user's map (archc/interop/maps.py)."""
+
+from __future__ import annotations
+
+from archc.interop.families.deepseek_v3 import DEEPSEEK_V3
+from archc.interop.families.gemma import GEMMA
+from archc.interop.families.gpt2 import GPT2
+from archc.interop.families.llama import LLAMA, MISTRAL
+from archc.interop.families.mamba2 import MAMBA2
+from archc.interop.families.mixtral import MIXTRAL
+from archc.interop.families.phi3 import PHI3
+from archc.interop.families.qwen import QWEN2, QWEN3
+
+BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, PHI3, GEMMA, MAMBA2)}
