@@ -20,7 +20,7 @@ SPEC = str(SPECS / "llama.arch")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "archc" / "training" / "train.py").read_text() * 3)
+    path.write_text((SPECS.parent / "archc" / "training" / "trainer.py").read_text() * 3)
     return str(path)
 
 
