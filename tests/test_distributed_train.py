@@ -12,6 +12,8 @@ from archc.cli import main
 from archc.training.train import TrainConfig, train
 from conftest import SPECS
 
+pytestmark = pytest.mark.slow
+
 TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 SPEC = str(SPECS / "llama.arch")
 

@@ -144,9 +144,9 @@ def cmd_train(args) -> int:
     if result is None:  # a process other than the lead of a distributed run
         return 0
     start = f"{result.initial_val_perplexity:.2f} -> " if result.initial_val_perplexity else ""
-    print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, "
-          f"val perplexity {start}{result.val_perplexity:.2f}, {result.tokens_per_second:,.0f} tokens/s, "
-          f"MFU {result.mfu:.0%}")
+    val = f"val perplexity {start}{result.val_perplexity:.2f}, " if result.val_perplexity is not None else ""
+    print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, {val}"
+          f"{result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.0%}")
     print(f"wrote {result.out_dir}/metrics.jsonl, loss.png, sample.txt, checkpoints/")
     if result.sample:
         print("sample:\n" + result.sample)

@@ -28,11 +28,13 @@ from archc.training.config import TrainError
 if TYPE_CHECKING:
     from archc.training.config import TrainConfig
     from archc.training.sources import DataSource
-    from archc.training.trainer import Trainer
 
 
 class Strategy:
-    """The hooks of the training loop, each doing what one process alone would do."""
+    """The hooks of the training loop, each doing what one process alone would do.
+
+    Hooks that take `trainer` get the running trainer.Trainer (its model, optimizer, scheduler, source,
+    metrics, out_dir, checkpoint_meta()); it is not imported here, as the loop imports its strategies."""
 
     mode = "single"  # recorded in config.json and checkpoints
     rank, world = 0, 1
@@ -70,14 +72,14 @@ class Strategy:
     def shard(self, model: torch.nn.Module, compiled) -> None:
         """Distribute the model before the optimizer is built."""
 
-    def attach(self, trainer: Trainer) -> None:
+    def attach(self, trainer) -> None:
         """Set up what needs the model, optimizer and scheduler (an outer loop, a torchft Manager)."""
 
-    def rejoin(self, trainer: Trainer) -> int | None:
+    def rejoin(self, trainer) -> int | None:
         """The step a restarted process continues from after fetching a live peer's state (None: no peer)."""
         return None
 
-    def before_step(self, trainer: Trainer, step: int) -> None:
+    def before_step(self, trainer, step: int) -> None:
         """Before (0-based) step `step`, once."""
 
     def begin_attempt(self, step: int) -> None:
@@ -97,7 +99,7 @@ class Strategy:
         global batch; returns (loss, whether the step may be applied)."""
         return loss, True
 
-    def after_step(self, trainer: Trainer, step: int, done: bool) -> None:
+    def after_step(self, trainer, step: int, done: bool) -> None:
         """After optimizer step `step` (1-based); `done` after the last one."""
 
     def record(self) -> dict:
@@ -116,14 +118,14 @@ class Strategy:
         """Directories of safetensors checkpoints this process writes (crashed saves are swept at start)."""
         return []
 
-    def save(self, trainer: Trainer, step: int) -> None:
+    def save(self, trainer, step: int) -> None:
         raise NotImplementedError
 
-    def load(self, trainer: Trainer) -> dict:
+    def load(self, trainer) -> dict:
         """Restore the newest checkpoint; returns its meta (with "step")."""
         raise NotImplementedError
 
-    def finish(self, trainer: Trainer) -> None:
+    def finish(self, trainer) -> None:
         """After the last step, evaluation and the sample."""
 
 

@@ -171,6 +171,9 @@ class Trainer:
         start = s.rejoin(self)
         if start is None:
             start = self.load() if self.resume else 0
+            if start > cfg.steps:
+                raise TrainError(f"--resume: the newest checkpoint in {self.out_dir} is at step {start}, beyond "
+                                 f"--steps {cfg.steps}; pass --steps above {start} to train further")
             if s.logs and self.resume:
                 self.metrics.resume(start)
             elif s.logs:
@@ -200,6 +203,10 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(record)
         progress.close()
+        if not record and s.logs:  # resumed at the last step (killed while finishing): report what it logged
+            record = next((r for r in reversed(self.metrics.records()) if "loss" in r), {})
+        if not self.val and s.evaluates:
+            self.evaluate()
         return self.finish(record, initial)
 
     def finish(self, last: dict, initial: float | None) -> RunResult:
