@@ -15,17 +15,17 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, SPECS
 
 from archc.cli import main
 from archc.training import run_dir
 from archc.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from archc.training.config import TrainConfig, TrainError
 from archc.training.train import train
-from conftest import ROOT, SPECS
 
 SPEC = str(SPECS / "llama.arch")
-TINY = dict(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
-DEFINES = sum((["-D", f"{k}={v}"] for k, v in TINY.items()), [])
+TINY = {"n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "d_ff": 48}
+DEFINES = [arg for k, v in TINY.items() for arg in ("-D", f"{k}={v}")]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def corpus(tmp_path_factory):
 
 
 def config(tmp_path, corpus, name="run", **kw):
-    base = dict(data=corpus, batch_size=2, seq_len=32, steps=4, eval_every=2, eval_batches=2, checkpoint_every=2,
-                sample_tokens=0, progress=False, out_dir=str(tmp_path / name), lr=3e-3)
+    base = {"data": corpus, "batch_size": 2, "seq_len": 32, "steps": 4, "eval_every": 2, "eval_batches": 2,
+            "checkpoint_every": 2, "sample_tokens": 0, "progress": False, "out_dir": str(tmp_path / name), "lr": 3e-3}
     return TrainConfig(**{**base, **kw})
 
 
@@ -247,7 +247,7 @@ def test_sigkill_during_saves_and_resumes_loses_no_step(tmp_path, corpus):
         proc = _start(out, corpus, "--resume" if has_checkpoint else "--overwrite", steps=n)
         if phase == "train":
             reached = lines() + 3
-            ready = _wait_for(lambda: lines() >= reached, proc)
+            ready = _wait_for(lambda reached=reached: lines() >= reached, proc)
             time.sleep(rng.uniform(0, 0.3))
         else:
             ready = _wait_for(lambda: (out / run_dir.LOCK).exists() and (out / run_dir.LOCK).stat().st_size, proc)
@@ -265,6 +265,6 @@ def test_sigkill_during_saves_and_resumes_loses_no_step(tmp_path, corpus):
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     assert steps(out) == list(range(n + 1))
     assert losses(out) == losses(straight)  # bit for bit
-    final = "checkpoints/step_{:08d}/model.safetensors".format(n)
+    final = f"checkpoints/step_{n:08d}/model.safetensors"
     assert (out / final).read_bytes() == (straight / final).read_bytes()
     assert not list((out / "checkpoints").glob(".step_*"))  # crashed saves were swept

@@ -8,17 +8,17 @@ import json
 
 import pytest
 import torch
+from conftest import SPECS
 from safetensors.torch import load_file
 
 from archc.training.config import TrainConfig
 from archc.training.train import train
-from conftest import SPECS
 
 pytestmark = pytest.mark.slow
 
 SPEC = str(SPECS / "deepseek_moe.arch")
-MOE = dict(n_layers=2, d_model=32, n_heads=2, d_ff=64, n_experts=8, top_k=2, n_shared=1, d_expert=16, groups=2,
-           top_groups=1)
+MOE = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "n_experts": 8, "top_k": 2, "n_shared": 1,
+       "d_expert": 16, "groups": 2, "top_groups": 1}
 STEPS = 3
 
 
@@ -30,8 +30,9 @@ def corpus(tmp_path_factory):
 
 
 def config(tmp_path, corpus, name, **kw):
-    base = dict(data=corpus, batch_size=4, seq_len=32, steps=STEPS, eval_every=STEPS, eval_batches=2,
-                checkpoint_every=STEPS, sample_tokens=0, progress=False, out_dir=str(tmp_path / name), lr=3e-3)
+    base = {"data": corpus, "batch_size": 4, "seq_len": 32, "steps": STEPS, "eval_every": STEPS, "eval_batches": 2,
+            "checkpoint_every": STEPS, "sample_tokens": 0, "progress": False, "out_dir": str(tmp_path / name),
+            "lr": 3e-3}
     return TrainConfig(**{**base, **kw})
 
 
