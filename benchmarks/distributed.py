@@ -37,7 +37,7 @@ MODEL = dict(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
 
 def main() -> None:
     from archc.training.distributed.diloco import parse_diloco
-    from archc.training.distributed.trainer import train_distributed
+    from archc.training.train import train
     from archc.training.train import TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,8 +60,8 @@ def main() -> None:
                              eval_every=args.steps, eval_batches=16, checkpoint_every=10 ** 9, sample_tokens=0,
                              progress=False, out_dir=str(out))
         t0 = time.perf_counter()
-        result = train_distributed(args.spec, config, MODEL, nproc=2,
-                                   diloco=parse_diloco(diloco) if diloco else None)
+        result = train(args.spec, config, MODEL, nproc=2, overwrite=True,
+                       diloco=parse_diloco(diloco) if diloco else None)
         seconds = time.perf_counter() - t0
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [m for m in metrics if "comm_bytes" in m]

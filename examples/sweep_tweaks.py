@@ -31,7 +31,7 @@ def main(steps: int = 120, out: str = "runs/sweep") -> list[tuple]:
     for name, tweak in VARIANTS.items():
         overrides = {**BASE, **tweak}
         compiled = archc.compile(SPEC, overrides)
-        result = train(SPEC, attrs.evolve(config, out_dir=f"{out}/{name.split()[0]}"), overrides)
+        result = train(SPEC, attrs.evolve(config, out_dir=f"{out}/{name.split()[0]}"), overrides, overwrite=True)
         rows.append((name, compiled.num_params(), result.val_perplexity, result.tokens_per_second))
         print(f"{name:22s} params {rows[-1][1]:>9,}  val ppl {rows[-1][2]:7.3f}  {rows[-1][3]:8,.0f} tok/s")
     best = min(rows, key=lambda r: r[2])

@@ -139,7 +139,10 @@ def test_interrupted_save_leaves_previous_loadable(compiled, tmp_path, monkeypat
     assert load_checkpoint(tmp_path, model2, opt2, sched2)["step"] == 1
     for k, v in model2.state_dict().items():
         assert torch.equal(v, want[k])
-    save_checkpoint(tmp_path, 2, model2, keep=5)  # the next save sweeps the leftover away
+    save_checkpoint(tmp_path, 2, model2, keep=5)  # a save deletes only its own temporary directory ...
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        ".step_00000002.tmp-12345", "step_00000001", "step_00000002"]
+    ckpt_mod.remove_leftovers(tmp_path)  # ... the run holding the directory's lock sweeps crashed saves away
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
 
 
@@ -175,7 +178,10 @@ def test_shape_mismatch_and_missing_files(compiled, tmp_path):
         load_checkpoint(tmp_path / "elsewhere", model)
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path, 2, model, meta={"bad": object()})
-    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]  # no half step 2
+    notices = []
+    assert latest_checkpoint(tmp_path, notice=notices.append) is None  # step 1 lost a file: not whole any more
+    assert "step_00000001 (incomplete: optimizer.json is missing)" in notices[0]
 
 
 def test_no_pickle(compiled, tmp_path, monkeypatch):

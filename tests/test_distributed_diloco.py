@@ -60,6 +60,7 @@ def _worker(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_outer_sgd_lr1_is_parameter_averaging_and_global_copies_stay_identical():
     out = spawn(_worker, 2)
     assert out["avg"]["averaged"] == 2 and out["avg"]["identical"]

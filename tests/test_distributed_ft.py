@@ -12,6 +12,7 @@ from archc.cli import main
 from conftest import SPECS
 
 pytest.importorskip("torchft", reason="torchft==0.2.0 is not installed (pip install torchft==0.2.0)")
+pytestmark = pytest.mark.slow
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 SPEC = str(SPECS / "llama.arch")
@@ -20,7 +21,7 @@ SPEC = str(SPECS / "llama.arch")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "archc" / "training" / "train.py").read_text() * 3)
+    path.write_text((SPECS.parent / "archc" / "training" / "trainer.py").read_text() * 3)
     return str(path)
 
 
@@ -40,10 +41,10 @@ def rows(path):
 
 def test_killed_replica_group_heals_and_all_end_with_identical_global_parameters(tmp_path, corpus, monkeypatch,
                                                                                  capsys):
-    # replica 1 is SIGKILLed after inner step 5 (between the syncs at 4 and 6); replica 0 keeps going alone
-    # (syncs 6 and 8 with one participant) and waits before step 9 until replica 1's restart is up (the
-    # ordering torchft's tests force with barriers), so the restart heals at the sync after step 10 — or,
-    # if its quorum request reaches the lighthouse after replica 0's, at the one after step 12.
+    # replica 1 is SIGKILLed after inner step 5 (between the syncs at 4 and 6); replica 0 keeps going alone and
+    # waits before step 9 until replica 1's restart is up (the ordering torchft's tests force with barriers).
+    # Where the restart heals depends on when its quorum request reaches the lighthouse, so the test checks
+    # what must hold wherever that is: one heal, at a sync after the kill, nothing trained twice or lost.
     monkeypatch.setenv("ARCHC_FT_INJECT", json.dumps({"kill": [1, 5], "hold": [0, 9, 1]}))
     out = tmp_path / "ft"
     assert main(args(corpus, out, 12, "replicas=2,inner_steps=2")) == 0, capsys.readouterr().err
@@ -59,11 +60,12 @@ def test_killed_replica_group_heals_and_all_end_with_identical_global_parameters
     assert [r["ft_step"] for r in lead] == [1 + s // 2 for s in range(1, 13)]  # +1 at every sync
     other = rows(out / "replica_1" / "metrics.jsonl")
     healed = [r for r in other if r.get("event") == "healed"]
-    assert len(healed) == 1 and healed[0]["step"] in (10, 12)
+    assert len(healed) == 1, healed
     at = healed[0]["step"]
+    assert 5 < at <= 12 and at % 2 == 0  # at a sync after the kill
     assert healed[0]["ft_step"] == 1 + at // 2  # it finished the donor's open sync with it
-    assert [r["participants"] for r in lead if r["step"] % 2 == 0] == [2, 2, 1, 1] + [2 if s >= at else 1
-                                                                                       for s in (10, 12)]
+    assert [r["participants"] for r in lead if r["step"] % 2 == 0] == [2 if s <= 4 or s >= at else 1
+                                                                       for s in range(2, 13, 2)]
     trained = [r["step"] for r in other if "loss" in r]
     assert trained == [1, 2, 3, 4, 5] + list(range(at + 1, 13))  # its first life, then on from the donor's step
 
@@ -115,7 +117,7 @@ def test_killed_data_parallel_group_heals_and_both_end_with_identical_parameters
                                                                                  capsys):
     # group 1 is SIGKILLed after step 5; group 0 goes on alone (the whole quorum, half the global batch) and
     # waits before step 9 until group 1's restart is up, which then heals to group 0's state at the start of
-    # one of its next steps and runs the rest with it.
+    # one of its next steps (which one depends on timing) and runs the rest with it.
     monkeypatch.setenv("ARCHC_FT_INJECT", json.dumps({"kill": [1, 5], "hold": [0, 9, 1]}))
     out = tmp_path / "ftdp"
     assert main([*common(corpus, out, 12, batch=4), "--nproc", "2", "--fault-tolerant"]) == 0, \
@@ -131,8 +133,9 @@ def test_killed_data_parallel_group_heals_and_both_end_with_identical_parameters
     assert [r["ft_step"] for r in lead] == [1 + s for s in range(1, 13)]
     other = rows(out / "replica_1" / "metrics.jsonl")
     healed = [r for r in other if r.get("event") == "healed"]
-    assert len(healed) == 1 and 8 <= healed[0]["step"] < 12, healed
+    assert len(healed) == 1, healed
     at = healed[0]["step"]  # the donor's committed steps when the restarted group joined
+    assert 5 <= at < 12  # after the kill, before the donor finished
     assert healed[0]["ft_step"] == 1 + at
     assert [r["participants"] for r in lead] == [2] * 5 + [1] * (at - 5) + [2] * (12 - at)
     # the ring all-reduce of the gradients (+ loss and weight) sends nothing with one participant

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from archc.cli import main
-from archc.training.distributed.trainer import train_distributed
 from archc.training.train import TrainConfig, train
 from conftest import SPECS
+
+pytestmark = pytest.mark.slow
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 SPEC = str(SPECS / "llama.arch")
@@ -20,7 +21,7 @@ SPEC = str(SPECS / "llama.arch")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "archc" / "training" / "train.py").read_text() * 3)
+    path.write_text((SPECS.parent / "archc" / "training" / "trainer.py").read_text() * 3)
     return str(path)
 
 
@@ -49,7 +50,7 @@ def assert_same_curve(a, b, tol):
 
 def test_fsdp2_on_two_processes_matches_single_process(tmp_path, corpus):
     single = train(SPEC, config(tmp_path, corpus, "single"), TINY)
-    two = train_distributed(SPEC, config(tmp_path, corpus, "two"), TINY, nproc=2)
+    two = train(SPEC, config(tmp_path, corpus, "two"), TINY, nproc=2)
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "single"), 1e-5)
     assert abs(two.final_loss - single.final_loss) < 1e-5
     logged = rows(tmp_path / "two")
@@ -57,12 +58,12 @@ def test_fsdp2_on_two_processes_matches_single_process(tmp_path, corpus):
 
 
 def test_dcp_checkpoint_saved_on_two_processes_resumes_on_one(tmp_path, corpus):
-    two = train_distributed(SPEC, config(tmp_path, corpus, "two", checkpoint_every=2), TINY, nproc=2)
+    two = train(SPEC, config(tmp_path, corpus, "two", checkpoint_every=2), TINY, nproc=2)
     # DCP: saved by 2 processes at steps 2 and 4; drop step 4 and resume on 1 process from step 2
     assert (tmp_path / "two" / "dcp" / "step_00000002" / "trainer.json").exists()
     shutil.rmtree(tmp_path / "two" / "dcp" / "step_00000004")
     full = curve(tmp_path / "two")
-    resumed = train_distributed(SPEC, config(tmp_path, corpus, "two", checkpoint_every=2), TINY, nproc=1,
+    resumed = train(SPEC, config(tmp_path, corpus, "two", checkpoint_every=2), TINY, nproc=1,
                                 resume=True)
     assert_same_curve(curve(tmp_path / "two"), full, 1e-5)
     assert abs(resumed.final_loss - two.final_loss) < 1e-5
@@ -73,7 +74,7 @@ def test_diloco_one_replica_h1_outer_sgd_lr1_equals_plain_training(tmp_path, cor
 
     plain = train(SPEC, config(tmp_path, corpus, "plain", steps=5), TINY)
     diloco = parse_diloco("replicas=1,inner_steps=1,outer_lr=1,outer_momentum=0")
-    one = train_distributed(SPEC, config(tmp_path, corpus, "diloco", steps=5), TINY, diloco=diloco)
+    one = train(SPEC, config(tmp_path, corpus, "diloco", steps=5), TINY, diloco=diloco)
     assert_same_curve(curve(tmp_path / "diloco"), curve(tmp_path / "plain"), 1e-6)
     assert abs(one.final_loss - plain.final_loss) <= 1e-6
 
@@ -107,7 +108,7 @@ def test_cli_bad_diloco_keys_are_one_line_errors(capsys):
 def test_muon_on_fsdp2_shards_matches_single_process_muon(tmp_path, corpus):
     # fused q;k;v and gate;up matrices carry row_splits whose blocks straddle the two shards
     single = train(SPEC, config(tmp_path, corpus, "single", optimizer="muon"), TINY)
-    two = train_distributed(SPEC, config(tmp_path, corpus, "two", optimizer="muon"), TINY, nproc=2)
+    two = train(SPEC, config(tmp_path, corpus, "two", optimizer="muon"), TINY, nproc=2)
     assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "single"), 1e-5)
     assert abs(two.final_loss - single.final_loss) < 1e-5
 
@@ -153,12 +154,12 @@ def test_diloco_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_pat
     # step 4 is mid-period for fragment 0 (local != global) and fragment 1's sync started at 4 is in flight
     # (tau=1): the checkpoint must carry local and global copies, inner and outer state and the pending sync
     diloco = parse_diloco("replicas=2,inner_steps=4,streaming=2,tau=1")
-    whole = train_distributed(SPEC, config(tmp_path, corpus, "whole", steps=8, batch_size=2), TINY, diloco=diloco)
+    whole = train(SPEC, config(tmp_path, corpus, "whole", steps=8, batch_size=2), TINY, diloco=diloco)
     cut = config(tmp_path, corpus, "cut", steps=8, batch_size=2, checkpoint_every=4)
-    train_distributed(SPEC, cut, TINY, diloco=diloco)
+    train(SPEC, cut, TINY, diloco=diloco)
     for r in range(2):  # the run "died" after its checkpoint at step 4
         shutil.rmtree(tmp_path / "cut" / "diloco" / f"replica_{r}" / "checkpoints" / "step_00000008")
-    resumed = train_distributed(SPEC, cut, TINY, diloco=diloco, resume=True)
+    resumed = train(SPEC, cut, TINY, diloco=diloco, resume=True)
     assert curve(tmp_path / "cut") == curve(tmp_path / "whole")  # exact: same batches, same state, same order
     assert resumed.val_loss == whole.val_loss
     for r in range(2):
@@ -173,5 +174,5 @@ def test_diloco_resume_needs_a_checkpoint_of_every_replica(tmp_path, corpus):
     from archc.training.train import TrainError
 
     with pytest.raises(TrainError, match="no DiLoCo checkpoint saved by all 2 replicas"):
-        train_distributed(SPEC, config(tmp_path, corpus, "none", steps=2), TINY,
+        train(SPEC, config(tmp_path, corpus, "none", steps=2), TINY,
                           diloco=parse_diloco("replicas=2,inner_steps=2"), resume=True)

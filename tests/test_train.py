@@ -81,7 +81,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         (["train", spec, "--out-dir", str(tmp_path / "nothing"), "--resume"], "no checkpoint"),
     ]
     for argv, needle in cases:
-        code = main(argv + ["--steps", "1", "--no-progress", "-D", "n_layers=1"])
+        out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "run")]
+        code = main(argv + out + ["--steps", "1", "--no-progress", "-D", "n_layers=1"])
         err = capsys.readouterr().err
         assert code == 1, argv
         assert needle in err and "Traceback" not in err, err

@@ -118,56 +118,47 @@ def cmd_inspect(args) -> int:
 def _train_config(args):
     import attrs
 
-    from archc.training.train import TrainConfig
+    from archc.training.config import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig) if getattr(args, f.name, None) is not None}
     return TrainConfig.from_dict(values)
 
 
 def cmd_train(args) -> int:
-    from archc.training.train import TrainError, train
+    from archc.training.config import TrainError
+    from archc.training.train import train
 
     options = compile_options(args)
     config = _train_config(args)
-    if _distributed(args):
+    diloco = ft = None
+    if args.diloco:
         from archc.training.distributed.diloco import parse_diloco
-        from archc.training.distributed.trainer import train_distributed
-
-        diloco = parse_diloco(args.diloco) if args.diloco else None
-        ft = None
-        if args.fault_tolerant:
-            from archc.training.distributed.ft import FTConfig
-            ft = FTConfig(lighthouse=args.lighthouse, replica_id=args.replica_id)
-        elif args.lighthouse or args.replica_id is not None:
-            raise TrainError("--lighthouse and --replica-id go with --fault-tolerant")
-        result = train_distributed(args.spec, config, options.pop("overrides"), nproc=args.nproc or 1,
-                                   diloco=diloco, resume=args.resume, fault_tolerant=ft, **options)
-        if result is None:  # a torchrun worker other than rank 0
-            return 0
-    else:
-        result = train(Path(args.spec), config, options.pop("overrides"), resume=args.resume, **options)
+        diloco = parse_diloco(args.diloco)
+    if args.fault_tolerant:
+        from archc.training.distributed.ft import FTConfig
+        ft = FTConfig(lighthouse=args.lighthouse, replica_id=args.replica_id)
+    elif args.lighthouse or args.replica_id is not None:
+        raise TrainError("--lighthouse and --replica-id go with --fault-tolerant")
+    result = train(Path(args.spec), config, options.pop("overrides"), resume=args.resume, overwrite=args.overwrite,
+                   nproc=args.nproc, diloco=diloco, fault_tolerant=ft, **options)
+    if result is None:  # a process other than the lead of a distributed run
+        return 0
     start = f"{result.initial_val_perplexity:.2f} -> " if result.initial_val_perplexity else ""
-    print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, "
-          f"val perplexity {start}{result.val_perplexity:.2f}, {result.tokens_per_second:,.0f} tokens/s, "
-          f"MFU {result.mfu:.0%}")
+    val = f"val perplexity {start}{result.val_perplexity:.2f}, " if result.val_perplexity is not None else ""
+    print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, {val}"
+          f"{result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.0%}")
     print(f"wrote {result.out_dir}/metrics.jsonl, loss.png, sample.txt, checkpoints/")
     if result.sample:
         print("sample:\n" + result.sample)
     return 0
 
 
-def _distributed(args) -> bool:
-    from archc.training.distributed.launch import under_torchrun
-
-    return bool(getattr(args, "nproc", None) or getattr(args, "diloco", None) or getattr(args, "fault_tolerant", None)
-                or under_torchrun())
-
-
 def cmd_sweep(args) -> int:
     from archc.training import sweep
 
     options = compile_options(args)
-    points = sweep.run_sweep(Path(args.spec), args.multirun, _train_config(args), options.pop("overrides"), **options)
+    points = sweep.run_sweep(Path(args.spec), args.multirun, _train_config(args), options.pop("overrides"),
+                             overwrite=args.overwrite, **options)
     print(sweep.table(points), end="")
     return 0
 
@@ -181,8 +172,10 @@ def cmd_eval(args) -> int:
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     import attrs
 
-    from archc.training.train import TrainConfig
+    from archc.training.config import TrainConfig
 
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out-dir that holds an earlier run (deletes its checkpoints and metrics)")
     for field in attrs.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "str")
@@ -252,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("train", parents=[common], help="train a spec on next-token prediction")
+    p = sub.add_parser("train", parents=[common], help="train a spec on its `loss` (text: next-token prediction)")
     p.add_argument("spec")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its newest whole checkpoint (with the same options; "
+                        "--steps may grow)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel FSDP2 over N gloo processes (same global batch); under torchrun: its group")
     p.add_argument("--diloco", metavar="KEY=VALUE,...",
@@ -338,10 +333,10 @@ def _user_errors() -> tuple[type, ...]:
     """Exceptions that describe a problem with the user's input, shown as one line."""
     from archc.interop.weights import WeightsError
     from archc.training.checkpoint import CheckpointError
+    from archc.training.config import TrainError
     from archc.training.data import DataError
     from archc.training.distributed.diloco import DiLoCoError
     from archc.training.optim import OptimizerError
-    from archc.training.train import TrainError
 
     return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, OSError)
 

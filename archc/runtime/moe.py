@@ -238,16 +238,13 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor | float:
 def update_expert_biases(model: nn.Module) -> None:
     """After an optimizer step: b_i += γ·sign(mean load − load_i) for aux-free routers; loads reset.
 
-    Loads are summed over all data-parallel ranks first when torch.distributed is running.
+    With data parallelism the caller first sums each router's `load` over the ranks (the training loop's
+    strategy does), so every rank moves its biases identically.
     """
-    import torch.distributed as dist
-
     for _name, router in routers(model):
         if router.balance != "aux_free":
             continue
         load = router.load
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
         router.expert_bias += router.bias_rate * torch.sign(load.mean() - load)
         load.zero_()
 

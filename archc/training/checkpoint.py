@@ -9,16 +9,26 @@ Layout of `run_dir/checkpoints/step_00001234/`:
     scheduler.json         the scheduler's state_dict, same encoding (+ scheduler.safetensors if it has tensors)
     rng.safetensors        torch CPU (and CUDA) generator states
     rng.json               Python `random` and numpy global states
-    meta.json              the caller's meta (spec hash, params, data position...) and the step
+    meta.json              the caller's meta (spec hash, params, data position...), the step, and the size
+                           and sha256 of every other file (digests.py), written last
 
 JSON cannot tell a tuple from a list or an int key from a str key, so those are
 tagged ({"__tuple__": [...]}, {"__items__": [[key, value], ...]}) and the
 optimizer's state_dict comes back equal to what was saved, types included.
 
-Atomicity: everything is written into a hidden sibling directory, each file is
-fsynced, then one `os.replace` gives it its final name. A crash before that
-leaves only a hidden directory (removed on the next save) and the previous
-checkpoints untouched; `latest_checkpoint` never sees a half-written one.
+Atomicity: everything is written into a hidden sibling directory named after
+the writing process, each file is fsynced, then one `os.replace` gives it its
+final name. A crash before that leaves only a hidden directory and the previous
+checkpoints untouched; `latest_checkpoint` never sees a half-written one. A save
+deletes only its own temporary directory: leftovers of a crashed save are
+removed by `remove_leftovers`, which a run calls once it holds its directory's
+lock (so no other process can be writing one).
+
+Trust: `latest_checkpoint` takes the newest checkpoint whose files match the
+digests in its meta.json (whole, not truncated, not changed since) and says on
+stderr which newer ones it skipped and why; a checkpoint named explicitly that
+does not match is refused. Weights or optimizer state holding NaN or infinite
+values are refused with the file and tensor named.
 """
 
 from __future__ import annotations
@@ -32,8 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from archc.training import digests
+from archc.training.run_dir import notice as stderr_notice
 
 FORMAT = "archc-checkpoint-1"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -156,8 +169,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         raise CheckpointError(f"keep must be at least 1 (or None to keep all), got {keep}")
     checkpoints = Path(run_dir) / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    for stale in checkpoints.glob(".step_*.tmp-*"):  # left by a save that crashed
-        shutil.rmtree(stale, ignore_errors=True)
     final = checkpoints / f"step_{step:08d}"
     tmp = checkpoints / f".step_{step:08d}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -173,7 +184,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         _write_tensors(tmp / "rng.safetensors", rng_tensors)
         _write_json(tmp / "rng.json", rng_plain)
         try:
-            _write_json(tmp / "meta.json", {**(meta or {}), "step": step, "format": FORMAT})
+            _write_json(tmp / "meta.json", {**(meta or {}), "step": step, "format": FORMAT,
+                                            "files": digests.record(tmp)})
         except TypeError as e:
             raise CheckpointError(f"meta must be JSON-serialisable: {e}") from None
         _fsync(tmp)
@@ -195,19 +207,64 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     return final
 
 
+def remove_leftovers(run_dir: str | Path) -> None:
+    """Delete the temporary directories of saves that crashed under `run_dir/checkpoints`.
+
+    Only for a caller that holds the run directory's lock: then no save of another process is in flight."""
+    for stale in (Path(run_dir) / "checkpoints").glob(".step_*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------- reading
 
 
-def latest_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint under a run dir (or its checkpoints/ dir), or `path` if it is one."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    for checkpoints in (path / "checkpoints", path):
-        complete = [p for _s, p in _step_dirs(checkpoints) if (p / "meta.json").is_file()]
-        if complete:
-            return complete[-1]
+def damage(ckpt: Path) -> str | None:
+    """Why checkpoint directory `ckpt` cannot be trusted (None when it is whole): "incomplete: ...",
+    "damaged: ..." or "changed: ...", naming the file."""
+    file = ckpt / "meta.json"
+    if not file.is_file():
+        return "incomplete: meta.json is missing (its save did not finish)"
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        return f"damaged: meta.json is not valid JSON ({e})"
+    if not isinstance(meta, dict):
+        return "damaged: meta.json does not hold a JSON object"
+    if "files" in meta:
+        return digests.mismatch(ckpt, meta["files"], exclude=("meta.json",))
+    for tensors in sorted(ckpt.glob("*.safetensors")):  # a checkpoint from before digests were recorded
+        try:
+            with safe_open(str(tensors), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"damaged: {tensors.name} is not a readable safetensors file ({e})"
     return None
+
+
+def latest_checkpoint(path: str | Path, notice=stderr_notice) -> Path | None:
+    """The newest whole checkpoint under a run dir (or its checkpoints/ dir), or `path` if it names one.
+
+    Newer checkpoints that are incomplete or damaged are skipped, and `notice(message)` says which and why."""
+    found, _checked, skipped = _find(Path(path))
+    if skipped:
+        notice(f"skipped {'; '.join(skipped)}; " + (f"using {found}" if found else "no whole checkpoint is left"))
+    return found
+
+
+def _find(path: Path) -> tuple[Path | None, bool, list[str]]:
+    """(the checkpoint, whether its files were checked against their digests, the newer ones skipped and why)."""
+    if (path / "meta.json").is_file() or STEP_DIR.match(path.name):
+        return path, False, []  # named explicitly: loading it says what is wrong with it, if anything
+    for checkpoints in (path / "checkpoints", path):
+        skipped = []
+        for _step, ckpt in reversed(_step_dirs(checkpoints)):
+            why = damage(ckpt)
+            if why is None:
+                return ckpt, True, skipped
+            skipped.append(f"checkpoint {ckpt} ({why})")
+        if skipped:
+            return None, False, skipped
+    return None, False, []
 
 
 def _read_json(path: Path) -> Any:
@@ -219,17 +276,33 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    _check_finite(file, tensors.items())
+    return tensors
+
+
+def _check_finite(file: Path, tensors) -> None:
+    for key, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{file}: `{key}` holds NaN or infinite values; refusing to load it (the run "
+                                  "that saved it had diverged, or the file was changed); use an earlier checkpoint")
+
+
 def _read_state(directory: Path, name: str) -> tuple[dict, Any]:
     doc = _read_json(directory / f"{name}.json")
     tensor_file = directory / f"{name}.safetensors"
-    tensors = load_file(str(tensor_file)) if tensor_file.is_file() else {}
+    tensors = _read_tensors(tensor_file) if tensor_file.is_file() else {}
     try:
         return doc, _decode(doc["state_dict"], tensors)
     except KeyError as e:
         raise CheckpointError(f"checkpoint {directory}: {name} state refers to missing tensor {e}") from None
 
 
-def _check_expect(ckpt: Path, meta: dict, expect: dict) -> None:
+def check_expect(ckpt: Path, meta: dict, expect: dict) -> None:
     for key, want in expect.items():
         got = meta.get(key)
         try:
@@ -257,11 +330,14 @@ def _load_model(ckpt: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: model.safetensors is missing")
     target = model.state_dict()
     wrong = []
-    with safe_open(str(file), framework="pt") as f:
-        stored = set(f.keys())
-        for key, tensor in target.items():  # in the model's order
-            if key in stored and (shape := list(f.get_slice(key).get_shape())) != list(tensor.shape):
-                wrong.append(f"{key} is {shape} in the checkpoint, {list(tensor.shape)} in the model")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            stored = set(f.keys())
+            for key, tensor in target.items():  # in the model's order
+                if key in stored and (shape := list(f.get_slice(key).get_shape())) != list(tensor.shape):
+                    wrong.append(f"{key} is {shape} in the checkpoint, {list(tensor.shape)} in the model")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise CheckpointError(f"checkpoint {ckpt} does not fit the model: {wrong[0]}{more}")
@@ -271,10 +347,11 @@ def _load_model(ckpt: Path, model: torch.nn.Module) -> None:
     except RuntimeError as e:
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
         raise CheckpointError(f"checkpoint {ckpt} does not fit the model: {detail}") from None
+    _check_finite(file, model.state_dict().items())
 
 
 def _restore_rng(ckpt: Path) -> None:
-    tensors = load_file(str(ckpt / "rng.safetensors")) if (ckpt / "rng.safetensors").is_file() else None
+    tensors = _read_tensors(ckpt / "rng.safetensors") if (ckpt / "rng.safetensors").is_file() else None
     if tensors is None:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: rng.safetensors is missing")
     plain = _read_json(ckpt / "rng.json")
@@ -293,18 +370,25 @@ def _restore_rng(ckpt: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    restore_rng: bool = True, expect: dict | None = None) -> dict:
-    """Restore what `save_checkpoint` wrote (from a step dir, or the newest under a run dir); return its meta.
+                    restore_rng: bool = True, expect: dict | None = None, notice=stderr_notice) -> dict:
+    """Restore what `save_checkpoint` wrote (from a step dir, or the newest whole one under a run dir); return
+    its meta.
 
     `expect` is checked against meta first (e.g. {"spec_sha": compiled.ir.meta["sha256"]}).
     """
-    ckpt = latest_checkpoint(path)
+    ckpt, checked, skipped = _find(Path(path))
+    if ckpt is None and skipped:
+        raise CheckpointError(f"no whole checkpoint at {path}: {'; '.join(skipped)}")
     if ckpt is None:
         raise CheckpointError(f"no checkpoint at {path} (looked for meta.json and checkpoints/step_*/)")
+    if skipped:
+        notice(f"skipped {'; '.join(skipped)}; using {ckpt}")
+    if not checked and (ckpt / "meta.json").is_file() and (why := damage(ckpt)) is not None:
+        raise CheckpointError(f"checkpoint {ckpt} is {why}; use another checkpoint")
     meta = _read_json(ckpt / "meta.json")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not an archc checkpoint (format {meta.get('format')!r})")
-    _check_expect(ckpt, meta, expect or {})
+    check_expect(ckpt, meta, expect or {})
     _load_model(ckpt, model)
     if optimizer is not None:
         doc, state = _read_state(ckpt, "optimizer")

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules for training compiled models.
 
-Choices (see shared/reference/algorithms.md §8 and runtime.md §6):
+Choices (Muon: Jordan et al. 2024, "Muon: An optimizer for hidden layers"; Moonlight: Liu et al. 2025,
+arXiv:2502.16982):
 
 - **Muon** orthogonalises the momentum of each 2-D hidden matrix with Keller
   Jordan's quintic Newton–Schulz iteration (NS5, coefficients 3.4445, -4.7750,

@@ -51,8 +51,10 @@ def grid(axes: list[str]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in parsed))]
 
 
-def run_sweep(spec, axes: list[str], config, base: dict[str, Any] | None = None, **compile_kw) -> list[SweepPoint]:
-    """Train each grid point with `config` (its out_dir gets a subdirectory per point)."""
+def run_sweep(spec, axes: list[str], config, base: dict[str, Any] | None = None, overwrite: bool = False,
+              **compile_kw) -> list[SweepPoint]:
+    """Train each grid point with `config` (its out_dir gets a subdirectory per point; `overwrite` replaces
+    the runs of an earlier sweep there)."""
     import archc
     from archc.training.train import train
 
@@ -62,7 +64,7 @@ def run_sweep(spec, axes: list[str], config, base: dict[str, Any] | None = None,
         archc.compile(spec, merged, **compile_kw)  # fail fast on a bad point before any training
         tag = ",".join(f"{k}={v}" for k, v in overrides.items())
         run_config = attrs.evolve(config, out_dir=str(Path(config.out_dir) / tag))
-        result = train(spec, run_config, merged, **compile_kw)
+        result = train(spec, run_config, merged, overwrite=overwrite, **compile_kw)
         params = archc.compile(spec, merged, **compile_kw).num_params()
         points.append(SweepPoint(overrides, params, result.val_perplexity, result.initial_val_perplexity,
                                  result.tokens_per_second, result.out_dir))

@@ -1,13 +1,13 @@
 """DiLoCo and Streaming DiLoCo over torch.distributed (one process = one replica).
 
-DiLoCo (runtime.md §1.1): every replica trains its own copy with its own inner
+DiLoCo (Douillard et al. 2023, arXiv:2311.08105): every replica trains its own copy with its own inner
 optimizer (state never leaves the replica) on its own data; every H inner steps
 the outer gradient Δ = θ_global − θ_local is averaged over replicas
 (all_reduce), the outer optimizer (Nesterov SGD, lr 0.7, momentum 0.9) steps the
 global copy — which every replica holds identically, with the outer momentum —
 and θ_local ← θ_global.
 
-Streaming DiLoCo (§1.2): the parameters are split into P fragments of layers
+Streaming DiLoCo (Douillard et al. 2025, arXiv:2501.18512): the parameters are split into P fragments of layers
 (from the IR's layer scopes `layers.{i}`; `strided`: layer l → fragment l mod P,
 `sequential`: consecutive layers). Parameters outside the layers join the
 fragment of the first layer (those before it, e.g. the embedding) or of the last

@@ -1,7 +1,7 @@
 """4-bit floats for outer gradients: quantise, pack two codes per byte, dequantise.
 
 Streaming DiLoCo sends its outer gradients in 4 bits and accumulates them in
-fp32 (runtime.md §1.2c). No library has that wire format on the CPU, so it is
+fp32 (Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512). No library has that wire format on the CPU, so it is
 written here, around a plain `torch.distributed.all_gather`.
 
 Formats (a code is 4 bits: bit 3 = sign, bits 0-2 = index into a magnitude grid

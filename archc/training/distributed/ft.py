@@ -1,7 +1,7 @@
 """Fault-tolerant replica groups on torchft: DiLoCo (`archc train --diloco ... --fault-tolerant`) and plain
 data parallelism (`archc train --nproc R --fault-tolerant`).
 
-torchft (runtime.md §2) makes a replica group the failure domain: a lighthouse
+torchft (github.com/pytorch/torchft) makes a replica group the failure domain: a lighthouse
 forms a quorum of live groups for every sync, each group runs a Manager, and a
 group that (re)joins behind the others heals by fetching a live peer's state
 over HTTP. archc writes only the glue:
@@ -30,8 +30,10 @@ over HTTP. archc writes only the glue:
   sync is committed once (the Manager step counts commits).
 - **Data parallel** (no --diloco): every step is one Manager step. Each group
   computes gradients on its slice of the global batch, `average_gradients`
-  sums them (and the loss) in one flat fp32 buffer through `manager.allreduce`
-  — one DDP bucket — and divides by the number of groups in the quorum; the
+  sums them (with the loss and the MoE expert loads) in one flat fp32 buffer
+  through `manager.allreduce` — one DDP bucket — and divides by the number of
+  groups in the quorum (the loads stay sums: aux-free balancing needs the
+  counts over all groups); the
   optimizer steps only if `should_commit()`, else the step is run again in a
   new quorum (no step is lost or counted twice). A group that joins heals to
   its donor's state at the start of the donor's next step (use_async_quorum=
@@ -41,11 +43,11 @@ over HTTP. archc writes only the glue:
   groups are in the first quorum, so a slow starter does not begin by healing.
 
 FP4 outer gradients are not available here: the Manager's all_reduce averages in
-fp32 (its own quantisation is FP8 and needs a GPU, runtime.md §2.4).
+fp32 (its own quantisation is FP8 and needs a GPU).
 
 Failure injection for tests: ARCHC_FT_INJECT='{"kill": [replica, step],
 "hold": [replica, step, other]}' SIGKILLs `replica` after inner step `step` in
-its first life, and makes `replica` wait before inner step `step` until
+its first life (when it is about to start the next one), and makes `replica` wait before inner step `step` until
 `other` has been restarted and is asking to join (torchft's tests inject
 failures and barriers the same way).
 """
@@ -59,10 +61,11 @@ import pickle
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -131,15 +134,17 @@ class FTComm:
         return self.manager.should_commit()
 
 
-def average_gradients(comm: FTComm, params: list[torch.nn.Parameter], loss: float) -> tuple[float, bool, int, float]:
-    """Data parallel: average this group's gradients and loss over the quorum and vote on the step.
+def average_gradients(comm: FTComm, params: list[torch.nn.Parameter], loss: float,
+                      loads: list[torch.Tensor] = ()) -> tuple[float, bool, int, float]:
+    """Data parallel: average this group's gradients and loss over the quorum, sum the expert `loads` (in
+    place), and vote on the step.
 
     Returns (mean loss, committed, bytes sent, seconds spent in the all-reduce and the vote). The averaged
-    gradients replace `.grad` only when the step is committed.
+    gradients replace `.grad` (and the summed loads the local ones) only when the step is committed.
     """
     grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params]
     t0 = time.perf_counter()
-    handle, sent = comm.average(torch.cat([*grads, torch.tensor([loss])]), 1.0)
+    handle, sent = comm.average(torch.cat([*grads, *(load.float() for load in loads), torch.tensor([loss])]), 1.0)
     mean = handle.wait()
     committed = comm.commit()
     seconds = time.perf_counter() - t0
@@ -148,6 +153,9 @@ def average_gradients(comm: FTComm, params: list[torch.nn.Parameter], loss: floa
         for p in params:
             p.grad = mean[i:i + p.numel()].view_as(p).clone()
             i += p.numel()
+        for load in loads:  # counts are integers: the mean times the groups that sent them is their exact sum
+            load.copy_(torch.round(mean[i:i + load.numel()] * handle.total))
+            i += load.numel()
     return mean[-1].item(), committed, sent, seconds
 
 
@@ -157,8 +165,8 @@ class _Averaged:
 
     def wait(self) -> torch.Tensor:
         self.work.wait()  # errors are reported to the Manager; its commit vote then fails
-        total = self.buf[-1].item()
-        return self.buf[:-1] / total if total > 0 else torch.zeros_like(self.buf[:-1])
+        self.total = self.buf[-1].item()  # the summed weights: the groups that really trained
+        return self.buf[:-1] / self.total if self.total > 0 else torch.zeros_like(self.buf[:-1])
 
 
 def make_manager(replica_id: int, config: FTConfig, lighthouse: str):
@@ -234,6 +242,52 @@ def join(manager, comm: FTComm, outer, clock: dict, replicas: int, join_wait: fl
     return healed
 
 
+class ReplicaGroup:
+    """This process as one torchft replica group: its Manager, the comm seam the outer step or the gradient
+    average goes through, and the inner-step clock that travels with the state a healing peer fetches."""
+
+    def __init__(self, replica: int, replicas: int, config: FTConfig, lighthouse: str) -> None:
+        self.replica, self.replicas, self.config, self.lighthouse = replica, replicas, config, lighthouse
+        self.clock = {"step": 0}  # inner steps done
+        self.manager = self.comm = None
+
+    def connect(self) -> FTComm:
+        self.manager = make_manager(self.replica, self.config, self.lighthouse)
+        self.comm = FTComm(self.manager)
+        return self.comm
+
+    def register(self, out_dir: Path, model, optimizer, scheduler, outer=None) -> None:
+        register(self.manager, self.comm, self.clock, model, optimizer, scheduler, outer)
+        mark_started(out_dir, self.replica)
+
+    def rejoin(self, metrics, outer=None) -> int | None:
+        """Join the first quorum; after healing from a peer, the step to continue from (else None)."""
+        if not join(self.manager, self.comm, outer, self.clock, self.replicas, self.config.join_wait):
+            return None
+        start = self.clock["step"]
+        metrics.resume(start)
+        metrics.append({"step": start, "event": "healed", "ft_step": self.manager.current_step()})
+        return start
+
+    def record(self) -> dict:
+        return {"ft_step": self.manager.current_step(), "participants": self.manager.num_participants()}
+
+    def finish(self, out_dir: Path, params: dict[str, torch.Tensor], stats=None) -> None:
+        """Write replica_r/ft_final.json (Manager step, step, hash of the final (global) parameters: the tests
+        compare them across groups) and leave the quorum."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, g in sorted(params.items()):
+            digest.update(name.encode() + g.numpy().tobytes())
+        path = out_dir / f"replica_{self.replica}" / "ft_final.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sync = {"syncs": stats.syncs, "schedule": stats.schedule} if stats is not None else {}
+        path.write_text(json.dumps({"ft_step": self.manager.current_step(), "step": self.clock["step"],
+                                    "global_sha256": digest.hexdigest(), **sync}) + "\n")
+        self.manager.shutdown(wait=False)
+
+
 # ------------------------------------------------------------------------------------ failure injection
 
 
@@ -251,16 +305,17 @@ def mark_started(out_dir: Path, replica: int) -> None:
     path.write_text(str(os.getpid()))
 
 
-def inject(out_dir: Path, replica: int, step: int, when: str) -> None:
-    """Test-only failures from ARCHC_FT_INJECT (see the module docstring); a no-op without it."""
+def inject(out_dir: Path, replica: int, step: int) -> None:
+    """Test-only failures from ARCHC_FT_INJECT (see the module docstring) before inner step `step` (1-based);
+    a no-op without it."""
     spec = os.environ.get(INJECT_ENV)
     if not spec:
         return
     plan = json.loads(spec)
-    if when == "after" and plan.get("kill") == [replica, step] and attempt() == 0:
+    if plan.get("kill") == [replica, step - 1] and attempt() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     hold = plan.get("hold")
-    if when == "before" and hold and hold[:2] == [replica, step]:
+    if hold and hold[:2] == [replica, step]:
         deadline = time.monotonic() + 120
         while not _marker(out_dir, hold[2], 1).exists():
             if time.monotonic() > deadline:
@@ -343,4 +398,5 @@ def supervise(fn: Callable, replicas: int, config: FTConfig, *args: Any) -> Any:
         return pickle.loads(Path(result_file).read_bytes())[1]
 
 
-__all__ = ["FTComm", "FTConfig", "average_gradients", "check", "join", "make_manager", "quiet", "register", "supervise"]
+__all__ = ["FTComm", "FTConfig", "ReplicaGroup", "average_gradients", "check", "join", "make_manager", "quiet",
+           "register", "supervise"]
