@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     from archc.cli.convert import register as register_convert
 
     register_convert(sub, common)
+    __import__("archc.cli.plan", fromlist=["register"]).register(sub, common)  # `archc plan`
     return parser
 
 

@@ -114,16 +114,37 @@ def total_params(graph: Graph) -> int:
     return sum(sum(_numel(s) for s in node_params(graph, n).values()) for n in graph.nodes())
 
 
+@attrs.frozen
+class RoutedExperts:
+    """One `experts(...)` layer's routed experts (shared experts are ordinary weights)."""
+
+    path: str  # scope of the expert bodies
+    experts: int
+    top_k: int
+    width: int  # the token width routed in and out
+    params: int  # weights of all routed expert bodies together
+
+
+def _within(scope: str, prefix: str) -> bool:
+    return scope == prefix or scope.startswith(prefix + ".")
+
+
+def routed_experts(graph: Graph) -> list[RoutedExperts]:
+    """The routed expert layers, in program order."""
+    out = []
+    for router in (n for n in graph.nodes() if n.op == "router"):
+        path = router.scope + ".experts"
+        params = sum(_numel(s) for n in graph.nodes() if _within(n.scope, path)
+                     for s in node_params(graph, n).values())
+        width = graph.node(graph.args(router.id)[0]).shape[-1]
+        out.append(RoutedExperts(path, router.attrs["experts"], router.attrs["top_k"], width, params))
+    return out
+
+
 def active_params(graph: Graph) -> int:
     """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
-    share = {n.scope + ".experts": n.attrs["top_k"] / n.attrs["experts"] for n in graph.nodes() if n.op == "router"}
-    total = 0.0
-    for node in graph.nodes():
-        count = sum(_numel(s) for s in node_params(graph, node).values())
-        factor = next((f for prefix, f in share.items()
-                       if node.scope == prefix or node.scope.startswith(prefix + ".")), 1.0)
-        total += count * factor
-    return round(total)
+    inactive = sum(r.params * (1 - r.top_k / r.experts) for r in routed_experts(graph))
+    return round(total_params(graph) - inactive)
 
 
 def forward_flops(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> int:
@@ -183,6 +204,22 @@ def recurrent_state(graph: Graph) -> dict[str, int]:
             for node in graph.nodes() if _mixer_op(node)}
 
 
+def kv_cache_per_token(graph: Graph) -> float:
+    """Floats a decoder caches per token of context, all layers together: keys and values of causal
+    self-attention (kv_heads · head_dim each), MLA's full per-head keys and values (what its cache keeps),
+    NSA's selection, window and compressed keys and values. Recurrent mixers keep `recurrent_state` instead."""
+    total = 0.0
+    for node in graph.nodes():
+        a = node.attrs
+        if node.op == "attention_core":
+            total += 2 * a["kv_heads"] * a["head_dim"]
+        elif node.op == "mla_core":
+            total += a["heads"] * (a["qk_nope_head_dim"] + a["qk_rope_head_dim"] + a["v_head_dim"])
+        elif _mixer_op(node) and hasattr(_mixer_op(node), "kv_per_token"):
+            total += _mixer_op(node).kv_per_token(node)
+    return total
+
+
 def flops_growth(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None,
                  factors: tuple[int, ...] = (1, 2, 4)) -> list[int]:
     """Forward FLOPs at seq × each factor: mixers (chunked form) grow linearly, attention quadratically."""
@@ -207,8 +244,7 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     lines = [f"mixers              {text}"]
     state = sum(recurrent_state(graph).values())
     text = f"{human(state)} floats per sequence ({human(4 * state)}B fp32), constant in T"
-    kv = sum(2 * n.attrs["kv_heads"] * n.attrs["head_dim"] for n in attention)
-    kv += sum(_mixer_op(n).kv_per_token(n) for n in mixers if hasattr(_mixer_op(n), "kv_per_token"))
+    kv = kv_cache_per_token(graph)
     if kv:
         text += f"; KV cache {human(kv)} floats per token"
     lines.append(f"recurrent state     {text}")
@@ -217,6 +253,54 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     steps += [f"{seq * f}: {human(g)} (x{g / prev:.2f})" for f, g, prev in zip((2, 4), growth[1:], growth)]
     lines.append("FLOPs vs seq        " + ", ".join(steps))
     return lines
+
+
+# ---- bytes moved: what an unfused (eager PyTorch) run of each op reads and writes ------------------
+
+# Ops whose output is a view of an input: nothing moves.
+VIEW_OPS = frozenset({"input", "split_part", "expert_rows"})
+# Rotate-half RoPE inside attention, run eagerly, reads and writes q and k about ten times
+# (x·cos, −x₂, cat, ·sin, and the sum: archc.runtime.rope.apply_rope).
+ROPE_PASSES = 10
+
+
+def _value_bytes(node: Node, sizes: dict[str, int], itemsize: int) -> float:
+    if not node.shape and node.dtype == "float":
+        return itemsize  # a scalar (a loss)
+    return ops.numel(node.shape, sizes) * (8 if node.dtype != "float" else itemsize)  # ids, routing: 8 bytes
+
+
+def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int) -> float:
+    """Bytes one forward run of `node` moves to and from memory: its inputs, its weights and its output,
+    floats at `itemsize` bytes (token ids and routing tables 8).
+
+    Op by op, as eager PyTorch runs them (no fusion), so a sequence of elementwise ops pays for every
+    intermediate. A lower bound where an op materialises more than its inputs and output: a mixer's
+    chunked form keeps per-chunk matrices the IR does not show. An embedding reads only the rows it gathers.
+    """
+    if node.op in VIEW_OPS:
+        return 0.0
+    out = _value_bytes(node, sizes, itemsize)
+    if node.op == "embedding":
+        return _value_bytes(graph.node(graph.args(node.id)[0]), sizes, itemsize) + 2 * out
+    ins = [graph.node(a) for a in graph.args(node.id)]
+    total = out + sum(_value_bytes(i, sizes, itemsize) for i in ins)
+    total += sum(_numel(s) for s in node_params(graph, node).values()) * itemsize
+    if node.op == "attention_core" and node.attrs["rope"]:
+        total += ROPE_PASSES * sum(_value_bytes(i, sizes, itemsize) for i in ins[:2])
+    return total
+
+
+def activation_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int) -> float:
+    """Bytes of the node's output kept for the backward pass (views and inputs keep none)."""
+    return 0.0 if node.op in VIEW_OPS else _value_bytes(node, sizes, itemsize)
+
+
+def layer_scopes(graph: Graph) -> list[str]:
+    """The scopes of repeat steps (`layers.3`): the units a plan shards into pipeline stages and
+    recomputes (activation checkpointing), in program order."""
+    steps = [p for p in graph.scopes if p and p.rsplit(".", 1)[-1].isdigit()]
+    return [p for p in steps if not any(p.startswith(q + ".") for q in steps)]  # not expert bodies inside them
 
 
 def param_roles(graph: Graph) -> dict[str, str]:
