@@ -270,13 +270,28 @@ def _value_bytes(node: Node, sizes: dict[str, int], itemsize: int) -> float:
     return ops.numel(node.shape, sizes) * (8 if node.dtype != "float" else itemsize)  # ids, routing: 8 bytes
 
 
-def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int) -> float:
+def chunked_floats(graph: Graph, node: Node, sizes: dict[str, int]) -> float:
+    """Floats the chunked PyTorch form of Gated DeltaNet materialises and keeps for the backward pass
+    (the inputs it saves included): per token and head, 7 rows of C-wide intra-chunk matrices, about 12 K-
+    and 12 V-sized tensors (convolutions, normalisations, fp32 chunk copies, the WY factors) and the K x V
+    state entering each chunk, twice (tests/test_plan.py counts them with saved_tensors_hooks). 0 for
+    other ops, and for mixers whose chunked form is not counted yet (KDA, linear attention, SSD)."""
+    if node.op != "gated_deltanet_core":
+        return 0.0
+    a = node.attrs
+    K, V, C = a["head_dim"], a["value_dim"], a["chunk"]
+    tokens = ops.numel(graph.node(graph.args(node.id)[0]).shape[:-1], sizes)
+    return tokens * a["heads"] * (7 * C + 12 * K + 12 * V + 2 * K * V / C)
+
+
+def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int, chunked: bool = False) -> float:
     """Bytes one forward run of `node` moves to and from memory: its inputs, its weights and its output,
     floats at `itemsize` bytes (token ids and routing tables 8).
 
     Op by op, as eager PyTorch runs them (no fusion), so a sequence of elementwise ops pays for every
-    intermediate. A lower bound where an op materialises more than its inputs and output: a mixer's
-    chunked form keeps per-chunk matrices the IR does not show. An embedding reads only the rows it gathers.
+    intermediate. An embedding reads only the rows it gathers. With `chunked`, Gated DeltaNet runs its
+    chunked PyTorch form, which writes and reads back `chunked_floats` (fp32); otherwise (its Triton
+    kernels) and for other mixers the count is a lower bound: inputs and output only.
     """
     if node.op in VIEW_OPS:
         return 0.0
@@ -288,12 +303,18 @@ def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int) -
     total += sum(_numel(s) for s in node_params(graph, node).values()) * itemsize
     if node.op == "attention_core" and node.attrs["rope"]:
         total += ROPE_PASSES * sum(_value_bytes(i, sizes, itemsize) for i in ins[:2])
+    if chunked:
+        total += 2 * 4 * chunked_floats(graph, node, sizes)
     return total
 
 
-def activation_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int) -> float:
-    """Bytes of the node's output kept for the backward pass (views and inputs keep none)."""
-    return 0.0 if node.op in VIEW_OPS else _value_bytes(node, sizes, itemsize)
+def activation_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int,
+                     chunked: bool = False) -> float:
+    """Bytes of the node's output kept for the backward pass (views and inputs keep none), with a chunked
+    mixer's intermediates."""
+    if node.op in VIEW_OPS:
+        return 0.0
+    return _value_bytes(node, sizes, itemsize) + (4 * chunked_floats(graph, node, sizes) if chunked else 0.0)
 
 
 def layer_scopes(graph: Graph) -> list[str]:

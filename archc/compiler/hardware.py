@@ -28,6 +28,7 @@ class Hardware:
     inter_bw: float  # one node's bandwidth to other nodes (all its NICs), bytes/s one way
     devices_per_node: int
     ici_axes: int = 0  # a TPU's torus axes, which split intra_bw between them; 0 for a switched fabric
+    triton: bool = True  # mixers run their Triton kernels (False: their chunked PyTorch form, as on a CPU)
     note: str = ""  # how the numbers were obtained, when measured
 
     def axes(self, count: int) -> Hardware:

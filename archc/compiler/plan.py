@@ -71,7 +71,7 @@ def roofline(graph: Graph, hw: Hardware, dtype: str, batch: float, seq: int,
     groups: dict[tuple[str, str], list[float]] = {}
     for node in graph.nodes():
         flops = analysis.node_cost(graph, node, sizes)[1]
-        moved = analysis.node_bytes(graph, node, sizes, item)
+        moved = analysis.node_bytes(graph, node, sizes, item, chunked=not hw.triton)
         if not flops and not moved:
             continue
         key = (".".join("*" if part.isdigit() else part for part in node.path.split(".")), node.op)
@@ -162,13 +162,14 @@ class Activations:
     checkpoints: float  # of which the layer inputs (one checkpoint per layer)
 
 
-def activations(graph: Graph, layers: tuple[str, ...], sizes: dict[str, int], item: float) -> Activations:
+def activations(graph: Graph, layers: tuple[str, ...], sizes: dict[str, int], item: float,
+                chunked: bool = False) -> Activations:
     full = 0.0
     per_layer = {s: 0.0 for s in layers}
     outside = 0.0
     owner = {}
     for node in graph.nodes():
-        kept = analysis.activation_bytes(graph, node, sizes, item)
+        kept = analysis.activation_bytes(graph, node, sizes, item, chunked)
         full += kept
         scope = owner.setdefault(node.scope, next((s for s in layers if node.scope == s
                                                    or node.scope.startswith(s + ".")), None))
@@ -285,7 +286,7 @@ class _Costs:
         if local_batch not in self._act:
             s = self.s
             sizes = analysis.sizes_for(s.graph, local_batch, s.seq, s.dims)
-            self._act[local_batch] = activations(s.graph, s.facts.layers, sizes, s.item)
+            self._act[local_batch] = activations(s.graph, s.facts.layers, sizes, s.item, not s.hw.triton)
         return self._act[local_batch]
 
     def compute(self, local_batch: float, model_parallel: int, opt_params: float) -> Callable[[bool], float]:

@@ -50,7 +50,8 @@ def local_hardware(dtype: str, device, peak: float, bandwidth: float) -> Hardwar
     note = (f"measured: {n}x{n} {dtype} matmul {peak / 1e9:,.1f} GFLOP/s, elementwise a*b into a new "
             f"tensor {bandwidth / 1e9:,.1f} GB/s")
     return Hardware(name="local", title=title, flops={dtype: peak}, hbm_bytes=_device_memory(dev),
-                    hbm_bw=bandwidth, intra_bw=0.0, inter_bw=0.0, devices_per_node=1, note=note)
+                    hbm_bw=bandwidth, intra_bw=0.0, inter_bw=0.0, devices_per_node=1, triton=dev.type == "cuda",
+                    note=note)
 
 
 def measure(dtype: str = "fp32", device: str | None = None, seconds: float = 0.5) -> Hardware:
