@@ -696,9 +696,10 @@ def render(p: Plan, top: int = 12) -> str:
                      f"device; try about {need} devices, a smaller batch, or --seq shorter")
     if p.diloco:
         d = p.diloco
-        lines.append(f"DiLoCo over {d.replicas} replicas, H = {d.inner_steps}: {_si(d.bytes_per_outer_step, 'B')} "
-                     f"sent per replica per outer step ({_time(d.sync_s)}), {d.bytes_per_token:,.1f} bytes per "
-                     f"token vs {d.dp_bytes_per_token:,.1f} for data parallel across them "
+        lines.append(f"DiLoCo, one replica per node ({d.replicas}), H = {d.inner_steps}: "
+                     f"{_si(d.bytes_per_outer_step, 'B')} sent per replica per outer step ({_time(d.sync_s)} over "
+                     f"the node's NICs), {_si(d.bytes_per_token, 'B')} per token against "
+                     f"{_si(d.dp_bytes_per_token, 'B')} for data parallel across nodes "
                      f"({d.dp_bytes_per_token / d.bytes_per_token:,.0f}x fewer)")
     lines.append("")
 
