@@ -135,6 +135,7 @@ class ModelFacts:
 
 
 def model_facts(graph: Graph) -> ModelFacts:
+    """The sizes the parallelism formulas need, read from the IR."""
     layers = tuple(analysis.layer_scopes(graph))
 
     def inside(node, scope):
@@ -164,6 +165,8 @@ class Activations:
 
 def activations(graph: Graph, layers: tuple[str, ...], sizes: dict[str, int], item: float,
                 chunked: bool = False) -> Activations:
+    """Bytes kept for the backward pass: every op's output, or with recomputation (one checkpoint per
+    layer) the layers' inputs, the largest layer's outputs (recomputed one layer at a time) and the rest."""
     full = 0.0
     per_layer = {s: 0.0 for s in layers}
     outside = 0.0
@@ -171,8 +174,9 @@ def activations(graph: Graph, layers: tuple[str, ...], sizes: dict[str, int], it
     for node in graph.nodes():
         kept = analysis.activation_bytes(graph, node, sizes, item, chunked)
         full += kept
-        scope = owner.setdefault(node.scope, next((s for s in layers if node.scope == s
-                                                   or node.scope.startswith(s + ".")), None))
+        if node.scope not in owner:
+            owner[node.scope] = next((s for s in layers if node.scope == s or node.scope.startswith(s + ".")), None)
+        scope = owner[node.scope]
         if scope is None:
             outside += kept
         else:
