@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go, for a CUDA machine: GPU-marked tests (if any), then the
-# benchmarks at GPU-sized configs. Prints everything; finishes in < 8 minutes
-# (each stage has its own timeout; together they add up to 480 s). Usage, from anywhere:
+# benchmarks at GPU-sized configs. Prints everything; finishes in < 9 minutes
+# (each stage has its own timeout; together they add up to 530 s). Usage, from anywhere:
 #
 #     bash benchmarks/gpu.sh            # OUT=dir to also keep a copy of the log there
 #
@@ -94,6 +94,11 @@ stage "nsa vs sdpa bf16 T2k-64k" 60 $PY benchmarks/attention.py --device cuda --
 #    boolean mask vs full causal SDPA (flash), forward+backward, bf16, T = 2k-32k; cost should grow linearly in T.
 stage "sliding window bf16 T2k-32k" 40 $PY benchmarks/sliding_window.py --device cuda --dtype bf16 \
     --sinks 4 --lengths 2048 8192 32768
+
+# 10. `archc plan --hardware local` on the GPU: predicted (roofline of the IR with this GPU's measured TF32 matmul
+#     peak and HBM bandwidth) vs measured training steps of a dense, an MoE and a Gated DeltaNet spec, fp32 (TF32).
+stage "plan vs measured fp32 d1024 L8 B8 T2048" 50 $PY benchmarks/plan_vs_measured.py --device cuda --threads 0 \
+    --d-model 1024 --layers 8 --batch 8 --seq 2048 --rounds 6 --warmup 2 --budget 25
 
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"

@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     from archc.cli.export import register as register_export
 
     register_export(sub, common)
+    from archc.cli.plan import register as register_plan
+
+    register_plan(sub, common)
     return parser
 
 

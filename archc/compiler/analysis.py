@@ -114,6 +114,36 @@ def total_params(graph: Graph) -> int:
     return sum(sum(_numel(s) for s in node_params(graph, n).values()) for n in graph.nodes())
 
 
+@attrs.frozen
+class RoutedExperts:
+    """One `experts(...)` layer's routed experts (shared experts are ordinary weights)."""
+
+    path: str  # scope of the expert bodies
+    experts: int
+    top_k: int
+    width: int  # the token width routed in and out
+    params: int  # weights of all routed expert bodies together
+
+
+def _within(scope: str, prefix: str) -> bool:
+    return scope == prefix or scope.startswith(prefix + ".")
+
+
+def routed_experts(graph: Graph) -> list[RoutedExperts]:
+    """The routed expert layers, in program order (the ops that route say where their experts are)."""
+    out = []
+    for router in graph.nodes():
+        share = ops.REGISTRY[router.op].active_share(router)
+        if share is None:
+            continue
+        path = share[0]
+        params = sum(_numel(s) for n in graph.nodes() if _within(n.scope, path)
+                     for s in node_params(graph, n).values())
+        width = graph.node(graph.args(router.id)[0]).shape[-1]
+        out.append(RoutedExperts(path, router.attrs["experts"], router.attrs["top_k"], width, params))
+    return out
+
+
 def active_params(graph: Graph) -> int:
     """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
     share = dict(filter(None, (ops.REGISTRY[n.op].active_share(n) for n in graph.nodes())))
@@ -184,6 +214,13 @@ def recurrent_state(graph: Graph) -> dict[str, int]:
             for node in graph.nodes() if _mixer_op(node)}
 
 
+def kv_cache_per_token(graph: Graph) -> float:
+    """Floats a decoder caches per token of context, all layers together (each op says what its cache
+    keeps: attention's keys and values, MLA's full per-head keys and values, NSA's three branches).
+    Recurrent mixers keep `recurrent_state` instead."""
+    return sum(ops.REGISTRY[n.op].kv_per_token(n) for n in graph.nodes())
+
+
 def flops_growth(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None,
                  factors: tuple[int, ...] = (1, 2, 4)) -> list[int]:
     """Forward FLOPs at seq × each factor: mixers (chunked form) grow linearly, attention quadratically."""
@@ -208,7 +245,7 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     lines = [f"mixers              {text}"]
     state = sum(recurrent_state(graph).values())
     text = f"{human(state)} floats per sequence ({human(4 * state)}B fp32), constant in T"
-    kv = sum(ops.REGISTRY[n.op].kv_per_token(n) for n in [*attention, *mixers])
+    kv = kv_cache_per_token(graph)
     if kv:
         text += f"; KV cache {human(kv)} floats per token"
     lines.append(f"recurrent state     {text}")
@@ -217,6 +254,75 @@ def mixer_lines(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None 
     steps += [f"{seq * f}: {human(g)} (x{g / prev:.2f})" for f, g, prev in zip((2, 4), growth[1:], growth)]
     lines.append("FLOPs vs seq        " + ", ".join(steps))
     return lines
+
+
+# ---- bytes moved: what an unfused (eager PyTorch) run of each op reads and writes ------------------
+
+# Ops whose output is a view of an input: nothing moves.
+VIEW_OPS = frozenset({"input", "split_part", "expert_rows"})
+# Rotate-half RoPE inside attention, run eagerly, reads and writes q and k about ten times
+# (x·cos, −x₂, cat, ·sin, and the sum: archc.runtime.rope.apply_rope).
+ROPE_PASSES = 10
+
+
+def _value_bytes(node: Node, sizes: dict[str, int], itemsize: int) -> float:
+    if not node.shape and node.dtype == "float":
+        return itemsize  # a scalar (a loss)
+    return ops.numel(node.shape, sizes) * (8 if node.dtype != "float" else itemsize)  # ids, routing: 8 bytes
+
+
+def chunked_floats(graph: Graph, node: Node, sizes: dict[str, int]) -> float:
+    """Floats the chunked PyTorch form of Gated DeltaNet materialises and keeps for the backward pass
+    (the inputs it saves included): per token and head, 7 rows of C-wide intra-chunk matrices, about 12 K-
+    and 12 V-sized tensors (convolutions, normalisations, fp32 chunk copies, the WY factors) and the K x V
+    state entering each chunk, twice (tests/test_plan.py counts them with saved_tensors_hooks). 0 for
+    other ops, and for mixers whose chunked form is not counted yet (KDA, linear attention, SSD)."""
+    if node.op != "gated_deltanet_core":
+        return 0.0
+    a = node.attrs
+    K, V, C = a["head_dim"], a["value_dim"], a["chunk"]
+    tokens = ops.numel(graph.node(graph.args(node.id)[0]).shape[:-1], sizes)
+    return tokens * a["heads"] * (7 * C + 12 * K + 12 * V + 2 * K * V / C)
+
+
+def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int, chunked: bool = False) -> float:
+    """Bytes one forward run of `node` moves to and from memory: its inputs, its weights and its output,
+    floats at `itemsize` bytes (token ids and routing tables 8).
+
+    Op by op, as eager PyTorch runs them (no fusion), so a sequence of elementwise ops pays for every
+    intermediate. An embedding reads only the rows it gathers. With `chunked`, Gated DeltaNet runs its
+    chunked PyTorch form, which writes and reads back `chunked_floats` (fp32); otherwise (its Triton
+    kernels) and for other mixers the count is a lower bound: inputs and output only.
+    """
+    if node.op in VIEW_OPS:
+        return 0.0
+    out = _value_bytes(node, sizes, itemsize)
+    if node.op == "embedding":
+        return _value_bytes(graph.node(graph.args(node.id)[0]), sizes, itemsize) + 2 * out
+    ins = [graph.node(a) for a in graph.args(node.id)]
+    total = out + sum(_value_bytes(i, sizes, itemsize) for i in ins)
+    total += sum(_numel(s) for s in node_params(graph, node).values()) * itemsize
+    if node.op == "attention_core" and node.attrs["rope"]:
+        total += ROPE_PASSES * sum(_value_bytes(i, sizes, itemsize) for i in ins[:2])
+    if chunked:
+        total += 2 * 4 * chunked_floats(graph, node, sizes)
+    return total
+
+
+def activation_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int,
+                     chunked: bool = False) -> float:
+    """Bytes of the node's output kept for the backward pass (views and inputs keep none), with a chunked
+    mixer's intermediates."""
+    if node.op in VIEW_OPS:
+        return 0.0
+    return _value_bytes(node, sizes, itemsize) + (4 * chunked_floats(graph, node, sizes) if chunked else 0.0)
+
+
+def layer_scopes(graph: Graph) -> list[str]:
+    """The scopes of repeat steps (`layers.3`): the units a plan shards into pipeline stages and
+    recomputes (activation checkpointing), in program order."""
+    steps = [p for p in graph.scopes if p and p.rsplit(".", 1)[-1].isdigit()]
+    return [p for p in steps if not any(p.startswith(q + ".") for q in steps)]  # not expert bodies inside them
 
 
 def param_roles(graph: Graph) -> dict[str, str]:

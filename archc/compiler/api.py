@@ -72,6 +72,16 @@ class Compiled:
         """Forward matmul FLOPs of one step at this batch size and sequence length."""
         return analysis.forward_flops(self.ir, batch, seq)
 
+    def plan(self, hardware: Any = "h100", devices: int = 1, batch: int = 1, seq: int = 2048, dtype: str = "bf16",
+             **options: Any):
+        """Per-op rooflines, memory per device, parallelism plans and inference bounds on `devices` x
+        `hardware` (a name from hardware.toml, or a `Hardware`, e.g. archc.training.hardware_probe.measure())."""
+        from archc.compiler import hardware as known
+        from archc.compiler import plan
+
+        device = known.load(hardware) if isinstance(hardware, str) else hardware
+        return plan.plan(self.ir, device, devices, batch, seq, dtype, **options)
+
     def param_roles(self) -> dict[str, str]:
         """State-dict name -> embedding | head | matrix | norm | bias (see analysis.param_roles)."""
         return analysis.param_roles(self.ir)

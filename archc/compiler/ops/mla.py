@@ -42,6 +42,11 @@ class MLACore(OpDef):
     pure = False
     user = False
 
+    def kv_per_token(self, node) -> float:
+        """Floats cached per token to decode: the full per-head keys and values (not the latent)."""
+        a = node.attrs
+        return a["heads"] * (a["qk_nope_head_dim"] + a["qk_rope_head_dim"] + a["v_head_dim"])
+
     def infer(self, node, ins, graph):
         a = node.attrs
         q, kv, k_pe = ins
