@@ -37,8 +37,7 @@ MODEL = dict(n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
 
 def main() -> None:
     from archc.training.distributed.diloco import parse_diloco
-    from archc.training.train import train
-    from archc.training.train import TrainConfig
+    from archc.training.train import TrainConfig, train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)

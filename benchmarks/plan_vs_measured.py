@@ -29,20 +29,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch
+import torch  # noqa: E402
 
-import archc
-from archc.interop.weights import fused_layout
-from archc.runtime.moe import update_expert_biases
-from archc.training.hardware_probe import (
+import archc  # noqa: E402
+from archc.interop.weights import fused_layout  # noqa: E402
+from archc.runtime.moe import update_expert_biases  # noqa: E402
+from archc.training.hardware_probe import (  # noqa: E402
     TORCH_DTYPES,
     elementwise_bandwidth,
     local_hardware,
     matmul_side,
 )
-from archc.training.optim import build_optimizer
-from archc.training.perf import matmul_peak_flops
-from benchmarks.step_time import (
+from archc.training.optim import build_optimizer  # noqa: E402
+from archc.training.perf import matmul_peak_flops  # noqa: E402
+from benchmarks.step_time import (  # noqa: E402
     device_name,
     interleaved_many,
     load_warning,

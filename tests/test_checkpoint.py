@@ -10,14 +10,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import SPECS
 
 import archc
+from archc.interop.weights import fused_layout
 from archc.training import checkpoint as ckpt_mod
 from archc.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from archc.training.optim import build_optimizer, lr_lambda
-from archc.interop.weights import fused_layout
-
-from conftest import SPECS
 
 TINY = dict(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from archc.training.data import (
-    Batches, BPETokenizer, ByteTokenizer, DataError, Dataset, encode_documents, eval_windows,
-    load_corpus, make_dataset, make_tokenizer, split_documents,
+    Batches,
+    BPETokenizer,
+    ByteTokenizer,
+    DataError,
+    Dataset,
+    encode_documents,
+    eval_windows,
+    load_corpus,
+    make_dataset,
+    make_tokenizer,
+    split_documents,
 )
 
 TEXT = "Grüße, 世界! naïve café — emoji 🎉\n\ttabs and <|endoftext|> literal"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import SPECS
 
 import archc
 from archc.training.distributed.diloco import DiLoCo, DiLoCoError, fragment_params, parse_diloco
 from archc.training.distributed.launch import spawn
-from conftest import SPECS
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 
@@ -80,7 +80,9 @@ def test_fragments_follow_the_layer_structure():
     model = compiled.build()
     strided = fragment_params(compiled, model, 2, "strided")
     sequential = fragment_params(compiled, model, 2, "sequential")
-    layer = lambda names: sorted({n.split(".")[1] for n in names if n.startswith("layers.")})
+    def layer(names):
+        return sorted({n.split(".")[1] for n in names if n.startswith("layers.")})
+
     assert [layer(f) for f in strided] == [["0", "2"], ["1", "3"]]
     assert [layer(f) for f in sequential] == [["0", "1"], ["2", "3"]]
     assert "embed.weight" in strided[0] and "head.weight" in strided[1] and "norm.weight" in strided[1]

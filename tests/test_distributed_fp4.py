@@ -64,7 +64,7 @@ def _all_reduce_one(rank, world, fmt):
 
 @pytest.mark.slow
 def test_quantized_all_reduce_on_two_processes_is_the_mean_of_dequantised_inputs():
-    for fmt, (mean, expected, again, others) in spawn(_all_reduce_worker, 2).items():
+    for _fmt, (mean, expected, again, others) in spawn(_all_reduce_worker, 2).items():
         torch.testing.assert_close(mean, expected, rtol=0, atol=1e-7)
         assert torch.equal(again, mean)
         assert torch.equal(others[0], others[1])  # every rank holds the same bits

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SPECS
 
 from archc.cli import main
-from conftest import SPECS
 
 pytest.importorskip("torchft", reason="torchft==0.2.0 is not installed (pip install torchft==0.2.0)")
 pytestmark = pytest.mark.slow

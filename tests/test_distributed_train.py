@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import SPECS
 
 from archc.cli import main
 from archc.training.train import TrainConfig, train
-from conftest import SPECS
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import SPECS
 
 import archc
 from archc.runtime.decoding import sample_next
 from archc.training.evaluate import generate, pass_at_k, pass_at_k_report, perplexity, surprisal_report
-from conftest import SPECS
 
 
 def exact_pass_at_k(n: int, c: int, k: int) -> float:

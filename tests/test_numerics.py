@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SPECS
+from reference_models import GPT2, GPT2Config, Llama, LlamaConfig, next_token_loss
 
 import archc
 from archc.interop.hf import convert_state_dict
 from archc.interop.weights import load_canonical, to_canonical
-from conftest import SPECS
-from reference_models import GPT2, Llama, GPT2Config, LlamaConfig, next_token_loss
 
 CASES = {
     "gpt2": (dict(vocab=96, max_len=32, d_model=48, n_layers=2, n_heads=4),

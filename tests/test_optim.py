@@ -6,15 +6,20 @@ import math
 
 import pytest
 import torch
+from conftest import SPECS
 
 import archc
+from archc.interop.weights import fused_layout
 from archc.training.optim import (
-    Muon, MuonWithAdamW, OptimizerError, build_optimizer, lr_lambda, newton_schulz, optimizer_options,
+    Muon,
+    MuonWithAdamW,
+    OptimizerError,
+    build_optimizer,
+    lr_lambda,
+    newton_schulz,
+    optimizer_options,
     shape_scale,
 )
-from archc.interop.weights import fused_layout
-
-from conftest import SPECS
 
 A, B, C = 3.4445, -4.7750, 2.0315
 

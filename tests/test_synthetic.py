@@ -14,8 +14,15 @@ from hypothesis import strategies as st
 
 from archc.training import synthetic
 from archc.training.synthetic import (
-    check_trace, critical_path, generate, parse_answer, parse_trace, prompt, reasoning_corpus,
-    render, solve,
+    check_trace,
+    critical_path,
+    generate,
+    parse_answer,
+    parse_trace,
+    prompt,
+    reasoning_corpus,
+    render,
+    solve,
 )
 
 FACT = re.compile(r"([a-z]) = ([^.]+)\.")

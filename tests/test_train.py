@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import attrs
-
 import pytest
 import torch
+from conftest import SPECS
 
 from archc.cli import main
 from archc.training.checkpoint import latest_checkpoint
 from archc.training.train import TrainConfig, TrainError, train
-from conftest import SPECS
 
 TINY = dict(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
 from archc.cli.options import compile_options, pairs
+from archc.cli.output import emit, write_atomic
 from archc.dsl.diagnostics import SpecError
 
 
@@ -22,34 +22,13 @@ def _compile(args, spec: str | None = None):
 
     compiled = archc.compile(Path(spec or args.spec), **compile_options(args))  # a path, never spec text
     if getattr(args, "dump_dir", None):
-        _write(Path(args.dump_dir) / "model.py", compiled.source)
+        write_atomic(Path(args.dump_dir) / "model.py", compiled.source)
     return compiled
-
-
-def _write(path: Path, text: str) -> None:
-    """Write atomically: a half-written file never replaces a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _emit(args, text: str) -> None:
-    if getattr(args, "output", None):
-        _write(Path(args.output), text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
 
 
 def cmd_compile(args) -> int:
     compiled = _compile(args)
-    _emit(args, compiled.source)
+    emit(args, compiled.source)
     return 0
 
 
@@ -66,7 +45,7 @@ def cmd_summary(args) -> int:
     for spec in args.specs:
         compiled = _compile(args, spec)
         texts.append(f"# {spec}\n" + compiled.summary(args.batch, args.seq, args.depth, dims))
-    _emit(args, "\n".join(texts))
+    emit(args, "\n".join(texts))
     return 0
 
 
@@ -85,7 +64,7 @@ def cmd_graph(args) -> int:
 
     compiled = _compile(args)
     graph = compiled.ir if not args.after else _stage(compiled, args.after)
-    _emit(args, FORMATS[args.format](graph))
+    emit(args, FORMATS[args.format](graph))
     return 0
 
 
@@ -95,7 +74,8 @@ def _stage(compiled, name: str):
     except KeyError:
         from archc.dsl.diagnostics import did_you_mean
         names = [n for n, _g in compiled.stages]
-        raise SpecError(f"--after {name}: no such stage", hint=did_you_mean(name, names) or f"stages: {', '.join(names)}") from None
+        hint = did_you_mean(name, names) or f"stages: {', '.join(names)}"
+        raise SpecError(f"--after {name}: no such stage", hint=hint) from None
 
 
 def cmd_inspect(args) -> int:
@@ -111,7 +91,7 @@ def cmd_inspect(args) -> int:
         text = "".join(f"{k}: {list(v)}{where.get(k, '')}\n" for k, v in compiled.canonical_names().items())
     else:
         text = compiled.source
-    _emit(args, text)
+    emit(args, text)
     return 0
 
 
@@ -120,7 +100,8 @@ def _train_config(args):
 
     from archc.training.config import TrainConfig
 
-    values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig)
+              if getattr(args, f.name, None) is not None}
     return TrainConfig.from_dict(values)
 
 

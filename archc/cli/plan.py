@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from archc.cli.options import compile_options, pairs
+from archc.cli.output import emit
 from archc.dsl.diagnostics import SpecError
 
 
@@ -60,7 +61,6 @@ def _cmd_plan(args) -> int:
     result = compiled.plan(hardware, devices=args.devices, batch=args.batch, seq=args.seq,
                            dtype=args.dtype or ("fp32" if args.hardware == "local" else "bf16"), dims=dims or None,
                            inner_steps=args.inner_steps, decode_batch=args.decode_batch)
-    from archc.cli.main import _emit
 
-    _emit(args, result.text(args.top))
+    emit(args, result.text(args.top))
     return 0

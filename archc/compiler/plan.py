@@ -680,7 +680,8 @@ def render(p: Plan, top: int = 12) -> str:
                      _time(o.step_s), o.bound))
     lines += ["  " + x for x in _table(("plan", "degrees", "weights", "grads", "optimizer", "activations",
                                         "total", "fits", "compute", "comms", "step", "bound"), body, left=2)]
-    lines.append(f"  HBM {_si(hw.hbm_bytes, 'B')} per device; FLOPs alone (every device at peak): {_time(p.flops_bound_s())} per step")
+    lines.append(f"  HBM {_si(hw.hbm_bytes, 'B')} per device; "
+                 f"FLOPs alone (every device at peak): {_time(p.flops_bound_s())} per step")
     if p.best:
         b = p.best
         mfu = p.train_flops / (b.step_s * s.devices * s.peak)

@@ -69,36 +69,36 @@ class Name:
 
 @attrs.frozen
 class ListExpr:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
     span: Span
 
 
 @attrs.frozen
 class BinOp:
     op: str  # one of + - * / // % ** == != < <= > >= in and or
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     span: Span
 
 
 @attrs.frozen
 class UnaryOp:
     op: str  # "-" or "not"
-    operand: "Expr"
+    operand: Expr
     span: Span
 
 
 @attrs.frozen
 class Kwarg:
     name: str
-    value: "Expr"
+    value: Expr
     span: Span
 
 
 @attrs.frozen
 class Call:
     func: str
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     kwargs: tuple[Kwarg, ...]
     label: str | None  # `op(...) as label` names the module in generated code
     span: Span
@@ -149,14 +149,14 @@ class Repeat:
     start: Expr
     stop: Expr
     name: str | None  # the ModuleList's name in generated code
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     span: Span
 
 
 @attrs.frozen
 class If:
-    branches: tuple[tuple[Expr, tuple["Stmt", ...]], ...]
-    orelse: tuple["Stmt", ...]
+    branches: tuple[tuple[Expr, tuple[Stmt, ...]], ...]
+    orelse: tuple[Stmt, ...]
     span: Span
 
 

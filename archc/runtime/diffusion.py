@@ -75,7 +75,8 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
 
 
 def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal's cosine schedule: β_i = min(1 − f((i+1)/T) / f(i/T), max_beta), f(u) = cos²((u+s)/(1+s)·π/2)."""
+    """Nichol & Dhariwal's cosine schedule: β_i = min(1 − f((i+1)/T) / f(i/T), max_beta),
+    f(u) = cos²((u+s)/(1+s)·π/2)."""
     def f(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
@@ -125,7 +126,8 @@ class DDPMObjective:
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
 
     def __repr__(self) -> str:
-        return f"DDPMObjective(prediction={self.prediction!r}, schedule={self.schedule!r}, num_timesteps={self.num_timesteps})"
+        return (f"DDPMObjective(prediction={self.prediction!r}, schedule={self.schedule!r}, "
+                f"num_timesteps={self.num_timesteps})")
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ at integer steps t (float64); a step of −1 stands for the clean data, ᾱ = 1."""
@@ -441,7 +443,8 @@ def msrope_positions(height: int, width: int, text_len: int, *, frames: int = 1,
 
 def msrope_angles(positions: torch.Tensor, axes_dims: Sequence[int] = (16, 56, 56),
                   theta: float = 10000.0) -> torch.Tensor:
-    """Rotation angles, float32 [N, sum(axes_dims) / 2]: for each axis a, position_a · θ^(−2i/d_a), axes concatenated."""
+    """Rotation angles, float32 [N, sum(axes_dims) / 2]: for each axis a, position_a · θ^(−2i/d_a),
+    axes concatenated."""
     if positions.shape[-1] != len(axes_dims):
         raise ValueError(f"positions have {positions.shape[-1]} axes but axes_dims gives {len(axes_dims)}")
     if any(d % 2 for d in axes_dims):

@@ -273,7 +273,8 @@ class Engram(Decoding):
             want = f"[B, T, {self.lanes}, {self.d_model}]" if self.lanes > 1 else f"[B, T, {self.d_model}]"
             raise ValueError(f"engram: expected the stream {want}, got {tuple(h.shape)}")
         if tokens.shape != h.shape[:2]:
-            raise ValueError(f"engram: tokens {tuple(tokens.shape)} do not match the stream's [B, T] = {tuple(h.shape[:2])}")
+            raise ValueError(f"engram: tokens {tuple(tokens.shape)} do not match "
+                             f"the stream's [B, T] = {tuple(h.shape[:2])}")
         hl = h if lanes_in else h.unsqueeze(-2)  # [B, T, lanes, d]
         e = self.prefetch(tokens, h.device) if rows is None else rows
         value = self.value(e)  # [B, T, d]
@@ -292,7 +293,8 @@ class Engram(Decoding):
         return out if lanes_in else out.squeeze(-2)
 
     def _short_conv(self, v: torch.Tensor) -> torch.Tensor:
-        """SiLU(causal depthwise conv(RMSNorm per lane of v)), dilation max(orders); carries its inputs while decoding."""
+        """SiLU(causal depthwise conv(RMSNorm per lane of v)), dilation max(orders);
+        carries its inputs while decoding."""
         B, T = v.shape[:2]
         normed = torch.cat([self.conv_norms[i](v[..., i, :]) for i in range(self.lanes)], dim=-1)  # [B, T, lanes·d]
         reach = (self.kernel_size - 1) * self.dilation
@@ -372,7 +374,8 @@ class SparseRowAdam(torch.optim.Optimizer):
                     raise TypeError("SparseRowAdam takes sparse row gradients (nn.Embedding(sparse=True)); "
                                     "give dense parameters to a dense optimizer")
                 if p.grad.sparse_dim() != 1:
-                    raise TypeError(f"SparseRowAdam takes row gradients (sparse_dim 1), got sparse_dim {p.grad.sparse_dim()}")
+                    raise TypeError("SparseRowAdam takes row gradients (sparse_dim 1), "
+                                    f"got sparse_dim {p.grad.sparse_dim()}")
                 grad = p.grad.coalesce()  # sums duplicate rows
                 state = self.state[p]
                 if not state:

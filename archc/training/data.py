@@ -55,8 +55,8 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import attrs
 import numpy as np

@@ -50,7 +50,8 @@ GPT2 = WeightMap(
                   "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
                   "tie_word_embeddings": True},
         require={
-            "activation_function": Only("gelu_new", "gelu_pytorch_tanh", why="the spec's MLP uses tanh-approximated GELU"),
+            "activation_function": Only("gelu_new", "gelu_pytorch_tanh",
+                                        why="the spec's MLP uses tanh-approximated GELU"),
             "scale_attn_weights": Only(True, why="the spec scales attention by 1/sqrt(head_dim)"),
             "scale_attn_by_inverse_layer_idx": Only(False, why="the spec does not scale attention per layer"),
             "add_cross_attention": Only(False, why="the spec has no cross-attention"),

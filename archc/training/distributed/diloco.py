@@ -72,7 +72,7 @@ class DiLoCoConfig:
     def mix(self) -> float:
         return self.alpha if self.alpha is not None else (0.5 if self.tau > 0 else 0.0)
 
-    def check(self) -> "DiLoCoConfig":
+    def check(self) -> DiLoCoConfig:
         if self.replicas < 1 or self.inner_steps < 1:
             raise DiLoCoError("--diloco: replicas and inner_steps must be at least 1")
         if not 0 <= self.tau < self.inner_steps:

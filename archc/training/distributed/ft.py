@@ -200,7 +200,8 @@ def register(manager, comm: FTComm, clock: dict, model, optimizer, scheduler, ou
     def save() -> dict:
         return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "inner": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                "outer": outer.state_dict() if outer is not None else None, "step": clock["step"], "syncing": comm.syncing}
+                "outer": outer.state_dict() if outer is not None else None, "step": clock["step"],
+                "syncing": comm.syncing}
 
     def load(state: dict) -> None:
         model.load_state_dict(state["model"])
