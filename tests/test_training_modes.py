@@ -58,8 +58,10 @@ def assert_same_run(run_dir, state, single, tol=1e-5):
     want_losses, want = single
     assert losses(run_dir) == pytest.approx(want_losses, rel=tol, abs=tol)
     assert sorted(state) == sorted(want)
+    # Gradients summed in another order differ in the last bits; Adam divides by sqrt(v), so an entry whose
+    # gradient is near zero can move by a visible part of one step (lr 3e-3): allow a tenth of a step.
     for name in want:  # biases move by ±γ on the summed loads: equal unless a routing tie flips
-        torch.testing.assert_close(state[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(state[name], want[name], rtol=1e-4, atol=3e-4, msg=name)
     assert biases(state) and all(torch.equal(b, biases(want)[k]) for k, b in biases(state).items())
 
 
