@@ -415,3 +415,16 @@ def test_bpe_bound_holds_before_the_tokenizers_library():
     with pytest.raises(data_mod.DataError, match=r"at most bpe:1048576"):
         data_mod.make_tokenizer("bpe:1048577", ["text"])
     assert data_mod.make_tokenizer("bpe:300", ["some text to train on"]).vocab_size <= 300
+
+
+def test_train_api_refuses_bad_process_counts(tmp_path):
+    from archc.training.config import TrainError
+    from archc.training.distributed.diloco import parse_diloco
+    from archc.training.train import train
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "r"), steps=1)
+    with pytest.raises(TrainError, match=r"--nproc 0: expected a number of processes, at least 1"):
+        train(SPEC, cfg, nproc=0)
+    with pytest.raises(TrainError, match=r"--nproc 3 with --diloco: DiLoCo runs one process per replica"):
+        train(SPEC, cfg, nproc=3, diloco=parse_diloco("replicas=2,inner_steps=4"))
+    assert not (tmp_path / "r").exists()
