@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from archc.cli.options import compile_options
+from archc.cli.options import add_memory_option, compile_options
 from archc.interop.hf import ARCHS, load_for_convert, save_converted
 
 
@@ -28,13 +28,14 @@ def register(sub, common) -> None:
     p.add_argument("--from-hf", required=True, metavar="DIR", help="a directory with config.json and model.safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     add_map_options(p, "default: the checkpoint's model_type")
+    add_memory_option(p)
     p.set_defaults(run=_cmd_convert)
 
 
 def _cmd_convert(args) -> int:
     compile_kw = compile_options(args)
     overrides = compile_kw.pop("overrides")
-    loaded = load_for_convert(args.spec, args.from_hf, chosen_map(args), overrides, compile_kw)
+    loaded = load_for_convert(args.spec, args.from_hf, chosen_map(args), overrides, compile_kw, args.memory_check)
     save_converted(loaded.model, loaded.compiled, Path(args.output), loaded.wmap.model_type)
     params = " ".join(f"{k}={v!r}" for k, v in {**loaded.derived, **overrides}.items())
     print(f"{args.from_hf}: {loaded.arch} ({loaded.wmap.origin} map), {loaded.n_hf_tensors} tensors; {params}\n"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from archc.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from archc.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_meta
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -20,17 +19,26 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-def load_run(spec, checkpoint, options: dict, device="cpu"):
+def _setting(config: dict, key: str, default: int, low: int) -> int:
+    """An integer setting of the run's config (in the checkpoint's meta.json), checked."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise CheckpointError(f"the checkpoint's meta.json has config.{key} = {value!r}; expected an integer of at "
+                              f"least {low} (the file was changed outside archc)")
+    return value
+
+
+def load_run(spec, checkpoint, options: dict, device="cpu", check_memory: bool = True):
     """Compile `spec` with the parameters a checkpoint was trained with, and load its weights."""
     import archc
 
     found = latest_checkpoint(checkpoint)
     if found is None:
         raise CheckpointError(f"no checkpoint at {checkpoint}; give a run directory written by `archc train`")
-    meta = json.loads((found / "meta.json").read_text())
+    meta = read_meta(found)
     params = {**meta.get("params", {}), **options.pop("overrides", {})}
     compiled = archc.compile(spec, params, **options)
-    model = compiled.build(device=device)
+    model = compiled.build(device=device, check_memory=check_memory)
     load_checkpoint(found, model, restore_rng=False,
                     expect={"spec_sha": compiled.ir.meta["sha256"], "params": compiled.params})
     model.eval()
@@ -43,14 +51,15 @@ def run_eval(args, options: dict) -> int:
     from archc.training.evaluate import evaluate_reasoning, generate, perplexity, surprisal_report
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    compiled, model, meta = load_run(Path(args.spec), args.checkpoint, options, device)
+    compiled, model, meta = load_run(Path(args.spec), args.checkpoint, options, device, args.memory_check)
     config = meta.get("config", {})
     tokenizer = data_mod.make_tokenizer(meta.get("tokenizer", "byte"))
-    seq_len, batch = config.get("seq_len", 256), config.get("batch_size", 8)
+    seq_len, batch = _setting(config, "seq_len", 256, 2), _setting(config, "batch_size", 8, 1)
     max_context = compiled.params.get("max_len")
 
     corpus = args.data or meta.get("data", "pydoc")
-    dataset = data_mod.make_dataset(corpus, tokenizer, seed=config.get("seed", 0))
+    dataset = data_mod.make_dataset(corpus, tokenizer, seed=_setting(config, "seed", 0, 0))
+    data_mod.check_val(dataset)
     windows = list(data_mod.eval_windows(dataset.val, batch, seq_len, max_windows=args.batches))
     result = perplexity(model, windows, device=device)
     print(f"perplexity on {corpus} (validation split, {result.tokens:,} tokens): {result.perplexity:.3f} "

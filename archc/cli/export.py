@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from archc.cli.convert import add_map_options, chosen_map
-from archc.cli.options import compile_options
+from archc.cli.options import add_memory_option, compile_options
 from archc.dsl.diagnostics import SpecError
 from archc.interop.hf import ARCHS, load_converted, read_config, save_hf
 
@@ -24,6 +24,7 @@ def register(sub, common) -> None:
     p.add_argument("--config-from", metavar="DIR",
                    help="take the config.json fields the map does not write (token ids, max_position_embeddings) "
                         "from this Hugging Face directory, e.g. the one the weights were converted from")
+    add_memory_option(p)
     p.set_defaults(run=_cmd_export)
 
 
@@ -31,11 +32,12 @@ def _cmd_export(args) -> int:
     options = compile_options(args)
     checkpoint = Path(args.checkpoint)
     if checkpoint.is_file():
-        compiled, model, model_type = load_converted(args.spec, checkpoint, options.pop("overrides"), options)
+        compiled, model, model_type = load_converted(args.spec, checkpoint, options.pop("overrides"), options,
+                                                     args.memory_check)
     else:
         from archc.cli.eval import load_run
 
-        compiled, model, _meta = load_run(Path(args.spec), checkpoint, options)
+        compiled, model, _meta = load_run(Path(args.spec), checkpoint, options, check_memory=args.memory_check)
         model_type = None
     wmap = chosen_map(args) or model_type
     if wmap is None:

@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from archc.cli.options import compile_options, pairs
+from archc.cli.options import add_memory_option, at_least, compile_options, number, pairs
 from archc.cli.output import emit, write_atomic
 from archc.dsl.diagnostics import SpecError
 
@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
     options = compile_options(args)
     config = _train_config(args)
     diloco = ft = None
-    if args.diloco:
+    if args.diloco is not None:
         from archc.training.distributed.diloco import parse_diloco
         diloco = parse_diloco(args.diloco)
     if args.fault_tolerant:
@@ -205,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", parents=[common], help="parameters, FLOPs and memory per block")
     p.add_argument("specs", nargs="+", metavar="spec")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--depth", type=int, default=1, help="how deep to list nested modules")
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--seq", type=at_least(1), default=128)
+    p.add_argument("--depth", type=at_least(0), default=1, help="how deep to list nested modules (0: totals only)")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of another symbolic dim")
     p.add_argument("-o", "--output")
     p.set_defaults(run=cmd_summary)
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its newest whole checkpoint (with the same options; "
                         "--steps may grow)")
-    p.add_argument("--nproc", type=int, metavar="N",
+    p.add_argument("--nproc", type=at_least(1), metavar="N",
                    help="data-parallel FSDP2 over N gloo processes (same global batch); under torchrun: its group")
     p.add_argument("--diloco", metavar="KEY=VALUE,...",
                    help="DiLoCo, one process per replica: replicas=R,inner_steps=H[,outer_lr=0.7,"
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the others keep going")
     p.add_argument("--lighthouse", metavar="URL",
                    help="with --fault-tolerant: the torchft lighthouse to join (default: start one here)")
-    p.add_argument("--replica-id", type=int, metavar="I",
+    p.add_argument("--replica-id", type=at_least(0), metavar="I",
                    help="with --fault-tolerant --lighthouse: run only replica group I in this process")
     _add_train_options(p)
     p.set_defaults(run=cmd_train)
@@ -259,19 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory or one checkpoint in it")
     p.add_argument("--data", help="corpus for perplexity (default: the run's validation split)")
-    p.add_argument("--batches", type=int, default=32, help="evaluation windows (batches) for perplexity")
-    p.add_argument("--surprisal", type=int, default=10, metavar="N", help="list the N most confident mistakes")
+    p.add_argument("--batches", type=at_least(1), default=32, help="evaluation windows (batches) for perplexity")
+    p.add_argument("--surprisal", type=at_least(0), default=10, metavar="N",
+                   help="list the N most confident mistakes")
     p.add_argument("--prompt", help="generate a continuation of this text")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=at_least(0), default=200)
+    p.add_argument("--temperature", type=number(0.0, why=" (0: greedy)"), default=0.8)
+    p.add_argument("--top-k", type=at_least(1), help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), help="nucleus sampling: the smallest set of "
+                   "tokens holding this much probability")
     p.add_argument("--pass-at-k", action="store_true", help="score the synthetic reasoning tasks")
-    p.add_argument("--n", type=int, default=8, help="samples per problem for pass@k")
+    p.add_argument("--n", type=at_least(1), default=8, help="samples per problem for pass@k")
     p.add_argument("--k", default="1,4,8", help="comma list of k (each <= n)")
-    p.add_argument("--problems", type=int, default=10, help="problems per depth")
+    p.add_argument("--problems", type=at_least(1), default=10, help="problems per depth")
     p.add_argument("--depths", default="1,2,3", help="comma list of problem depths")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0, 2**63), default=0)
+    add_memory_option(p)
     p.set_defaults(run=cmd_eval)
 
     from archc.cli.convert import register as register_convert
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that describe a problem with the user's input, shown as one line."""
+    from archc.compiler.resources import ResourceError
     from archc.interop.weights import WeightsError
     from archc.training.checkpoint import CheckpointError
     from archc.training.config import TrainError
@@ -322,7 +326,7 @@ def _user_errors() -> tuple[type, ...]:
     from archc.training.distributed.diloco import DiLoCoError
     from archc.training.optim import OptimizerError
 
-    return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, OSError)
+    return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, ResourceError, OSError)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from archc.compiler import analysis, ops
+from archc.compiler import analysis, ops, resources
 from archc.compiler.codegen import GeneratedCode, generate
 from archc.compiler.ir import Graph
 from archc.compiler.lower import Spec, load_spec, lower, resolve_params
@@ -95,12 +95,27 @@ class Compiled:
         exec(builtins.compile(self.source, filename, "exec"), module.__dict__)  # our own generated text only
         return module
 
-    def build(self, device: Any = None, dtype: Any = None):
-        """A fresh instance of the generated model."""
+    def build(self, device: Any = None, dtype: Any = None, *, check_memory: bool = True):
+        """A fresh instance of the generated model. Unless `check_memory` is false, a model whose weights
+        alone exceed the memory free where they are made (the CPU, then `device`) is refused
+        (resources.ResourceError) before anything is allocated."""
+        if check_memory:
+            self.check_build_memory(device, dtype)
         model = getattr(self.python_module(), self.class_name)()
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         return model
+
+    def check_build_memory(self, device: Any = None, dtype: Any = None) -> None:
+        """Refuse (resources.ResourceError) to build a model whose weights exceed the free memory of the CPU
+        (the module is constructed there, in float32) or of `device` (in `dtype`)."""
+        n = self.num_params()
+        fix = "shrink the spec's parameters (-D) or use a smaller checkpoint"
+        what = f"building {self.class_name}"
+        resources.check_fits(n * 4, what, f"{n:,} parameters x 4 bytes", "cpu", fix)
+        if device is not None and not str(device).startswith("cpu"):
+            itemsize = getattr(dtype, "itemsize", 4) if dtype is not None else 4
+            resources.check_fits(n * itemsize, what, f"{n:,} parameters x {itemsize} bytes", device, fix)
 
     def canonical_names(self) -> dict[str, tuple]:
         """State-dict names before projection fusion -> shapes (what weight maps target)."""
@@ -165,8 +180,26 @@ def _compile(spec, name, overrides, options: Options, on_stage) -> Compiled:
         stages.append((pass_name, graph))
         if on_stage:
             on_stage(pass_name, graph)
+    _check_kernel_patterns(graph, options)
     code = generate(graph, _header(graph, params))
     return Compiled(loaded, params, stages, code, options)
+
+
+def _check_kernel_patterns(graph: Graph, options: Options) -> None:
+    """A --kernel pattern that matches no layer is a typo (or the wrong spec), not a request to do nothing."""
+    from archc.compiler.passes.choose_kernels import _matches  # the pass's own matching rule
+
+    targets = [n for n in graph.nodes() if ops.REGISTRY[n.op].kernel_family]
+    for pattern, kernel in options.kernels.items():
+        if any(_matches(pattern, n) for n in targets):
+            continue
+        layers = [f"{n.scope} ({ops.REGISTRY[n.op].kernel_groups[-1]})" for n in targets]
+        shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        groups = sorted({g for n in targets for g in ops.REGISTRY[n.op].kernel_groups})
+        raise SpecError(f"--kernel {pattern}={kernel}: the pattern matches no layer of this model",
+                        hint=(f"layers with a kernel: {shown}; patterns: a glob over these paths, or "
+                              f"{', '.join(f'`{g}`' for g in groups)}") if targets
+                        else "this model has no layer whose kernel can be chosen")
 
 
 def _header(graph: Graph, params: dict[str, Any]) -> list[str]:

@@ -173,7 +173,8 @@ class _Loaded:
         return self.wmap.model_type
 
 
-def load_for_convert(spec, hf_dir, map: MapLike, overrides: dict[str, Any], compile_kw: dict[str, Any]) -> _Loaded:
+def load_for_convert(spec, hf_dir, map: MapLike, overrides: dict[str, Any], compile_kw: dict[str, Any],
+                     check_memory: bool = True) -> _Loaded:
     import archc
 
     # Config and spec first: a checkpoint that cannot fit fails before gigabytes of tensors are read.
@@ -187,7 +188,7 @@ def load_for_convert(spec, hf_dir, map: MapLike, overrides: dict[str, Any], comp
     except SpecError as err:  # say where parameters the user never typed came from
         note = f"parameters from {source}: " + ", ".join(f"{k}={v!r}" for k, v in derived.items())
         raise SpecError(err.message, err.span, hint=err.hint, notes=(*err.notes, (note, None))) from None
-    model = compiled.build()
+    model = compiled.build(check_memory=check_memory)  # a config.json asking for terabytes stops here
     count = _load_tensors(wmap, compiled, model, hf_dir, config)
     return _Loaded(compiled, model.eval(), wmap, derived, count)
 
@@ -295,7 +296,8 @@ def save_converted(model: torch.nn.Module, compiled, path: Path, model_type: str
     _atomic(Path(path), lambda tmp: save_model(model, tmp, metadata=meta))
 
 
-def load_converted(spec, path: str | Path, overrides: dict[str, Any], compile_kw: dict[str, Any]):
+def load_converted(spec, path: str | Path, overrides: dict[str, Any], compile_kw: dict[str, Any],
+                   check_memory: bool = True):
     """(compiled, model, model_type or None) from a weights file `save_converted` wrote."""
     import archc
 
@@ -310,7 +312,7 @@ def load_converted(spec, path: str | Path, overrides: dict[str, Any], compile_kw
     except (KeyError, json.JSONDecodeError):
         raise WeightsError(f"{path}: no archc.params in its metadata (not written by `archc convert`)") from None
     compiled = archc.compile(spec, {**params, **overrides}, **compile_kw)
-    model = compiled.build()
+    model = compiled.build(check_memory=check_memory)
     try:
         load_model(model, str(path), strict=True)
     except RuntimeError as err:

@@ -302,6 +302,33 @@ def _read_state(directory: Path, name: str) -> tuple[dict, Any]:
         raise CheckpointError(f"checkpoint {directory}: {name} state refers to missing tensor {e}") from None
 
 
+# What meta.json's own fields must hold (the caller's meta may add others): a hand-edited or foreign file is
+# refused naming the field, not read into a crash later.
+META_TYPES = {"step": int, "params": dict, "config": dict, "batches": dict, "spec_sha": str, "tokenizer": str,
+              "data": str}
+
+
+def read_meta(ckpt: Path) -> dict:
+    """The meta.json of checkpoint directory `ckpt`, checked: a JSON object, an archc checkpoint, its fields of
+    the types archc wrote."""
+    meta = _read_json(ckpt / "meta.json")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt / 'meta.json'}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt} is not an archc checkpoint (format {meta.get('format')!r})")
+    for key, kind in META_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(f"{ckpt / 'meta.json'}: `{key}` is {value!r}; archc writes a JSON "
+                                  f"{_JSON_NAMES[kind]} there (the file was changed outside archc)")
+    if meta.get("step", 0) < 0:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: `step` is {meta['step']}; expected a step count, 0 or more")
+    return meta
+
+
+_JSON_NAMES = {int: "integer", dict: "object", str: "string"}
+
+
 def check_expect(ckpt: Path, meta: dict, expect: dict) -> None:
     for key, want in expect.items():
         got = meta.get(key)
@@ -385,9 +412,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, sc
         notice(f"skipped {'; '.join(skipped)}; using {ckpt}")
     if not checked and (ckpt / "meta.json").is_file() and (why := damage(ckpt)) is not None:
         raise CheckpointError(f"checkpoint {ckpt} is {why}; use another checkpoint")
-    meta = _read_json(ckpt / "meta.json")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt} is not an archc checkpoint (format {meta.get('format')!r})")
+    meta = read_meta(ckpt)
     check_expect(ckpt, meta, expect or {})
     _load_model(ckpt, model)
     if optimizer is not None:

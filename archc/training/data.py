@@ -67,6 +67,7 @@ from archc.training import synthetic
 CORPORA = ("pydoc", "stdlib", "reasoning")
 TOKEN_SUFFIXES = (".bin", ".npy")
 EOS = "<|endoftext|>"
+MAX_BPE_VOCAB = 1 << 20  # bpe:N is refused above this, before the tokenizers library sees it
 _CORPUS_HELP = "corpora: pydoc, stdlib, reasoning, or a path to .txt/.jsonl/.bin/.npy"
 
 
@@ -171,6 +172,9 @@ def make_tokenizer(name, texts: Sequence[str] = (), seed: int = 0):
         except ValueError:
             raise DataError(f"bad tokenizer {name!r}; write bpe:N with N the vocabulary "
                             "size, e.g. bpe:4096") from None
+        if size > MAX_BPE_VOCAB:
+            raise DataError(f"--tokenizer {name}: at most bpe:{MAX_BPE_VOCAB} (the largest vocabularies in use "
+                            "have about 256K tokens; far larger sizes abort the tokenizers library)")
         texts = list(texts)
         if not texts:
             raise DataError(f"{name} needs text to train on; pre-tokenized corpora need "
@@ -209,6 +213,9 @@ def load_corpus(name, *, max_bytes: int = 20_000_000, seed: int = 0):
         close = difflib.get_close_matches(name, CORPORA, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise DataError(f"no such corpus {name!r}; {hint}{_CORPUS_HELP}")
+    if not path.is_dir() and not path.is_file():
+        raise DataError(f"{name!r} is not a regular file or a directory (a FIFO, device or socket could block "
+                        f"or never end); {_CORPUS_HELP}")
     try:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*.txt") if p.is_file())
@@ -331,6 +338,8 @@ def make_dataset(corpus="pydoc", tokenizer="byte", val_fraction: float = 0.05, s
     if isinstance(docs, np.ndarray):  # token ids: no documents, split the stream
         tok = make_tokenizer(tokenizer, seed=seed)
         top = int(docs.max())
+        if docs.dtype.kind == "i" and (low := int(docs.min())) < 0:
+            raise DataError(f"{name!r} has token id {low}; token ids are 0 or more")
         if top >= tok.vocab_size:
             raise DataError(f"{name!r} has token id {top} but tokenizer {tok.name} has "
                             f"{tok.vocab_size} ids; pass the tokenizer .json it was made with")
@@ -346,6 +355,13 @@ def make_dataset(corpus="pydoc", tokenizer="byte", val_fraction: float = 0.05, s
     tok = make_tokenizer(tokenizer, train_docs, seed=seed)
     train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
     return _finish(Dataset(name, tok, train, val, (len(train_docs), len(val_docs))), save_tokenizer)
+
+
+def check_val(ds: Dataset) -> None:
+    """Refuse a validation split too short to score a single token (a window reads one and predicts the next)."""
+    if len(ds.val) < 2:
+        raise DataError(f"corpus {ds.name!r}: the validation split has {len(ds.val)} token(s); evaluation needs at "
+                        "least 2 (one read, one predicted); use a bigger corpus")
 
 
 def _finish(ds: Dataset, save_tokenizer) -> Dataset:

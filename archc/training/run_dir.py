@@ -11,6 +11,8 @@ a kill at any moment.
   checkpoint's step by writing a new file and `os.replace`-ing the old one, so a kill during the rewrite
   leaves the old file or the new one, never an empty or half one. A torn last line (a kill in the middle of
   an append) is dropped with a notice on stderr; a damaged line anywhere else stops the run with file:line.
+  It is opened with O_NOFOLLOW: a metrics.jsonl that is a symbolic link is refused, never read or appended
+  through (the other files of a run are replaced whole, which replaces a link rather than following it).
 """
 
 from __future__ import annotations
@@ -119,16 +121,18 @@ class MetricsLog:
         self._replace([line for line, record in self._read() if record["step"] <= step])
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as handle:
+        fd = _open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
         return [record for _line, record in self._read()]
 
     def _read(self) -> list[tuple[str, dict]]:
-        if not self.path.exists():
+        if not self.path.exists() and not self.path.is_symlink():
             return []
-        lines = self.path.read_text().split("\n")
+        with os.fdopen(_open_no_follow(self.path, os.O_RDONLY), encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().split("\n")
         tail = lines.pop()  # after the last newline: "" unless the last append was cut short
         out = [(line, _record(line, self.path, number)) for number, line in enumerate(lines, 1) if line]
         if tail:
@@ -141,6 +145,18 @@ class MetricsLog:
 
     def _replace(self, lines: list[str]) -> None:
         write_atomic(self.path, "".join(line + "\n" for line in lines))
+
+
+def _open_no_follow(path: Path, flags: int) -> int:
+    """os.open that refuses a symbolic link: a run reads and appends its own metrics file, never one a link
+    points to elsewhere."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        if path.is_symlink():
+            raise TrainError(f"{path} is a symbolic link (to {os.readlink(path)}); archc does not follow links for "
+                             "its metrics: remove the link (the run rewrites the file)") from None
+        raise
 
 
 def _record(line: str, path: Path, number: int) -> dict:

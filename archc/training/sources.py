@@ -47,6 +47,7 @@ class TextSource:
             if node.op == "embedding" and node.attrs["num"] < needed:
                 raise TrainError(f"the tokenizer has {needed} tokens but the embedding `{node.path}` has "
                                  f"{node.attrs['num']}; set -D vocab={needed}")
+        data_mod.check_val(dataset)
         self.dataset, self.config, self.input = dataset, config, _token_input(compiled)
         self.max_context = compiled.params.get("max_len")
         self.batches = data_mod.Batches(dataset.train, config.batch_size, config.seq_len, config.seed)

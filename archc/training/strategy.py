@@ -17,6 +17,7 @@ evaluation, metrics, checkpoint cadence) is the loop's and so runs in every mode
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,10 +61,25 @@ class Strategy:
     def device(self, config: TrainConfig) -> torch.device:
         if config.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"--device {config.device}: CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {config.device}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return device
 
     def metrics_path(self, out_dir: Path) -> Path:
         return out_dir / "metrics.jsonl"
+
+    def memory(self, config: TrainConfig) -> dict[str, int]:
+        """How this mode divides a run's memory (memory.py): this process's `rows` of each micro-batch, the
+        `shards` its model state is split into, the `processes` of the run sharing this machine, and
+        `outer_bytes` of extra state per parameter."""
+        rows = config.batch_size // self.world if self.world > 1 else config.batch_size
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))  # torchrun says; spawned: all here
+        return {"rows": rows, "shards": 1, "processes": processes, "outer_bytes": 0}
 
     def meta(self) -> dict:
         """What checkpoints of this mode record beyond the loop's meta (and a resume must match)."""

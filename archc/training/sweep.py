@@ -3,8 +3,11 @@ seed, and compare validation perplexity, throughput and size (the seed's first u
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,11 @@ class SweepPoint:
     out_dir: Path
 
 
-def parse_axis(text: str) -> tuple[str, list[Any]]:
-    """`name=a,b,c` or `name=range(a,b[,step])` -> (name, values)."""
+MAX_POINTS = 1000  # runs one sweep may start; a grid counted larger is refused before anything is built
+
+
+def parse_axis(text: str) -> tuple[str, Sequence[Any]]:
+    """`name=a,b,c` or `name=range(a,b[,step])` -> (name, values); a range stays a `range` (never a list)."""
     name, sep, values = text.partition("=")
     name = name.strip()
     if not sep or not name or not values.strip():
@@ -35,20 +41,43 @@ def parse_axis(text: str) -> tuple[str, list[Any]]:
         start, stop, step = int(match[1]), int(match[2]), int(match[3] or 1)
         if step == 0:
             raise SpecError(f"-m {text!r}: range step cannot be 0")
-        return name, list(range(start, stop, step))
+        if not range(start, stop, step):
+            raise SpecError(f"-m {text!r}: the range is empty (Python's range: from a up to, not including, b"
+                            f"{'; count down with a negative step' if stop < start and step > 0 else ''})")
+        return name, range(start, stop, step)
     items = [v.strip() for v in values.split(",")]
     if any(not v for v in items):
         raise SpecError(f"-m {text!r}: empty value in the list")
     return name, [parse_override(f"{name}={v}")[1] for v in items]
 
 
-def grid(axes: list[str]) -> list[dict[str, Any]]:
-    """The cartesian product of the axes, in the order given."""
+def grid(axes: list[str], fixed: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The cartesian product of the axes, in the order given, generated lazily after its size is checked
+    against MAX_POINTS. A parameter also set by `fixed` (-D) is refused: one of the two would be ignored."""
     parsed = [parse_axis(a) for a in axes]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
         raise SpecError("-m: the same parameter is swept twice")
-    return [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in parsed))]
+    both = [n for n in names if n in (fixed or {})]
+    if both:
+        raise SpecError(f"-m {both[0]}: also set with -D {both[0]}={fixed[both[0]]!r}; drop one of them")
+    points = math.prod(len(values) for _, values in parsed)
+    if points > MAX_POINTS:
+        sizes = " x ".join(f"{len(values):,} ({name})" for name, values in parsed)
+        raise SpecError(f"-m: the grid has {points:,} points ({sizes}); a sweep runs at most {MAX_POINTS:,}: "
+                        "sweep fewer values (a range step, e.g. range(64,1024,64))")
+    return (dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in parsed)))
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """The directory name of one point under --out-dir: `name=value,...` with every character other than
+    letters, digits and `._=,+-` replaced by `_` (so a swept string cannot name a path outside --out-dir),
+    and a hash of the exact values added when anything was replaced or cut (so two points never share one)."""
+    tag = ",".join(f"{k}={v}" for k, v in overrides.items())
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", tag)[:120]
+    if safe != tag:
+        safe += "-" + hashlib.sha256(tag.encode()).hexdigest()[:10]
+    return safe
 
 
 def run_sweep(spec, axes: list[str], config, base: dict[str, Any] | None = None, overwrite: bool = False,
@@ -59,11 +88,10 @@ def run_sweep(spec, axes: list[str], config, base: dict[str, Any] | None = None,
     from archc.training.train import train
 
     points = []
-    for overrides in grid(axes):
+    for overrides in grid(axes, base):
         merged = {**(base or {}), **overrides}
         archc.compile(spec, merged, **compile_kw)  # fail fast on a bad point before any training
-        tag = ",".join(f"{k}={v}" for k, v in overrides.items())
-        run_config = attrs.evolve(config, out_dir=str(Path(config.out_dir) / tag))
+        run_config = attrs.evolve(config, out_dir=str(Path(config.out_dir) / run_name(overrides)))
         result = train(spec, run_config, merged, overwrite=overwrite, **compile_kw)
         params = archc.compile(spec, merged, **compile_kw).num_params()
         points.append(SweepPoint(overrides, params, result.val_perplexity, result.initial_val_perplexity,

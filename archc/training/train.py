@@ -32,6 +32,11 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
     from archc.training.distributed.launch import run, under_torchrun
 
     config = config or TrainConfig()
+    if nproc is not None and (isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1):
+        raise TrainError(f"--nproc {nproc!r}: expected a number of processes, at least 1")
+    if nproc is not None and diloco is not None:
+        raise TrainError(f"--nproc {nproc} with --diloco: DiLoCo runs one process per replica (replicas="
+                         f"{diloco.replicas}); drop --nproc")
     if nproc is None and diloco is None and fault_tolerant is None and not under_torchrun():
         from archc.training.strategy import SingleProcess
         from archc.training.trainer import Trainer

@@ -10,6 +10,12 @@ Design choices:
   Everything else runs in every mode, in particular the MoE hooks: after each optimizer step every
   aux-free router's bias moves toward the mean expert load, with the loads summed over data-parallel ranks
   by the strategy (so N processes balance exactly as one), and router statistics are logged.
+- `--init-from DIR` starts from a Hugging Face checkpoint: its config.json supplies the spec parameters -D
+  does not set, and its weights are loaded (interop.hf.load_hf_into) right after the model is built, before
+  the strategy shards it and the optimizer is made, so every mode starts from them. A resumed run takes its
+  weights from its own checkpoint instead.
+- Before the data is read or anything allocated, the run's memory (weights, gradients, optimizer state,
+  activations: memory.py) is compared with what this machine has free, and refused if it cannot fit.
 - A loss that is NaN or infinite stops the run before the optimizer step, so the last checkpoint on disk
   is the last good state.
 - Model FLOPs come from the compiler's analysis (3 × forward matmul FLOPs per step); MFU divides their rate
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +41,7 @@ import torch
 from archc.runtime.moe import load_stats, routers, update_expert_biases
 from archc.training.checkpoint import remove_leftovers
 from archc.training.config import RunResult, TrainConfig, TrainError, check_resumable
+from archc.training.memory import check_training_memory
 from archc.training.run_dir import MetricsLog, write_atomic
 from archc.training.sources import TextSource
 from archc.training.strategy import Strategy
@@ -63,17 +71,25 @@ class Trainer:
         s.check(cfg)
         self.device = s.device(cfg)
         torch.manual_seed(cfg.seed)
+        if cfg.init_from is not None:  # the checkpoint's config.json sets the spec parameters -D does not
+            self.overrides = {**_init_overrides(self.spec, cfg), **self.overrides}
 
         def compile_with(overrides: dict):
             compiled = archc.compile(self.spec, overrides, **self.compile_kw)
             if "loss" not in [name for name, _ in compiled.ir.outputs]:
                 raise TrainError(f"{compiled.ir.meta.get('source', 'the spec')} returns no `loss`: end the model "
                                  "with `loss = next_token_loss(logits, tokens)` and `return logits, loss`")
+            if cfg.memory_check:  # before the data is read and anything is allocated
+                check_training_memory(compiled, cfg, self.device, **s.memory(cfg))
             return compiled
 
         tokenizer_file = self.out_dir / "tokenizer.json" if cfg.tokenizer.startswith("bpe:") else None
         self.compiled, self.source = TextSource.open(cfg, compile_with, self.overrides, tokenizer_file, self.resume)
-        self.model = self.compiled.build(device=self.device)
+        self.model = self.compiled.build(device=self.device, check_memory=cfg.memory_check)
+        if cfg.init_from is not None and not self.resume:  # a resumed run takes its weights from its checkpoint
+            from archc.interop.hf import load_hf_into
+
+            load_hf_into(self.compiled, self.model, cfg.init_from, cfg.init_map)
         s.shard(self.model, self.compiled)
         self.optimizer = build_optimizer(self.model, self.compiled.param_roles(), fused_layout(self.compiled),
                                          name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -217,13 +233,20 @@ class Trainer:
             with s.eval_context():
                 sample = self.source.sample(self.model, self.device, self.config.seed)
         if s.lead and self.config.sample_tokens:
-            (self.out_dir / "sample.txt").write_text(sample)
+            write_atomic(self.out_dir / "sample.txt", sample)
         s.finish(self)
         if s.lead:
             _plot(self.metrics.records(), self.out_dir / "loss.png")
         return RunResult(self.out_dir, self.config.steps, last.get("loss", math.nan), self.val.get("val_loss"),
                          self.val.get("val_perplexity"), initial, last.get("tokens_per_second", 0.0),
                          last.get("mfu", 0.0), sample)
+
+
+def _init_overrides(spec, config: TrainConfig) -> dict[str, Any]:
+    """The spec parameters --init-from's config.json gives (through --init-map, or its model_type's map)."""
+    from archc.interop.hf import hf_overrides, read_config
+
+    return hf_overrides(config.init_map, read_config(config.init_from), spec)
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float) -> float:
@@ -279,5 +302,7 @@ def _plot(rows: list[dict], png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, png)  # replaces a link at `png` rather than writing through it

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -75,6 +76,15 @@ class DiLoCoConfig:
     def check(self) -> DiLoCoConfig:
         if self.replicas < 1 or self.inner_steps < 1:
             raise DiLoCoError("--diloco: replicas and inner_steps must be at least 1")
+        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
+            raise DiLoCoError(f"--diloco outer_lr={self.outer_lr}: expected a finite number above 0")
+        if not 0 <= self.outer_momentum < 1:
+            raise DiLoCoError(f"--diloco outer_momentum={self.outer_momentum}: expected a number in [0, 1)")
+        if self.streaming < 0:
+            raise DiLoCoError(f"--diloco streaming={self.streaming}: expected a number of fragments, at least 0 "
+                              "(0 or 1: plain DiLoCo)")
+        if self.block < 1:
+            raise DiLoCoError(f"--diloco block={self.block}: expected values per fp4 scale, at least 1")
         if not 0 <= self.tau < self.inner_steps:
             raise DiLoCoError(f"--diloco tau={self.tau}: the overlap must be in [0, inner_steps)")
         if self.alpha is not None and not 0 <= self.alpha <= 1:
@@ -88,11 +98,16 @@ class DiLoCoConfig:
         return self
 
 
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def parse_diloco(text: str) -> DiLoCoConfig:
     """`replicas=R,inner_steps=H[,outer_lr=..,outer_momentum=..,streaming=P,tau=..,alpha=..,fp4=e3m0]`."""
     kinds = {f.name: f.type for f in fields(DiLoCoConfig)}
     aliases = {"H": "inner_steps", "h": "inner_steps", "R": "replicas", "fragments": "streaming"}
     values: dict[str, Any] = {}
+    if not text.strip():
+        raise DiLoCoError("--diloco '': expected KEY=VALUE,... e.g. --diloco replicas=2,inner_steps=50")
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         key = aliases.get(key.strip(), key.strip())
@@ -106,15 +121,16 @@ def parse_diloco(text: str) -> DiLoCoConfig:
             if key in ("fp4",):
                 values[key] = None if value in ("none", "off") else value
             elif key == "nesterov":
-                values[key] = value.lower() in ("1", "true", "yes", "on")
+                values[key] = _BOOLEANS[value.lower()]
             elif kind.startswith("int"):
                 values[key] = int(value)
             elif kind.startswith("float"):
                 values[key] = float(value)
             else:
                 values[key] = value
-        except ValueError:
-            raise DiLoCoError(f"--diloco {key}={value}: expected {kind.split(' ')[0]}") from None
+        except (ValueError, KeyError):
+            expected = "true or false" if key == "nesterov" else kind.split(" ")[0]
+            raise DiLoCoError(f"--diloco {key}={value}: expected {expected}") from None
     return DiLoCoConfig(**values).check()
 
 

@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from archc.training.config import TrainError
 from archc.training.distributed.diloco import DiLoCoConfig, DiLoCoError
 
 INJECT_ENV = "ARCHC_FT_INJECT"
@@ -83,6 +84,7 @@ class FTConfig:
     heartbeat_timeout_ms: int = 2000  # in-process lighthouse: a group silent this long is out of the quorum
     join_wait: float = 60.0  # seconds a fresh start waits for all groups in its first quorum
     timeout: float = 60.0  # seconds for one collective / commit / state transfer
+    connect_timeout: float = 60.0  # seconds to reach the lighthouse before giving up with an error
     quorum_timeout: float = 600.0  # seconds to wait for a quorum (others may be H inner steps away)
 
 
@@ -186,6 +188,7 @@ def make_manager(replica_id: int, config: FTConfig, lighthouse: str):
                       state_dict=None, min_replica_size=1, use_async_quorum=False,
                       timeout=timedelta(seconds=config.timeout),
                       quorum_timeout=timedelta(seconds=config.quorum_timeout),
+                      connect_timeout=timedelta(seconds=config.connect_timeout),
                       rank=0, world_size=1, store_addr=host, store_port=store.port,
                       lighthouse_addr=lighthouse, replica_id=f"replica_{replica_id}", init_sync=False)
     manager._archc_store = store  # keep the store alive as long as the Manager
@@ -253,7 +256,15 @@ class ReplicaGroup:
         self.manager = self.comm = None
 
     def connect(self) -> FTComm:
-        self.manager = make_manager(self.replica, self.config, self.lighthouse)
+        try:
+            self.manager = make_manager(self.replica, self.config, self.lighthouse)
+        except RuntimeError as err:  # torchft's only word for an address nothing answers at
+            if "failed to connect" not in str(err):
+                raise
+            reason = str(err).rpartition(": ")[2]
+            raise TrainError(f"--lighthouse {self.lighthouse}: no torchft lighthouse answered within "
+                             f"{self.config.connect_timeout:g} s ({reason}); start it first (torchft_lighthouse "
+                             "--bind [::]:29510 --min_replicas 1) or check the address") from None
         self.comm = FTComm(self.manager)
         return self.comm
 

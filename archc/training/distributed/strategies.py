@@ -63,6 +63,9 @@ class FSDP2(_OnCPU):
     def evaluates(self) -> bool:
         return True  # the forward pass all-gathers the shards: every rank takes part
 
+    def memory(self, config) -> dict[str, int]:
+        return {**super().memory(config), "shards": self.world}
+
     def shard(self, model, compiled) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -113,6 +116,9 @@ class DiLoCoReplica(_OnCPU):
 
     def batch(self, source, index):
         return source.batch(index * self.world + self.rank)
+
+    def memory(self, config) -> dict[str, int]:
+        return {**super().memory(config), "rows": config.batch_size, "outer_bytes": 8}  # global copy, momentum
 
     def before_step(self, trainer, step) -> None:
         self.bytes_before, self.wait_before = self.outer.stats.bytes_sent, self.outer.stats.comm_seconds
@@ -199,6 +205,10 @@ class _InReplicaGroup:
 
     def rejoin(self, trainer) -> int | None:
         return self.group.rejoin(trainer.metrics, self.outer)
+
+    def memory(self, config) -> dict[str, int]:
+        alone = self.group.config.replica_id is not None  # started on its own (its own machine, say)
+        return {**super().memory(config), "processes": 1 if alone else self.world}
 
     def inject(self, trainer, step: int) -> None:
         ft.inject(trainer.out_dir, self.rank, step + 1)
