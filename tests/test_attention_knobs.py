@@ -279,7 +279,7 @@ def build(opts: str, seed: int = 0, **options):
     torch.manual_seed(seed)
     model = compiled.build().eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
     return compiled, model
 
