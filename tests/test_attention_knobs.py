@@ -79,6 +79,19 @@ def test_alibi_slopes_are_blooms(heads):
     assert torch.equal(alibi_slopes(heads), bloom._get_alibi_slopes(heads, torch.device("cpu")))
 
 
+def test_alibi_bias_is_minus_slope_times_distance_and_blooms_causally():
+    alibi, slopes = ALiBi(6), alibi_by_hand(6)
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    bias = A._bias(alibi, 6, torch.arange(9), torch.arange(9))
+    for h in range(6):
+        torch.testing.assert_close(bias[h], -slopes[h] * (i - j).abs().float(), rtol=1e-6, atol=0)
+    # causally, BLOOM's slope · j differs by slope · i per query row: the same softmax
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    bloom = torch.tensor(slopes)[:, None, None] * j.float()
+    torch.testing.assert_close(torch.softmax(bias.masked_fill(~causal, -torch.inf), -1),
+                               torch.softmax(bloom.masked_fill(~causal, -torch.inf), -1))
+
+
 def t5_bucket_by_hand(relative, bidirectional, buckets, max_distance):
     """T5's bucket of one key-minus-query distance, from the paper's description."""
     offset = 0
@@ -149,6 +162,44 @@ def test_math_and_flex_apply_scale_softcap_and_bias_as_defined(opts, causal):
     torch.testing.assert_close(auto, want, atol=2e-5, rtol=1e-5)
     if "softcap" not in knobs:
         torch.testing.assert_close(A.attention_sdpa_mask(q, k, v, causal=causal, **knobs), want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opts", KNOBS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_score_modifications_with_keys_of_another_length(opts):
+    """Cross-attention's shapes: 5 queries at the end of 9 keys (positions 4..8), bidirectional."""
+    knobs = _knobs(opts)
+    bias = knobs.get("position_bias")
+    q, k, v = qkv(t=5, s=9)
+    want = reference(q, k, v, causal=False, window=knobs.get("window"), scale=knobs.get("scale"),
+                     softcap=knobs.get("softcap"),
+                     bias=None if bias is None else lambda h, i, j: float(bias(torch.tensor(h), torch.tensor(i),
+                                                                               torch.tensor(j))))
+    torch.testing.assert_close(A.attention_auto(q, k, v, causal=False, **knobs), want, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(A.attention_flex(q, k, v, causal=False, **knobs), want, atol=2e-5, rtol=1e-5)
+
+
+def test_cross_attention_takes_the_score_and_projection_knobs():
+    spec = """
+model M(x: Tensor[B, T, 16], m: Tensor[B, S, 24]) {
+    y = cross_attention(x, m, heads=2, scale=0.2, softcap=3.0, alibi=true, qk_norm="full", gate=true) as cross
+    return y
+}
+"""
+    compiled = archc.compile(spec, name="cross.arch")
+    torch.manual_seed(0)
+    model = compiled.build()
+    w = {k: v.detach() for k, v in to_canonical(compiled, model.state_dict()).items()}
+    x, m = torch.randn(2, 3, 16), torch.randn(2, 6, 24)
+    q = rms(x @ w["cross.q.weight"].T, w["cross.q_norm.weight"])
+    k = rms(m @ w["cross.k.weight"].T, w["cross.k_norm.weight"])
+    v = m @ w["cross.v.weight"].T
+    slopes = alibi_slopes(2)
+    heads = [t.view(2, -1, 2, 8).transpose(1, 2) for t in (q, k, v)]
+    y = reference(*heads, causal=False, scale=0.2, softcap=3.0, bias=lambda h, i, j: -float(slopes[h]) * abs(i - j))
+    y = y.transpose(1, 2).reshape(2, 3, 16) * torch.sigmoid(x @ w["cross.gate.weight"].T)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x=x, m=m)["y"], y @ w["cross.o.weight"].T, atol=1e-5, rtol=1e-5)
 
 
 def test_kernels_that_cannot_modify_scores_refuse_and_auto_avoids_them():
