@@ -32,10 +32,17 @@ def tokens(vocab=VOCAB, B=2, T=19, seed=0):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def randomise(model, norms=(0.5, 1.5)):
-    """Norm weights in `norms`, other vectors N(0, 0.1); routers N(0, 0.5); DeepSeek's selection bias random."""
+QUERY_KEY = ("q_proj.weight", "k_proj.weight", "query_key_value.weight")
+
+
+def randomise(model, norms=(0.5, 1.5), sharpen: float = 1.0):
+    """Norm weights in `norms`, other vectors N(0, 0.1); routers N(0, 0.5); DeepSeek's selection bias random;
+    query and key projections times `sharpen` (scores of a few units, so that soft-caps and position terms
+    change the logits well beyond the tolerance)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name.endswith(QUERY_KEY):
+                p.mul_(sharpen)
             if p.dim() == 1:
                 p.uniform_(*norms) if "norm" in name or ".ln_" in name else p.normal_(0.0, 0.1)
             elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # routers, not gate_proj
@@ -51,8 +58,14 @@ class Family:
     cls: str  # the transformers model class
     config: Callable[[], object]  # the tiny transformers config
     norms: tuple[float, float] = (0.5, 1.5)  # Gemma stores w - 1: its norms are drawn around 0
+    sharpen: float = 1.0  # randomise()
     moe: bool = False  # the model's loss adds the routers' balance loss, HF's does not
     seed: int = 0
+    map: str | None = None  # the built-in map (config.json's model_type) when not the family's own name
+    overrides: dict = attrs.field(factory=dict)  # spec parameters the config does not set (its sizes are set)
+
+    def model_type(self, name: str) -> str:
+        return self.map or name
 
 
 def _t():
@@ -99,6 +112,44 @@ FAMILIES = {
         hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         head_dim=32, rms_norm_eps=1e-6, rope_parameters=ROPE, pad_token_id=0, **COMMON),
         norms=(-0.5, 0.5), seed=8),
+    # Llama 3.1's RoPE scaling (a short original context, so that the three bands all occur at head_dim 16)
+    "llama3_rope": Family("llama.arch", "LlamaForCausalLM", lambda: _t().LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rms_norm_eps=1e-5, max_position_embeddings=64, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, **COMMON), seed=10, map="llama", sharpen=8.0),
+    # YaRN on Llama (attention factor 0.1 ln 4 + 1 on cos and sin)
+    "yarn_rope": Family("llama.arch", "LlamaForCausalLM", lambda: _t().LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rms_norm_eps=1e-5, max_position_embeddings=128, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+        **COMMON), seed=11, map="llama", sharpen=8.0),
+    # sliding (even) and global (odd) layers, a window shorter than T, scale 1/sqrt(20) with head_dim 16,
+    # soft-caps low enough to bite
+    "gemma2": Family("gemma2.arch", "Gemma2ForCausalLM", lambda: _t().Gemma2Config(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=20, sliding_window=6, attn_logit_softcapping=1.5,
+        final_logit_softcapping=2.0, rms_norm_eps=1e-6, rope_parameters=ROPE, pad_token_id=0, **COMMON),
+        norms=(-0.5, 0.5), seed=12, sharpen=8.0),
+    # q_norm over 4 heads x 16, k_norm over 2 heads x 16
+    "olmo2": Family("olmo2.arch", "Olmo2ForCausalLM", lambda: _t().Olmo2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rms_norm_eps=1e-6, rope_parameters=ROPE, pad_token_id=0, **COMMON), seed=13, sharpen=8.0),
+    # top-3 of 6 experts not renormalised, a shared expert of another width behind its sigmoid gate
+    "qwen2_moe": Family("qwen2_moe.arch", "Qwen2MoeForCausalLM", lambda: _t().Qwen2MoeConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+        num_experts_per_tok=3, moe_intermediate_size=24, shared_expert_intermediate_size=40, norm_topk_prob=False,
+        rms_norm_eps=1e-6, rope_parameters=ROPE, router_aux_loss_coef=0.02, max_position_embeddings=64,
+        **COMMON), moe=True, seed=14),
+    # q|k|v fused per head, RoPE on 4 of 16 dims per head
+    "gpt_neox": Family("gpt_neox.arch", "GPTNeoXForCausalLM", lambda: _t().GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, layer_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 31337.0, "partial_rotary_factor": 0.25},
+        max_position_embeddings=64, **COMMON), seed=15, sharpen=8.0),
+    # 6 heads: ALiBi's slopes for a head count that is not a power of two
+    "bloom": Family("bloom.arch", "BloomForCausalLM", lambda: _t().BloomConfig(
+        hidden_size=48, n_layer=2, n_head=6, layer_norm_epsilon=1e-5,
+        **{k: v for k, v in COMMON.items() if k != "attn_implementation"}), seed=16, sharpen=8.0),
     # two groups of B and C (the gated norm is per group)
     "mamba2": Family("mamba2.arch", "Mamba2ForCausalLM", lambda: _t().Mamba2Config(
         hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, state_size=8, n_groups=2, conv_kernel=4,
@@ -112,7 +163,7 @@ def build(family: str, directory: Path):
     spec = FAMILIES[family]
     torch.manual_seed(spec.seed)
     hf = getattr(_t(), spec.cls)(spec.config()).eval()
-    randomise(hf, spec.norms)
+    randomise(hf, spec.norms, spec.sharpen)
     hf.save_pretrained(directory)
     return hf
 

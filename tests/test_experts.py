@@ -65,6 +65,36 @@ def test_moe_layer_matches_a_per_token_loop():
             torch.testing.assert_close(y[b, t], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_gated_shared_expert_and_unnormalised_gates_by_hand():
+    """Qwen2-MoE's layer: the top 2 of a softmax over 4 experts as they are, plus the shared SwiGLU expert
+    times sigmoid(x · w_g)."""
+    text = """
+    model M(x: Tensor[B, T, 16]) {
+        y = experts(x, n=4, top_k=2, hidden=8, norm_topk_prob=false, shared=1, shared_hidden=12,
+                    shared_gate=true) as moe
+        return y
+    }
+    """
+    compiled = archc.compile(text, name="qwen2_moe_layer.arch")
+    torch.manual_seed(0)
+    model = compiled.build()
+    w = to_canonical(compiled, model.state_dict())
+    x = torch.randn(2, 3, 16)
+
+    def swiglu(p, v):
+        return w[p + "down.weight"] @ (F.silu(w[p + "gate.weight"] @ v) * (w[p + "up.weight"] @ v))
+
+    y = model(x)["y"]
+    for b in range(2):
+        for t in range(3):
+            v = x[b, t]
+            probs = torch.softmax(w["moe.router.gate.weight"] @ v, -1)
+            top = probs.topk(2)
+            want = sum(p * swiglu(f"moe.experts.{e}.", v) for p, e in zip(top.values, top.indices.tolist()))
+            want = want + torch.sigmoid(w["moe.shared_gate.weight"] @ v) * swiglu("moe.shared.", v)
+            torch.testing.assert_close(y[b, t], want, rtol=1e-5, atol=1e-6)
+
+
 def test_fusion_is_skipped_with_a_reason_when_bodies_have_biases():
     text = """
     block Expert(x: Tensor[N, 16], hidden: int = 8) { return mlp(x, hidden=hidden) }
@@ -107,6 +137,8 @@ def test_summary_reports_total_and_active_parameters():
     ("n=4, top_k=2, hidden=8, balance=\"aux_free\"", "needs router=\"deepseek_v3\""),
     ("n=4, top_k=2, hidden=8, body=Nope", "`body=` names a block"),
     ("n=4, top_k=2, hiden=8", "did you mean `hidden`"),
+    ("n=4, top_k=2, hidden=8, shared_gate=true", "shared_gate=true gates the shared experts, but there are none"),
+    ("n=4, top_k=2, hidden=8, norm_topk_prob=1", "`norm_topk_prob` must be"),
 ])
 def test_bad_experts_arguments_are_located_diagnostics(args, message):
     text = f"model M(x: Tensor[B, T, 16]) {{\n    y = experts(x, {args})\n    return y\n}}\n"

@@ -33,9 +33,16 @@ def per_token_reference(router: Router, x: torch.Tensor):
             kept_groups = sorted(range(router.groups), key=lambda g: -group_score[g])[:router.top_groups]
             allowed = [i for i in range(E) if i // size in kept_groups]
             chosen = sorted(allowed, key=lambda i: -biased[i])[:k]
-            total = sum(scores[i] for i in chosen)
+            total = sum(scores[i] for i in chosen) if router.norm_topk_prob else 1.0
             w = [scores[i] / total * router.route_scale for i in chosen]
         elif router.kind == "switch":
+            m = max(logits)
+            probs = [math.exp(v - m) for v in logits]
+            probs = [p / sum(probs) for p in probs]
+            chosen = sorted(range(E), key=lambda i: -probs[i])[:k]
+            total = sum(probs[i] for i in chosen) if router.norm_topk_prob else 1.0
+            w = [probs[i] / total for i in chosen]
+        elif not router.norm_topk_prob:  # softmax over all experts, the top k kept as they are
             m = max(logits)
             probs = [math.exp(v - m) for v in logits]
             probs = [p / sum(probs) for p in probs]
@@ -58,7 +65,20 @@ CASES = {
     "deepseek": dict(kind="deepseek_v3", balance="aux_free", route_scale=2.5),
     "deepseek_groups": dict(kind="deepseek_v3", balance="aux_free", groups=4, top_groups=2),
     "deepseek_seq_aux": dict(kind="deepseek_v3", balance="seq_aux", groups=2, top_groups=1),
+    # norm_topk_prob overriding each router's own rule (Qwen2-MoE / OLMoE: softmax, not renormalised)
+    "softmax_unnormalised": dict(kind="softmax", norm_topk_prob=False),
+    "switch_renormalised": dict(kind="switch", norm_topk_prob=True),
+    "deepseek_unnormalised": dict(kind="deepseek_v3", balance="aux_free", route_scale=2.0, norm_topk_prob=False),
 }
+
+
+def test_norm_topk_prob_defaults_follow_each_router():
+    assert Router(4, 4, 2).norm_topk_prob and Router(4, 4, 2, "deepseek_v3", balance="aux_free").norm_topk_prob
+    assert not Router(4, 4, 2, "switch").norm_topk_prob
+    torch.manual_seed(0)
+    router, x = Router(8, 6, 3, norm_topk_prob=False), torch.randn(5, 8)
+    weights = router(x).weights
+    assert (weights.sum(-1) < 1 - 1e-3).all()  # the top 3 of 6 probabilities, as they are
 
 
 @pytest.mark.parametrize("case", list(CASES))

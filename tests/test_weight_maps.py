@@ -223,6 +223,29 @@ def test_transforms_invert():
         PermuteRotary(4).forward(torch.zeros(6, 2), {})
 
 
+def test_split_by_groups_cuts_each_head_and_joins_it_back():
+    """GPT-NeoX's q|k|v: rows [heads, 3, head_dim] (each head's q, k, v rows in turn), cut by groups=heads;
+    and unequal parts per group (2 query rows and 1 key row per group)."""
+    from archc.interop.remap import to_archc, to_hf
+
+    fused = torch.randn(4 * 3 * 5, 7)  # 4 heads of 5 dims
+    wmap = WeightMap(model_type="m", architecture="M", config=Config(params={}),
+                     keys={"l.{}.qkv.weight": Split(["l.{}.q.weight", "l.{}.k.weight", "l.{}.v.weight"], groups="h")})
+    expect = {f"l.0.{t}.weight": (20, 7) for t in "qkv"}
+    parts, _sources = to_archc(wmap, {"l.0.qkv.weight": fused}, expect, {"h": 4})
+    per_head = fused.view(4, 3, 5, 7)
+    for i, t in enumerate("qkv"):
+        assert torch.equal(parts[f"l.0.{t}.weight"], per_head[:, i].reshape(20, 7))
+    assert torch.equal(to_hf(wmap, parts, {"h": 4})["l.0.qkv.weight"], fused)
+    uneven = {"l.0.q.weight": (8, 7), "l.0.k.weight": (4, 7), "l.0.v.weight": (4, 7)}
+    parts, _ = to_archc(wmap, {"l.0.qkv.weight": fused[:16]}, uneven, {"h": 4})
+    assert torch.equal(parts["l.0.q.weight"], fused[:16].view(4, 4, 7)[:, :2].reshape(8, 7))
+    with pytest.raises(WeightsError, match=r"does not split along dim 0 in 3 groups"):
+        to_archc(wmap, {"l.0.qkv.weight": fused[:16]}, uneven, {"h": 3})
+    with pytest.raises(WeightsError, match="no positive int parameter h"):
+        to_archc(wmap, {"l.0.qkv.weight": fused}, expect, {})
+
+
 def _deinterleave(w, heads):
     size = w.shape[0] // heads
     order = torch.cat([torch.arange(0, size, 2), torch.arange(1, size, 2)])
@@ -234,6 +257,7 @@ def _deinterleave(w, heads):
     (lambda: Rename("x", "not a transform"), "is not a value transform"),
     (lambda: Add("1"), "must be a number"),
     (lambda: PermuteRotary(0), "positive int or a spec parameter"),
+    (lambda: Split(["a.q", "a.k"], groups=-2), "Split groups must be a positive int or a spec parameter"),
     (lambda: WeightMap(model_type="m", architecture="M", config=Config(params={}), keys={"a.{}.w": "b.w"}),
      r"key 'a.\{\}.w': target 'b.w' has 0 '\{\}', the key 1"),
     (lambda: WeightMap(model_type="m", architecture="M", config=Config(params={}),
@@ -330,8 +354,21 @@ BAD = {
     "null heads": (_cfg(num_attention_heads=None), SpecError, r"lacks num_attention_heads"),
     "bool layers": (_cfg(num_hidden_layers=True), SpecError, r"num_hidden_layers=True: expected"),
     "rope not an object": (_cfg(rope_parameters="yarn"), SpecError, r"rope_parameters='yarn': expected a JSON object"),
-    "scaled rope": (_cfg(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}), SpecError,
-                    r"rope_type='llama3'"),
+    "unknown rope_type": (_cfg(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5}), SpecError,
+                          r"rope_type='longrope' cannot be represented by the spec: the spec's RoPE scalings are "
+                          r"llama3, yarn"),
+    "llama3 lacks a field": (_cfg(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+                             SpecError, r"rope_parameters lacks low_freq_factor, which rope_type 'llama3' needs"),
+    "yarn field the spec lacks": (_cfg(rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 16,
+                                                        "original_max_position_embeddings": 32}), SpecError,
+                                  r"beta_fast=16.0 cannot be represented by the spec: the spec declares no "
+                                  r"rope_beta_fast parameter, and its yarn RoPE uses 32.0"),
+    "bad rope factor": (_cfg(rope_parameters={"rope_type": "yarn", "factor": "4", "rope_theta": 5e5,
+                                              "original_max_position_embeddings": 32}), SpecError,
+                        r"rope_parameters factor='4': expected a positive number"),
+    "partial rotary": (_cfg(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5}),
+                       SpecError, r"partial_rotary_factor=0.5 cannot be represented by the spec: the spec's RoPE "
+                                  r"rotates the whole head"),
     "config a list": (_raw_config("[1, 2]"), WeightsError, r"config\.json: expected a JSON object"),
     "config not JSON": (_raw_config("{model_type: llama"), WeightsError, r"config\.json: not valid JSON"),
     "unknown model_type": (_cfg(model_type="falcon"), SpecError, r"'falcon' has no built-in weight map"),
@@ -347,6 +384,22 @@ def test_bad_checkpoints_are_clear_errors(hf_checkpoints, tmp_path, capsys, prob
     out = tmp_path / "out.safetensors"
     assert main(["convert", spec_path("llama"), "--from-hf", str(directory), "-o", str(out)]) == 1
     assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_scaled_rope_needs_a_map_and_spec_that_take_it(hf_checkpoints):
+    directory, _hf = hf_checkpoints("llama3_rope")
+    # the qwen2 spec has Llama's parameters but no rope_scaling; the mixtral map takes no scaled RoPE at all
+    with pytest.raises(SpecError, match="the spec declares no rope_scaling parameter"):
+        load_hf(str(ROOT / "specs" / "qwen2.arch"), directory, map="llama")
+    with pytest.raises(SpecError, match="rope_type='llama3' cannot be represented by the spec: the spec's RoPE is "
+                                        "unscaled"):
+        load_hf(spec_path("mixtral"), directory, map="mixtral")
+    compiled, _model = load_hf(spec_path("llama3_rope"), directory)
+    assert {k: compiled.params[k] for k in ("rope_scaling", "rope_factor", "rope_original_max",
+                                             "rope_low_freq_factor", "rope_high_freq_factor")} == {
+        "rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max": 32, "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": 4.0}
+    assert "scaling=AF.Llama3RopeScaling(factor=8.0, original_max=32" in compiled.source
 
 
 # ---- tied heads decided by the spec's weights, not by a spec parameter ---------------------------------

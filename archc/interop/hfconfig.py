@@ -1,10 +1,15 @@
 """config.json <-> spec parameters, through a map's `Config` (see maps.py).
 
 Import is strict in the same way as the key maps: a field the spec cannot
-represent (scaled RoPE, an attention bias the spec has not, a quantized
-checkpoint) is refused with the field, its value and why — better an error
-than a model that loads and computes something else. Values are checked
-against the types the spec declares before any arithmetic is done on them.
+represent (a RoPE scaling it has no parameters for, an attention bias the spec
+has not, a quantized checkpoint) is refused with the field, its value and why —
+better an error than a model that loads and computes something else. Values are
+checked against the types the spec declares before any arithmetic is done on them.
+
+RoPE: rope_parameters (transformers 5) or the older rope_theta / rope_scaling /
+partial_rotary_factor (and GPT-NeoX's rotary_emb_base / rotary_pct) become the
+spec's theta, its `rope_scaling` options (named as `attention`'s, see
+ROPE_SCALING_FIELDS) and its `rope_dim`, where the map says the spec takes them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,19 @@ from typing import Any, NoReturn
 from archc.dsl.diagnostics import SpecError
 from archc.interop.maps import Same, Tied, WeightMap, run_hook
 
-__all__ = ["hf_config", "refuse", "same_value", "spec_overrides"]
+__all__ = ["ROPE_SCALING_FIELDS", "hf_config", "refuse", "same_value", "spec_overrides"]
+
+REQUIRED = object()
+# rope_type -> {rope_parameters field: (spec parameter, transformers' default)}: the spec parameters are
+# named as `attention`'s options, and their defaults are the attention's (attention_factor: computed).
+ROPE_SCALING_FIELDS: dict[str, dict[str, tuple[str, Any]]] = {
+    "llama3": {"factor": ("rope_factor", REQUIRED), "original_max_position_embeddings": ("rope_original_max", REQUIRED),
+               "low_freq_factor": ("rope_low_freq_factor", REQUIRED),
+               "high_freq_factor": ("rope_high_freq_factor", REQUIRED)},
+    "yarn": {"factor": ("rope_factor", REQUIRED), "original_max_position_embeddings": ("rope_original_max", REQUIRED),
+             "beta_fast": ("rope_beta_fast", 32.0), "beta_slow": ("rope_beta_slow", 1.0),
+             "attention_factor": ("rope_attention_factor", None), "truncate": ("rope_truncate", True)},
+}
 
 _TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
           "str": ((str,), "a string")}
@@ -70,7 +87,7 @@ def spec_overrides(wmap: WeightMap, config: Any, declared: Mapping[str, str] | N
             raise SpecError(f"{source} {field}={value!r}: expected a positive integer")
     overrides: dict[str, Any] = {}
     if cfg.rope:
-        overrides[cfg.rope] = _rope_theta(c, cfg.rope_default_theta, source)
+        overrides.update(_rope(c, cfg, declared, source))
     for field, only in cfg.require.items():
         if not any(same_value(c.get(field), allowed) for allowed in only.values):
             refuse(c, field, only.why, source=source)
@@ -117,26 +134,101 @@ def _check_types(c: dict, params: Mapping[str, str], declared: Mapping[str, str]
                             f"{param})")
 
 
-def _rope_theta(c: dict, default_theta: float, source: str) -> float:
-    """RoPE's theta; refuses scaled RoPE (llama3, linear, dynamic, yarn, longrope) and partial rotary."""
-    # transformers 5 writes {"rope_parameters": {"rope_type", "rope_theta", ...}}; older files have a
-    # top-level rope_theta and an optional "rope_scaling" ({"type"} or {"rope_type"}).
+def _rope_parts(c: dict, source: str) -> dict:
+    """rope_parameters (transformers 5) merged over the older rope_scaling ({"type"} or {"rope_type"})."""
     parts = {}
     for field in ("rope_scaling", "rope_parameters"):
         value = c.get(field)
         if value is not None and not isinstance(value, dict):
             raise SpecError(f"{source} {field}={value!r}: expected a JSON object")
         parts.update(value or {})
-    theta = parts.get("rope_theta", c.get("rope_theta", default_theta))
+    return parts
+
+
+def _yarn_attention_factor(factor: float, parts: dict) -> float:
+    """transformers' default for YaRN's attention_factor: from mscale / mscale_all_dim, else 0.1·ln(factor) + 1."""
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if parts.get("mscale") and parts.get("mscale_all_dim"):
+        return mscale(factor, parts["mscale"]) / mscale(factor, parts["mscale_all_dim"])
+    return mscale(factor)
+
+
+def _rope(c: dict, cfg, declared: Mapping[str, str] | None, source: str) -> dict[str, Any]:
+    """The spec's RoPE parameters: theta, and where the map and spec take them the scaling and rotated width;
+    a rope_type or partial rotary the spec cannot represent is refused."""
+    parts = _rope_parts(c, source)
+    has = (lambda param: True) if declared is None else (lambda param: param in declared)  # noqa: E731
+    theta = parts.get("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", cfg.rope_default_theta)))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
         raise SpecError(f"{source} rope_theta={theta!r}: expected a positive number")
+    out: dict[str, Any] = {cfg.rope: float(theta)}
     rope_type = parts.get("rope_type", parts.get("type", "default"))
     if rope_type != "default":
-        refuse(c, "rope_type", "the spec's RoPE is unscaled", rope_type, source=source)
-    partial = parts.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+        if rope_type not in cfg.rope_scaling:
+            why = (f"the spec's RoPE scalings are {', '.join(cfg.rope_scaling)}" if cfg.rope_scaling
+                   else "the spec's RoPE is unscaled")
+            refuse(c, "rope_type", why, rope_type, source=source)
+        if not has("rope_scaling"):
+            refuse(c, "rope_type", "the spec declares no rope_scaling parameter (its RoPE is unscaled)", rope_type,
+                   source=source)
+        out["rope_scaling"] = rope_type
+        out.update(_rope_scaling(c, parts, rope_type, has, source))
+    partial = parts.get("partial_rotary_factor", c.get("partial_rotary_factor", c.get("rotary_pct",
+                                                                                      cfg.rope_default_partial)))
     if not same_value(partial, 1.0):
-        refuse(c, "partial_rotary_factor", "the spec's RoPE rotates the whole head", partial, source=source)
-    return float(theta)
+        if cfg.rope_dim is None or not has(cfg.rope_dim):
+            refuse(c, "partial_rotary_factor", "the spec's RoPE rotates the whole head", partial, source=source)
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise SpecError(f"{source} partial_rotary_factor={partial!r}: expected a number in (0, 1]")
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]  # as transformers
+        out[cfg.rope_dim] = int(head_dim * partial)
+    elif cfg.rope_dim is not None and has(cfg.rope_dim):
+        out[cfg.rope_dim] = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return out
+
+
+def _rope_field(c: dict, parts: dict, field: str, rope_type: str, values: dict) -> Any:
+    """One field of a scaled RoPE, with transformers' fallbacks (None when it has none)."""
+    value = parts.get(field)
+    if field == "original_max_position_embeddings" and value is None:
+        value = c.get(field) or c.get("max_position_embeddings")
+    elif field == "factor" and value is None and rope_type == "yarn" and parts.get("original_max_position_embeddings"):
+        value = (c.get("max_position_embeddings") or 0) / parts["original_max_position_embeddings"]
+    elif field in ("beta_fast", "beta_slow"):
+        value = value or ROPE_SCALING_FIELDS[rope_type][field][1]  # transformers: `get(...) or 32`
+    elif field == "attention_factor" and value is None:
+        value = _yarn_attention_factor(values["factor"], parts)
+    return value
+
+
+def _rope_scaling(c: dict, parts: dict, rope_type: str, has, source: str) -> dict[str, Any]:
+    """The spec parameters of a scaled RoPE: each field into its spec parameter where the spec declares it; where
+    it does not, the field must hold the value the attention uses by default."""
+    values: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for field, (param, default) in ROPE_SCALING_FIELDS[rope_type].items():
+        value = _rope_field(c, parts, field, rope_type, values)
+        if field == "attention_factor":
+            default = _yarn_attention_factor(values["factor"], {})  # what the attention computes without one
+        if value is None:
+            if default is REQUIRED:
+                raise SpecError(f"{source} rope_parameters lacks {field}, which rope_type {rope_type!r} needs")
+            value = default
+        kind = bool if field == "truncate" else int if field == "original_max_position_embeddings" else float
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, int if kind is int else (kind, int)) \
+                or kind is not bool and not value > 0:
+            what = {bool: "true or false", int: "a positive integer", float: "a positive number"}[kind]
+            raise SpecError(f"{source} rope_parameters {field}={value!r}: expected {what}")
+        values[field] = value = float(value) if kind is float else value
+        if has(param):
+            out[param] = value
+        elif default is REQUIRED or value != default:
+            refuse(c, field, f"the spec declares no {param} parameter"
+                   + ("" if default is REQUIRED else f", and its {rope_type} RoPE uses {default!r}"),
+                   value, source=source)
+    return out
 
 
 def hf_config(wmap: WeightMap, params: Mapping[str, Any], declared: Mapping[str, str]) -> dict[str, Any]:
@@ -156,7 +248,7 @@ def hf_config(wmap: WeightMap, params: Mapping[str, Any], declared: Mapping[str,
         if param in declared:
             out[field] = params[param]
     if cfg.rope:
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": params[cfg.rope], "partial_rotary_factor": 1.0}
+        out["rope_parameters"] = _rope_parameters(cfg, params, declared, out)
         out["rope_theta"] = params[cfg.rope]  # what transformers 4 reads
     try:
         out.update(run_hook(wmap, "export", dict(params)) or {})
@@ -164,3 +256,25 @@ def hf_config(wmap: WeightMap, params: Mapping[str, Any], declared: Mapping[str,
         raise SpecError(f"the {wmap.model_type} weight map ({wmap.origin}) writes config.json from spec parameter "
                         f"{err}, which this spec does not declare") from None
     return out
+
+
+def _rope_parameters(cfg, params: Mapping[str, Any], declared: Mapping[str, str], out: dict) -> dict[str, Any]:
+    """config.json's rope_parameters from the spec's RoPE parameters (the inverse of `_rope`)."""
+    rope = {"rope_type": "default", "rope_theta": params[cfg.rope], "partial_rotary_factor": 1.0}
+    if cfg.rope_dim is not None and cfg.rope_dim in declared:
+        head_dim = out.get("head_dim") or out["hidden_size"] // out["num_attention_heads"]
+        rope["partial_rotary_factor"] = params[cfg.rope_dim] / head_dim
+    scaling = params.get("rope_scaling", "none") if "rope_scaling" in declared else "none"
+    if scaling != "none":
+        if scaling not in cfg.rope_scaling:
+            raise SpecError(f"this weight map cannot write rope_scaling={scaling!r}: it writes "
+                            f"{', '.join(cfg.rope_scaling) or 'unscaled RoPE only'}")
+        rope["rope_type"] = scaling
+        for field, (param, default) in ROPE_SCALING_FIELDS[scaling].items():
+            if param not in declared and default is REQUIRED:
+                raise SpecError(f"rope_scaling={scaling!r} writes {field} from the spec parameter {param}, which this "
+                                "spec does not declare")
+            value = params[param] if param in declared else default
+            if value is not None:
+                rope[field] = value
+    return rope

@@ -17,7 +17,10 @@ same indices. What one checkpoint tensor becomes:
     Rename(name, *values)           the same, through value transforms
     Transpose(name, *values)        stored [in, out] (GPT-2's Conv1D); archc's linears are [out, in]
     Split(names, dim, ...)          a fused tensor cut along `dim` into parts sized as the model's
-                                    weights (Phi-3's q|k|v with fewer kv heads), equal parts otherwise
+                                    weights (Phi-3's q|k|v with fewer kv heads), equal parts otherwise;
+                                    with groups=G (a number or a spec parameter) the dim holds G groups
+                                    each cut into the parts' G-th shares, as GPT-NeoX's and BLOOM's
+                                    q|k|v per head ([H, 3, d]) or Qwen3-Next's q|gate per head
     Stack(names, dim, ...)          experts stacked on dim 0 ([E, ...]): expert e's slice is cut into
                                     `names`, whose last "{}" is e
     Tied(source, untied, flag)      the output head stored as a copy of `source` (the embedding)
@@ -112,7 +115,8 @@ class Scale:
 def _heads(_inst, attribute, value) -> None:
     if isinstance(value, bool) or not (isinstance(value, str) and value.isidentifier()
                                        or isinstance(value, int) and value > 0):
-        raise MapError(f"PermuteRotary heads must be a positive int or a spec parameter name, got {value!r}")
+        raise MapError(f"{type(_inst).__name__} {attribute.name} must be a positive int or a spec parameter name, "
+                       f"got {value!r}")
 
 
 @attrs.frozen
@@ -209,15 +213,32 @@ class Transpose:
         return (self.target,)
 
 
+def _groups(_inst, attribute, value) -> None:
+    if value is not None:
+        _heads(_inst, attribute, value)
+
+
 @attrs.frozen
 class Split:
     """A fused tensor cut along `dim` (of the stored layout) into `targets`, each optionally transposed.
-    Part sizes are those of the model's weights, so unequal parts (q | k | v with fewer kv heads) work."""
+    Part sizes are those of the model's weights, so unequal parts (q | k | v with fewer kv heads) work.
+    `groups` (a number, or the name of a spec parameter such as the head count): the dim is G groups
+    side by side, each holding every part's G-th share in turn ([H, 3, d] for q|k|v per head)."""
 
     targets: tuple[str, ...] = attrs.field(converter=tuple, validator=_names)
     dim: int = attrs.field(default=0, validator=_dim)
     transpose: bool = False
     values: tuple[Transform, ...] = attrs.field(default=(), converter=tuple, validator=_values)
+    groups: int | str | None = attrs.field(default=None, validator=_groups)
+
+    def group_count(self, params: Mapping[str, Any]) -> int:
+        """G: the number, or the spec parameter's value (1 without groups)."""
+        if self.groups is None:
+            return 1
+        count = params.get(self.groups) if isinstance(self.groups, str) else self.groups
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise WeightsError(f"Split(groups={self.groups!r}): the spec has no positive int parameter {self.groups}")
+        return count
 
 
 @attrs.frozen
@@ -311,7 +332,13 @@ class Config:
     require   field -> Only(values..., why=...): values the spec can represent; anything else refused
     positive  int fields that must be > 0 (head counts, widths)
     rope      the spec parameter taking RoPE's theta (rope_parameters, or the older rope_theta and
-              rope_scaling); scaled RoPE (llama3, yarn, longrope, ...) and partial rotary are refused
+              rope_scaling)
+    rope_scaling  the scaled RoPEs (rope_type: "llama3", "yarn") the spec can take, into spec parameters
+              named as `attention`'s options (rope_scaling, rope_factor, rope_original_max, ...) where the
+              spec declares them (a field it does not declare must hold attention's default); other
+              rope_types are refused
+    rope_dim  the spec parameter taking the rotated width of a head (partial_rotary_factor · head_dim);
+              without it partial rotary is refused; rope_default_partial: the family's default factor
     prepare   config dict -> extra spec parameters, for what the tables cannot say (may edit the dict,
               and refuse with `refuse(config, field, why)`)
     export    spec parameters -> config fields written besides `params` (the inverse of `prepare`)
@@ -326,6 +353,9 @@ class Config:
     positive: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     rope: str | None = None
     rope_default_theta: float = 10000.0
+    rope_scaling: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    rope_dim: str | None = None
+    rope_default_partial: float = 1.0
     prepare: Callable[[dict], dict] | None = attrs.field(default=None, validator=_callable)
     export: Callable[[dict], dict] | None = attrs.field(default=None, validator=_callable)
     ignore: tuple[str, ...] = attrs.field(default=(), converter=tuple)

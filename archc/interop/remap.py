@@ -139,26 +139,31 @@ def _forward(rule, key: str, tensor: torch.Tensor, index: tuple[int, ...], expec
 def _cut(rule: Split | Stack, key: str, tensor: torch.Tensor, index: tuple[int, ...], expect: Shapes | None,
          params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """`tensor` cut along `rule.dim` into the targets, sized as the model's weights (equal parts when
-    the model is not known, or when these weights are not the model's: then the caller reports them)."""
+    the model is not known, or when these weights are not the model's: then the caller reports them).
+    With groups, each of the G groups along the dim is cut into the parts' G-th shares."""
     names = [t.format(*index) for t in rule.targets]
     if tensor.dim() <= rule.dim:
         raise WeightsError(f"{key}: shape {list(tensor.shape)} has no dim {rule.dim} to split")
     if len(names) > 1 and rule.transpose and tensor.dim() != 2:
         raise WeightsError(f"{key}: expected 2-D parts to transpose, got shape {list(tensor.shape)}")
+    groups = rule.group_count(params) if isinstance(rule, Split) else 1
     total = tensor.shape[rule.dim]
+    per = f" in {groups} groups" if groups > 1 else ""
     if expect is not None and all(n in expect for n in names):
         sizes = [_stored_shape(expect[n], rule.transpose)[rule.dim] if len(expect[n]) > rule.dim else -1
                  for n in names]
-        if sum(sizes) != total or min(sizes) < 0:
+        if sum(sizes) != total or min(sizes) < 0 or any(size % groups for size in sizes):
             have = ", ".join(f"{n} {list(expect[n])}" for n in names)
-            raise WeightsError(f"{key}: shape {list(tensor.shape)} does not split along dim {rule.dim} into the "
-                               f"model's {have}")
+            raise WeightsError(f"{key}: shape {list(tensor.shape)} does not split along dim {rule.dim}{per} into "
+                               f"the model's {have}")
     else:
-        if total % len(names):
-            raise WeightsError(f"{key}: shape {list(tensor.shape)} does not split into {len(names)} equal parts "
-                               f"along dim {rule.dim}")
+        if total % (len(names) * groups):
+            raise WeightsError(f"{key}: shape {list(tensor.shape)} does not split into {len(names)} equal parts"
+                               f"{per} along dim {rule.dim}")
         sizes = [total // len(names)] * len(names)
-    parts = tensor.split(sizes, dim=rule.dim)
+    grouped = tensor.unflatten(rule.dim, (groups, -1))  # [..., G, total / G, ...]
+    parts = [p.flatten(rule.dim, rule.dim + 1)
+             for p in grouped.split([size // groups for size in sizes], dim=rule.dim + 1)]
     return {n: _values(rule.values, p.t() if rule.transpose else p, params, key) for n, p in zip(names, parts)}
 
 
@@ -257,7 +262,13 @@ def _join(rule: Split | Stack, index: tuple[int, ...], left: dict[str, torch.Ten
           params: Mapping[str, Any]) -> torch.Tensor:
     parts = [_inverse(rule.values, left.pop(t.format(*index)), params) for t in rule.targets]
     parts = [p.t() if rule.transpose else p for p in parts]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=rule.dim)
+    if len(parts) == 1:
+        return parts[0]
+    groups = rule.group_count(params) if isinstance(rule, Split) else 1
+    if groups == 1:
+        return torch.cat(parts, dim=rule.dim)
+    joined = torch.cat([p.unflatten(rule.dim, (groups, -1)) for p in parts], dim=rule.dim + 1)
+    return joined.flatten(rule.dim, rule.dim + 1)
 
 
 def _inverse(values, tensor: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:

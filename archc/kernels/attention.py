@@ -11,6 +11,17 @@ grouped-query) and the same mask options, and returns [B, H, T, d]:
 
 A query that sees no key (possible only when S < T) gets zeros, as flex_attention gives.
 
+Scores are `scale` · q·kᵀ (default 1/√d), then optionally modified before the mask:
+
+    softcap        s·tanh(score / s) (Gemma 2's logit soft-capping)
+    position_bias  plus bias(h, i, j): a callable of the query head and the query and key positions
+                   (int tensors that broadcast; tensor operators only, as it is also flex_attention's
+                   score_mod), e.g. ALiBi or T5's bucketed table (archc.runtime.position_bias)
+
+Only `math` (explicit scores) and `flex` (a score_mod) apply both; `sdpa_mask` adds a position
+bias through a float mask but cannot soft-cap; `sdpa` and `local` apply neither. Every kernel
+takes `scale`.
+
 Kernels (chosen per layer by the compiler's `choose_kernels` pass):
 
     math       softmax of explicitly masked scores: the obviously right reference
@@ -20,8 +31,9 @@ Kernels (chosen per layer by the compiler's `choose_kernels` pass):
                SDPA call with a small mask; cost O(T·(block + w)), linear in T
     flex       torch.nn.attention.flex_attention with a BlockMask built from the same predicate,
                cached per (T, S, device); compiled on CUDA, eager (forward only) elsewhere
-    auto       decided per call: plain masks go to SDPA's is_causal, then flex on CUDA (unless
-               dropout is on: flex has none), local where there is a window, else sdpa_mask
+    auto       decided per call: plain masks without score modifications go to SDPA's is_causal,
+               then flex on CUDA (unless dropout is on: flex has none); elsewhere math for a
+               soft-cap, sdpa_mask for a position bias, local where there is a window, else sdpa_mask
 """
 
 from __future__ import annotations
@@ -32,8 +44,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["visible", "attention_mask", "local_block", "attention_math", "attention_sdpa_mask", "attention_local",
-           "attention_flex", "attention_auto", "resolve"]
+__all__ = ["visible", "attention_mask", "local_block", "attention_at", "attention_math", "attention_sdpa_mask",
+           "attention_local", "attention_flex", "attention_auto", "resolve", "softcapped"]
 
 
 def local_block(window: int) -> int:
@@ -75,7 +87,7 @@ def _plain(window, sinks: int, prefix: int) -> bool:
 
 
 def resolve(q: torch.Tensor, k: torch.Tensor, *, causal: bool, window: int | None = None, sinks: int = 0,
-            prefix: int = 0, dropout_p: float = 0.0) -> str:
+            prefix: int = 0, dropout_p: float = 0.0, softcap: float | None = None, position_bias=None) -> str:
     """The kernel `auto` runs for these tensors."""
     t, s = q.shape[-2], k.shape[-2]
     if window is not None and window >= (s if causal else max(s, t)):
@@ -84,11 +96,14 @@ def resolve(q: torch.Tensor, k: torch.Tensor, *, causal: bool, window: int | Non
         sinks = 0  # without a window the sinks are visible anyway
     if not causal and window is None:
         prefix = 0
-    if _plain(window, sinks, prefix) and (not causal or t == s):
+    scored = softcap is not None or position_bias is not None
+    if _plain(window, sinks, prefix) and (not causal or t == s) and not scored:
         return "sdpa"
     if q.is_cuda and not dropout_p:
         return "flex"
-    return "local" if window is not None else "sdpa_mask"
+    if softcap is not None:
+        return "math"
+    return "local" if window is not None and not scored else "sdpa_mask"
 
 
 def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -98,36 +113,78 @@ def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
 # ---- kernels -------------------------------------------------------------------------------------
 
 
-def attention_math(q, k, v, *, causal: bool, window: int | None = None, sinks: int = 0, prefix: int = 0,
-                   dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q kᵀ/√d with hidden keys at -inf) v, the hidden ones then set to exactly 0."""
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """s·tanh(scores / s), or the scores as they are without a cap."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def _bias(position_bias, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """The [H, T, S] bias of every head, query and key position."""
+    h = torch.arange(heads, device=q_pos.device)[:, None, None]
+    return position_bias(h, q_pos[None, :, None], k_pos[None, None, :])
+
+
+def attention_at(q, k, v, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool, window: int | None = None,
+                 sinks: int = 0, prefix: int = 0, dropout_p: float = 0.0, scale: float | None = None,
+                 softcap: float | None = None, position_bias=None) -> torch.Tensor:
+    """Explicit scores of queries at positions q_pos [T] against keys at k_pos [S] (any positions: a
+    decoding cache passes the ones it kept): scale, soft-cap, position bias, the mask at -inf, softmax
+    in fp32; a query that sees no key gets exactly 0."""
     heads, kv_heads = q.shape[1], k.shape[1]
     if heads != kv_heads:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal or not _plain(window, sinks, prefix):
-        mask = attention_mask(q.shape[-2], k.shape[-2], q.device, causal=causal, window=window, sinks=sinks,
-                              prefix=prefix)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        # a row with no visible key is all -inf (NaN after softmax): make it zeros
-        probs = torch.softmax(scores.float(), dim=-1).masked_fill(~mask, 0.0).to(q.dtype)
-    else:
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = softcapped((q @ k.transpose(-2, -1)) * scale, softcap)
+    if position_bias is not None:
+        scores = scores + _bias(position_bias, heads, q_pos, k_pos).to(scores.dtype)
+    mask = visible(q_pos[:, None], k_pos[None, :], causal=causal, window=window, sinks=sinks, prefix=prefix)
+    # a row with no visible key is all -inf (NaN after softmax): make it zeros
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1)
+    probs = probs.masked_fill(~mask, 0.0).to(q.dtype)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v
 
 
+def _aligned(t: int, s: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key positions of a call: keys 0..s-1, queries at the end of them."""
+    return torch.arange(t, device=device) + (s - t), torch.arange(s, device=device)
+
+
+def attention_math(q, k, v, *, causal: bool, window: int | None = None, sinks: int = 0, prefix: int = 0,
+                   dropout_p: float = 0.0, scale: float | None = None, softcap: float | None = None,
+                   position_bias=None) -> torch.Tensor:
+    """softmax(modified scores with hidden keys at -inf) v, the hidden ones then set to exactly 0."""
+    q_pos, k_pos = _aligned(q.shape[-2], k.shape[-2], q.device)
+    return attention_at(q, k, v, q_pos, k_pos, causal=causal, window=window, sinks=sinks, prefix=prefix,
+                        dropout_p=dropout_p, scale=scale, softcap=softcap, position_bias=position_bias)
+
+
+def _unfit(kernel: str, softcap, position_bias, bias_ok: bool = False) -> None:
+    if softcap is not None or (position_bias is not None and not bias_ok):
+        what = "soft-cap scores" if softcap is not None else "add a position bias"
+        raise ValueError(f"attention kernel {kernel} cannot {what}; use math or flex (or auto)")
+
+
 def attention_sdpa_mask(q, k, v, *, causal: bool, window: int | None = None, sinks: int = 0, prefix: int = 0,
-                        dropout_p: float = 0.0) -> torch.Tensor:
+                        dropout_p: float = 0.0, scale: float | None = None, softcap: float | None = None,
+                        position_bias=None) -> torch.Tensor:
+    """SDPA with the mask as a boolean [T, S] tensor, or with a position bias as a float [H, T, S] one
+    (the bias where visible, -inf elsewhere)."""
+    _unfit("sdpa_mask", softcap, position_bias, bias_ok=True)
     mask = attention_mask(q.shape[-2], k.shape[-2], q.device, causal=causal, window=window, sinks=sinks,
                           prefix=prefix)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=_gqa(q, k))
+    if position_bias is not None:
+        bias = _bias(position_bias, q.shape[1], *_aligned(q.shape[-2], k.shape[-2], q.device))
+        mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=_gqa(q, k))
 
 
 def attention_local(q, k, v, *, causal: bool, window: int, sinks: int = 0, prefix: int = 0,
-                    dropout_p: float = 0.0, block: int | None = None) -> torch.Tensor:
+                    dropout_p: float = 0.0, scale: float | None = None, softcap: float | None = None,
+                    position_bias=None, block: int | None = None) -> torch.Tensor:
     """Blocked sliding-window attention, linear in T.
 
     Query block m (positions p in [m·block, (m+1)·block) + S - T) reads the keys
@@ -139,6 +196,7 @@ def attention_local(q, k, v, *, causal: bool, window: int, sinks: int = 0, prefi
     """
     if window is None:
         raise ValueError("attention_local needs a window")
+    _unfit("local", softcap, position_bias)
     B, H, T, d = q.shape
     S = k.shape[-2]
     off = S - T
@@ -174,7 +232,7 @@ def attention_local(q, k, v, *, causal: bool, window: int, sinks: int = 0, prefi
     out = F.scaled_dot_product_attention(qb.reshape(B * n, H, block, d), kb.reshape(B * n, -1, kb.shape[-2], d),
                                          vb.reshape(B * n, -1, kb.shape[-2], d),
                                          attn_mask=mask[:, None].repeat(B, 1, 1, 1), dropout_p=dropout_p,
-                                         enable_gqa=_gqa(q, k))
+                                         scale=scale, enable_gqa=_gqa(q, k))
     return out.view(B, n, H, block, d).transpose(1, 2).reshape(B, H, n * block, d)[:, :, :T]
 
 
@@ -196,15 +254,32 @@ def _flex(compiled: bool):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
+def _score_mod(t: int, s: int, softcap: float | None, position_bias):
+    """flex_attention's score_mod for a soft-cap and / or a position bias (None when there is neither)."""
+    if softcap is None and position_bias is None:
+        return None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        score = softcapped(score, softcap)
+        if position_bias is not None:
+            score = score + position_bias(h, q_idx + (s - t), kv_idx)
+        return score
+
+    return score_mod
+
+
 def attention_flex(q, k, v, *, causal: bool, window: int | None = None, sinks: int = 0, prefix: int = 0,
-                   dropout_p: float = 0.0) -> torch.Tensor:
+                   dropout_p: float = 0.0, scale: float | None = None, softcap: float | None = None,
+                   position_bias=None) -> torch.Tensor:
     if dropout_p:
         raise ValueError("flex_attention has no attention dropout; use kernel local, sdpa_mask or math")
     if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError("flex_attention has no backward on the CPU in torch "
                            f"{torch.__version__}; compile with --kernel PATTERN=local (or sdpa_mask) here")
-    block_mask = _block_mask(q.shape[-2], k.shape[-2], str(q.device), causal, window, sinks, prefix)
-    return _flex(q.is_cuda)(q, k, v, block_mask=block_mask, enable_gqa=_gqa(q, k))
+    t, s = q.shape[-2], k.shape[-2]
+    block_mask = _block_mask(t, s, str(q.device), causal, window, sinks, prefix)
+    return _flex(q.is_cuda)(q, k, v, score_mod=_score_mod(t, s, softcap, position_bias), block_mask=block_mask,
+                            scale=scale, enable_gqa=_gqa(q, k))
 
 
 _KERNELS = {"math": attention_math, "sdpa_mask": attention_sdpa_mask, "local": attention_local,
@@ -212,9 +287,13 @@ _KERNELS = {"math": attention_math, "sdpa_mask": attention_sdpa_mask, "local": a
 
 
 def attention_auto(q, k, v, *, causal: bool, window: int | None = None, sinks: int = 0, prefix: int = 0,
-                   dropout_p: float = 0.0) -> torch.Tensor:
+                   dropout_p: float = 0.0, scale: float | None = None, softcap: float | None = None,
+                   position_bias=None) -> torch.Tensor:
     """The kernel `resolve` picks for these tensors and this device."""
-    kernel = resolve(q, k, causal=causal, window=window, sinks=sinks, prefix=prefix, dropout_p=dropout_p)
+    kernel = resolve(q, k, causal=causal, window=window, sinks=sinks, prefix=prefix, dropout_p=dropout_p,
+                     softcap=softcap, position_bias=position_bias)
     if kernel == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=_gqa(q, k))
-    return _KERNELS[kernel](q, k, v, causal=causal, window=window, sinks=sinks, prefix=prefix, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=_gqa(q, k))
+    return _KERNELS[kernel](q, k, v, causal=causal, window=window, sinks=sinks, prefix=prefix, dropout_p=dropout_p,
+                            scale=scale, softcap=softcap, position_bias=position_bias)

@@ -84,12 +84,14 @@ _CHUNKED = "the chunked PyTorch form"
 FAMILIES: dict[str, KernelFamily] = {f.name: f for f in (
     KernelFamily(
         "attention", ("auto", "sdpa", "sdpa_mask", "flex", "local", "math"),
-        "plain masks: SDPA's is_causal; other masks: flex_attention (block-sparse) on CUDA, the blocked local "
-        "kernel with a window or SDPA with a boolean mask elsewhere (archc.kernels.attention.resolve)",
+        "plain masks: SDPA's is_causal; other masks, soft-caps and position biases: flex_attention (block-sparse, "
+        "a score_mod) on CUDA; elsewhere the math kernel for a soft-cap, SDPA with a float mask for a bias, the "
+        "blocked local kernel with a window, SDPA with a boolean mask otherwise (archc.kernels.attention.resolve)",
         word="kernel",
-        notes={"sdpa": "torch's SDPA, no mask or is_causal", "sdpa_mask": "SDPA with a boolean mask",
-               "flex": "flex_attention with a BlockMask", "local": "blocked sliding window, linear in T",
-               "math": "the explicit-mask reference"}),
+        notes={"sdpa": "torch's SDPA, no mask or is_causal", "sdpa_mask": "SDPA with a boolean (or biased float) mask",
+               "flex": "flex_attention with a BlockMask and a score_mod",
+               "local": "blocked sliding window, linear in T",
+               "math": "the explicit-score reference (mask, soft-cap, bias)"}),
     KernelFamily("linear_attention", _MIXER_FACES, _MIXER_AUTO, "chunked", _CHUNKED, head_dims_unfit,
                  runtime_faces=("fla",)),
     KernelFamily("ssd", _MIXER_FACES, _MIXER_AUTO, "chunked", _CHUNKED, head_dims_unfit, runtime_faces=("fla",)),

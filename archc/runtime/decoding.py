@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.kernels.attention import attention_auto, visible
+from archc.kernels.attention import attention_at, attention_auto, visible
 
 
 class Decoding(nn.Module):
@@ -34,14 +34,15 @@ class Decoding(nn.Module):
 class KVCache(Decoding):
     """Keys and values a causal self-attention layer's later queries can still see, while decoding.
 
-    `attend(q, k, v, causal=True, window=, sinks=, prefix=)` appends this call's
-    keys and values ([B, K, T, d]) and attends this call's queries — positions
-    `length`.. of the sequence — over the cached ones with the layer's mask
-    (`archc.kernels.attention.visible` on the keys' true positions). The first
-    call (the prompt) runs the layer's own `attention_auto`. A windowed layer
-    then drops what no later query can see: the cache holds the sinks (and
-    prefix) plus the last window - 1 keys, so its memory stays bounded; without
-    a window it holds every key.
+    `attend(q, k, v, causal=True, window=, sinks=, prefix=, scale=, softcap=, position_bias=)`
+    appends this call's keys and values ([B, K, T, d]) and attends this call's
+    queries — positions `length`.. of the sequence — over the cached ones with the
+    layer's mask (`archc.kernels.attention.visible` on the keys' true positions),
+    scale, soft-cap and position bias (ALiBi, T5's table: computed from the same
+    true positions). The first call (the prompt) runs the layer's own
+    `attention_auto`. A windowed layer then drops what no later query can see: the
+    cache holds the sinks (and prefix) plus the last window - 1 keys, so its memory
+    stays bounded; without a window it holds every key.
     """
 
     def __init__(self) -> None:
@@ -51,17 +52,23 @@ class KVCache(Decoding):
         self.positions: torch.Tensor | None = None  # of the cached keys
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-               window: int | None = None, sinks: int = 0, prefix: int = 0) -> torch.Tensor:
+               window: int | None = None, sinks: int = 0, prefix: int = 0, scale: float | None = None,
+               softcap: float | None = None, position_bias=None) -> torch.Tensor:
         mask = dict(causal=causal, window=window, sinks=sinks, prefix=prefix)
+        scores = dict(scale=scale, softcap=softcap, position_bias=position_bias)
         new = torch.arange(self.length, self.length + q.shape[-2], device=q.device)
         if self.k is None:
-            out = attention_auto(q, k, v, **mask)
+            out = attention_auto(q, k, v, **mask, **scores)
             positions = new
         else:
             k, v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
             positions = torch.cat((self.positions, new))
-            seen = visible(new[:, None], positions[None, :], **mask)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=q.shape[-3] != k.shape[-3])
+            if softcap is None and position_bias is None:
+                seen = visible(new[:, None], positions[None, :], **mask)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale,
+                                                     enable_gqa=q.shape[-3] != k.shape[-3])
+            else:  # explicit scores: the soft-cap and the bias at the cached keys' true positions
+                out = attention_at(q, k, v, new, positions, **mask, **scores)
         self.length += q.shape[-2]
         if window is not None:  # the next query sits at `length` and sees keys after length - window
             keep = (positions < max(sinks, prefix)) | (positions > self.length - window)

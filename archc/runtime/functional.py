@@ -15,7 +15,15 @@ from archc.runtime.decoding import KVCache, LearnedPositions  # noqa: F401
 from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401
 from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
 from archc.runtime.nsa import NSACore  # noqa: F401
-from archc.runtime.rope import InterleavedRotaryEmbedding, RotaryEmbedding, apply_rope, rotate_half  # noqa: F401
+from archc.runtime.position_bias import ALiBi, RelativePositionBias  # noqa: F401
+from archc.runtime.rope import (  # noqa: F401
+    InterleavedRotaryEmbedding,
+    Llama3RopeScaling,
+    RotaryEmbedding,
+    YarnRopeScaling,
+    apply_rope,
+    rotate_half,
+)
 
 
 def init_weights(module: nn.Module) -> None:

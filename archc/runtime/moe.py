@@ -5,7 +5,8 @@ token goes to, with what weight, in expert-sorted order), run the experts on
 the sorted rows (a per-expert loop, or grouped GEMMs after `fuse_experts`),
 and combine. Equations follow docs/algorithms.md §1:
 
-- `softmax`: Shazeer top-k gating, softmax over the kept top-k logits, with
+- `softmax`: Shazeer top-k gating, softmax over the kept top-k logits (the
+  same as renormalising the top-k of a softmax over all experts), with
   optional noisy gating (`noisy=true`: learned softplus noise scale, training
   only) and the importance and load losses w·CV² (load through the normal
   CDF when noisy, else assignment counts).
@@ -23,6 +24,11 @@ and combine. Equations follow docs/algorithms.md §1:
   `update_expert_biases` moves each bias by ±γ toward the mean load (counts
   summed over data-parallel ranks); the optional sequence-wise loss
   α·Σ f_i P_i uses the actual selection mask.
+
+`norm_topk_prob` overrides whether the chosen gates are renormalised to sum
+to 1: `false` on `softmax` keeps the top-k of the softmax over all experts as
+they are (Qwen2-MoE, OLMoE), `true` on `switch` renormalises its top-k
+probabilities, `false` on `deepseek_v3` scales the raw affinities.
 
 All losses are exactly their weight under perfect balance.
 """
@@ -78,7 +84,7 @@ class Router(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, kind: str = "softmax", *, balance: str = "aux_loss",
                  aux_weight: float = 0.01, z_loss_weight: float = 0.0, capacity_factor: float = 0.0,
                  noisy: bool = False, groups: int = 1, top_groups: int = 1, route_scale: float = 1.0,
-                 bias_rate: float = 1e-3) -> None:
+                 bias_rate: float = 1e-3, norm_topk_prob: bool | None = None) -> None:
         super().__init__()
         if kind not in ROUTER_KINDS or balance not in BALANCE_RULES:
             raise ValueError(f"router {kind!r} / balance {balance!r}: choose from {ROUTER_KINDS} / {BALANCE_RULES}")
@@ -90,6 +96,8 @@ class Router(nn.Module):
         self.aux_weight, self.z_loss_weight, self.capacity_factor = aux_weight, z_loss_weight, capacity_factor
         self.noisy, self.groups, self.top_groups, self.route_scale = noisy, groups, top_groups, route_scale
         self.bias_rate = bias_rate
+        # Whether the chosen gates are renormalised: by default all but switch's are.
+        self.norm_topk_prob = kind != "switch" if norm_topk_prob is None else norm_topk_prob
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.noise = nn.Linear(dim, num_experts, bias=False) if noisy else None
         if balance == "aux_free":
@@ -113,7 +121,8 @@ class Router(nn.Module):
                 "dropped_fraction": 1.0 - kept.float().mean().item(), "aux_loss": float(aux)}
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, experts={self.num_experts}, top_k={self.top_k}, balance={self.balance}"
+        renorm = "" if self.norm_topk_prob == (self.kind != "switch") else f", norm_topk_prob={self.norm_topk_prob}"
+        return f"{self.kind}, experts={self.num_experts}, top_k={self.top_k}, balance={self.balance}{renorm}"
 
     def forward(self, x: torch.Tensor, seq_len: int | None = None) -> Routing:
         """x: [N, D] tokens (N = B·T; `seq_len` = T for the sequence-wise loss)."""
@@ -146,12 +155,17 @@ class Router(nn.Module):
         if self.kind == "switch":
             probs = torch.softmax(logits, dim=-1)
             weights, experts = probs.topk(self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(-1, keepdim=True)
             aux = logits.new_zeros(())
             if self.balance == "aux_loss":
                 aux = self.aux_weight * switch_balance_loss(probs, experts, self.num_experts)
             return experts, weights, probs, aux
-        top, experts = logits.topk(self.top_k, dim=-1)
-        weights = torch.softmax(top, dim=-1)
+        if self.norm_topk_prob:
+            top, experts = logits.topk(self.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+        else:  # the top-k of the softmax over all experts, as they are
+            weights, experts = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
         aux = logits.new_zeros(())
         gates = torch.zeros_like(logits).scatter(-1, experts, weights)
         if self.balance == "aux_loss":
@@ -175,7 +189,7 @@ class Router(nn.Module):
             biased = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view_as(biased)
         experts = biased.topk(self.top_k, dim=-1).indices
         chosen = scores.gather(-1, experts)
-        weights = chosen / chosen.sum(-1, keepdim=True) * self.route_scale
+        weights = (chosen / chosen.sum(-1, keepdim=True) if self.norm_topk_prob else chosen) * self.route_scale
         return experts, weights, scores
 
     def _capacity(self, experts: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,42 @@
 """Softmax attention: the core op (`attention_core`), its kernel choice, and the built-ins
-`attention` and `cross_attention` that lower to linear projections around it."""
+`attention` and `cross_attention` that lower to linear projections around it.
+
+    q = q(x) [→ rms_norm over H·d]   k, v = k(memory), v(memory) [k → rms_norm over K·d]
+    y = attention_core(q, k, v)      heads; per-head qk_norm; RoPE (partial, scaled); scores scaled,
+                                     soft-capped, position-biased (ALiBi / T5), masked; softmax; · v
+    y = y · sigmoid(gate(x))         with gate=true (Qwen3-Next's output gate, one per element)
+    out = o(y)
+"""
 
 from __future__ import annotations
 
 from archc.compiler.ops.base import A, OpDef, Width, composite, dim_value, fmt_shape, need_width, numel, register
 from archc.compiler.pytext import comment
-from archc.dsl.diagnostics import SpecError
+from archc.dsl.diagnostics import SpecError, did_you_mean
+from archc.runtime.rope import SCALINGS
+
+ROPE_SCALINGS = ("none", *SCALINGS)
+QK_NORMS = ("head", "full")
+# The options of each RoPE scaling, as the runtime's scaling classes name them.
+SCALING_OPTIONS = {
+    "llama3": {"rope_factor": "factor", "rope_original_max": "original_max",
+               "rope_low_freq_factor": "low_freq_factor", "rope_high_freq_factor": "high_freq_factor"},
+    "yarn": {"rope_factor": "factor", "rope_original_max": "original_max", "rope_beta_fast": "beta_fast",
+             "rope_beta_slow": "beta_slow", "rope_attention_factor": "attention_factor",
+             "rope_truncate": "truncate"},
+}
 
 
 @register
 class AttentionCore(OpDef):
-    """softmax(q kᵀ / √d + mask) v over heads, after RoPE and QK-norm; q comes in as [B, T, H·d],
+    """softmax(modified scores + mask) v over heads, after QK-norm and RoPE; q comes in as [B, T, H·d],
     k and v as [B, S, K·d] (S = T for self-attention).
 
-    The mask: `causal`, a sliding `window`, `sinks` always-visible first keys,
-    a bidirectional `prefix` (archc.kernels.attention has the exact predicate).
+    Scores: `scale` · q kᵀ (1/√d by default), soft-capped to s·tanh(·/s) with `softcap`, plus ALiBi
+    (`alibi`) or T5's bucketed relative bias (`relative_buckets`). The mask: `causal`, a sliding
+    `window`, `sinks` always-visible first keys, a bidirectional `prefix` (archc.kernels.attention has
+    the exact predicate). RoPE: on the first `rope_dim` dims of each head, frequencies scaled by
+    `rope_scaling` (archc.runtime.rope).
     """
 
     name = "attention_core"
@@ -29,8 +51,23 @@ class AttentionCore(OpDef):
         "prefix": A(int, 0),
         "rope": A(bool, False),
         "rope_theta": A(float, 10000.0, positive=True),
+        "rope_dim": A((int, type(None)), None, positive=True),
+        "rope_scaling": A(str, "none", choices=ROPE_SCALINGS),
+        "rope_factor": A(float, 1.0, positive=True),
+        "rope_original_max": A(int, 0),
+        "rope_low_freq_factor": A(float, 1.0, positive=True),
+        "rope_high_freq_factor": A(float, 4.0, positive=True),
+        "rope_beta_fast": A(float, 32.0, positive=True),
+        "rope_beta_slow": A(float, 1.0, positive=True),
+        "rope_attention_factor": A((float, type(None)), None, positive=True),
+        "rope_truncate": A(bool, True),
         "qk_norm": A(bool, False),
         "norm_eps": A(float, 1e-6, positive=True),
+        "scale": A((float, type(None)), None, positive=True),
+        "softcap": A((float, type(None)), None, positive=True),
+        "alibi": A(bool, False),
+        "relative_buckets": A(int, 0),
+        "relative_max_distance": A(int, 128, positive=True),
         "dropout": A(float, 0.0, unit=True),
         "kernel": A((str, type(None)), None),  # chosen by choose_kernels
         "kernel_reason": A((str, type(None)), None),
@@ -76,8 +113,11 @@ class AttentionCore(OpDef):
                     f"needs width {a['kv_heads'] * hd}",
                     node.span,
                 )
-        if a["rope"] and hd % 2:
-            raise SpecError(f"RoPE needs an even head_dim, got {hd}", node.span)
+        if a["rope"] and a["rope_dim"] is None and hd % 2:
+            raise SpecError(f"RoPE needs an even head_dim, got {hd}", node.span, hint="or rotate part of it: rope_dim")
+        if a["rope_dim"] is not None and a["rope_dim"] > hd:
+            raise SpecError(f"rope_dim={a['rope_dim']} is more than head_dim={hd}: RoPE turns the first rope_dim "
+                            "dims of each head", node.span)
         return q
 
     @staticmethod
@@ -99,10 +139,17 @@ class AttentionCore(OpDef):
                             hint="drop prefix, or use causal=true (prefix-LM)")
 
     def describe_node(self, node) -> str:
-        """The mask in the spec's words, for kernel reasons: `causal, window=64, sinks=4`."""
+        """The mask and score modifications in the spec's words, for kernel reasons: `causal, window=64, sinks=4`,
+        `causal, softcap=50.0`."""
         a = node.attrs
         words = ["causal" if a["causal"] else "bidirectional"]
         words += [f"{k}={a[k]}" for k in ("window", "sinks", "prefix") if a[k]]
+        if a["softcap"] is not None:
+            words.append(f"softcap={a['softcap']}")
+        if a["alibi"]:
+            words.append("ALiBi")
+        if a["relative_buckets"]:
+            words.append("T5 relative bias")
         return ", ".join(words)
 
     @staticmethod
@@ -112,13 +159,24 @@ class AttentionCore(OpDef):
         return a["window"] is not None or bool(a["sinks"]) or bool(a["prefix"])
 
     @staticmethod
+    def biased(node) -> bool:
+        """A position bias added to the scores (ALiBi or T5's table)."""
+        return node.attrs["alibi"] or bool(node.attrs["relative_buckets"])
+
+    @staticmethod
     def windowed(node) -> bool:
         """Each query reaches a bounded number of keys: its cost grows linearly in T."""
         return node.attrs["window"] is not None
 
     def unfit(self, node, kernel: str, graph) -> str | None:
-        """Why `kernel` cannot compute this attention, or None."""
+        """Why `kernel` cannot compute this attention, or None. Soft-capping needs a kernel that modifies
+        scores (math, flex); a position bias one that adds to them (math, flex, sdpa_mask's float mask)."""
         a = node.attrs
+        capped, biased = a["softcap"] is not None, self.biased(node)
+        if kernel in ("sdpa", "local", "sdpa_mask") and capped:
+            return f"`{kernel}` cannot soft-cap scores (softcap={a['softcap']}): math or flex can"
+        if kernel in ("sdpa", "local") and biased:
+            return f"`{kernel}` cannot add a position bias to the scores: math, flex or sdpa_mask can"
         if kernel == "sdpa" and self.masked(node):
             return f"SDPA's is_causal cannot express {self.describe_node(node)}"
         if kernel == "sdpa" and a["causal"] and not self.same_length(node, graph):
@@ -132,17 +190,26 @@ class AttentionCore(OpDef):
 
     def choose_kernel(self, node, graph) -> tuple[str, str]:
         """SDPA for a plain causal mask or none; `auto` (decided at run time) for everything else."""
+        a = node.attrs
         if self.unfit(node, "sdpa", graph) is None:
-            if node.attrs["causal"]:
+            if a["causal"]:
                 return "sdpa", "plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)"
             return "sdpa", "no mask: SDPA without a mask (flash / memory-efficient back ends)"
         masked = self.describe_node(node)
-        if not self.masked(node):
+        if not self.masked(node) and not self.biased(node) and a["softcap"] is None:
             masked += " over keys of another length"
-        cpu = ("the blocked local kernel (linear in T)" if node.attrs["window"] is not None
-               else "SDPA with a boolean mask")
-        return "auto", (f"{masked}: at run time flex_attention (block-sparse) on CUDA, {cpu} elsewhere"
-                        + (" and while dropout is on" if node.attrs["dropout"] else ""))
+        if a["softcap"] is not None:
+            cpu = "the explicit-score math kernel (the soft-cap needs the scores)"
+        elif self.biased(node):
+            cpu = "SDPA with the bias as a float mask"
+        elif a["window"] is not None:
+            cpu = "the blocked local kernel (linear in T)"
+        else:
+            cpu = "SDPA with a boolean mask"
+        gpu = "flex_attention (block-sparse" + (", the score modification as its score_mod)"
+                                                if a["softcap"] is not None or self.biased(node) else ")")
+        return "auto", (f"{masked}: at run time {gpu} on CUDA, {cpu} elsewhere"
+                        + (" and while dropout is on" if a["dropout"] else ""))
 
     @staticmethod
     def same_length(node, graph) -> bool:
@@ -152,8 +219,15 @@ class AttentionCore(OpDef):
     weights_at_scope = True
 
     def weights(self, node, ins):
-        hd = node.attrs["head_dim"]
-        return {"q_norm.weight": (hd,), "k_norm.weight": (hd,)} if node.attrs["qk_norm"] else {}
+        a = node.attrs
+        hd = a["head_dim"]
+        weights = {"q_norm.weight": (hd,), "k_norm.weight": (hd,)} if a["qk_norm"] else {}
+        if a["relative_buckets"]:
+            weights["relative_bias.weight"] = (a["relative_buckets"], a["heads"])
+        return weights
+
+    def roles(self, node):
+        return {"relative_bias.weight": "embedding"}  # a table looked up by distance, not a matrix
 
     def kv_per_token(self, node) -> float:
         """Floats cached per token to decode: a key and a value per KV head."""
@@ -166,10 +240,26 @@ class AttentionCore(OpDef):
             mods += [("q_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})"),
                      ("k_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})")]
         if a["rope"]:
-            mods.append(("rope", f"AF.RotaryEmbedding({a['head_dim']!r}, theta={a['rope_theta']!r})"))
+            mods.append(("rope", f"AF.RotaryEmbedding({a['head_dim']!r}, theta={a['rope_theta']!r}"
+                                 f"{self._rope_options(a)})"))
+        if a["alibi"]:
+            mods.append(("alibi", f"AF.ALiBi({a['heads']!r})"))
+        if a["relative_buckets"]:
+            mods.append(("relative_bias", f"AF.RelativePositionBias({a['heads']!r}, {a['relative_buckets']!r}, "
+                                          f"{a['relative_max_distance']!r}, bidirectional={not a['causal']!r})"))
         if self.decodes(node, ins):
             mods.append(("kv_cache", "AF.KVCache()"))
         return mods
+
+    @staticmethod
+    def _rope_options(a) -> str:
+        """`, rope_dim=8, scaling=AF.Llama3RopeScaling(...)`: RotaryEmbedding's options beyond theta."""
+        text = f", rope_dim={a['rope_dim']!r}" if a["rope_dim"] is not None else ""
+        if a["rope_scaling"] != "none":
+            cls = SCALINGS[a["rope_scaling"]].__name__
+            fields = ", ".join(f"{field}={a[option]!r}" for option, field in SCALING_OPTIONS[a["rope_scaling"]].items())
+            text += f", scaling=AF.{cls}({fields})"
+        return text
 
     @staticmethod
     def decodes(node, ins) -> bool:
@@ -199,15 +289,18 @@ class AttentionCore(OpDef):
             lines.append(f"{qh}, {kh} = self.rope({qh}, {kh}{offset})")
         drop = f", dropout_p={a['dropout']!r} if self.training else 0.0" if a["dropout"] else ""
         mask = "".join(f", {name}={a[name]!r}" for name in ("window", "sinks", "prefix") if a[name])
+        scores = "".join(f", {name}={a[name]!r}" for name in ("scale", "softcap") if a[name] is not None)
+        if self.biased(node):
+            scores += f", position_bias=self.{'alibi' if a['alibi'] else 'relative_bias'}"
         if a["kernel"] == "sdpa":
             gqa = ", enable_gqa=True" if kv != h else ""
-            call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{gqa})"
+            call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{scores}{gqa})"
         else:
-            call = f"AF.attention_{a['kernel']}({qh}, {kh}, {vh}, causal={a['causal']!r}{mask}{drop})"
+            call = f"AF.attention_{a['kernel']}({qh}, {kh}, {vh}, causal={a['causal']!r}{mask}{drop}{scores})"
         chosen = [comment(f"kernel: {a['kernel']} — {a['kernel_reason']}"), f"{out} = {call}"]
         if decodes:
             lines += ["if self.kv_cache.active:  # decoding: attend over the cached keys and values too",
-                      f"    {out} = self.kv_cache.attend({qh}, {kh}, {vh}, causal=True{mask})",
+                      f"    {out} = self.kv_cache.attend({qh}, {kh}, {vh}, causal=True{mask}{scores})",
                       "else:", *("    " + line for line in chosen)]
         else:
             lines += chosen
@@ -233,11 +326,56 @@ class AttentionCore(OpDef):
         return 4 * b_t * self.keys_per_query(node, s) * node.attrs["heads"] * node.attrs["head_dim"]
 
 
+def _check(ctx, v) -> None:
+    """Cross-option checks of `attention` / `cross_attention`, located at the option at fault."""
+    if isinstance(v["qk_norm"], str) and v["qk_norm"] not in QK_NORMS:
+        raise SpecError(f"`qk_norm` must be true, false, \"head\" or \"full\", got \"{v['qk_norm']}\"",
+                        ctx.where("qk_norm"), hint=did_you_mean(v["qk_norm"], QK_NORMS))
+    rope_options = [o for o in ("rope_dim", "rope_scaling") if ctx.given(o)]
+    if rope_options and not v["rope"]:
+        raise SpecError(f"`{rope_options[0]}` shapes RoPE, which this attention does not use",
+                        ctx.where(rope_options[0]), hint="add rope=true")
+    hd = v["head_dim"]  # else the width decides it, and the core's shape check compares rope_dim with it
+    if v["rope_dim"] is not None:
+        if v["rope_dim"] % 2:
+            raise SpecError(f"RoPE turns pairs of dims: `rope_dim` must be even, got {v['rope_dim']}",
+                            ctx.where("rope_dim"))
+        if hd is not None and v["rope_dim"] > hd:
+            raise SpecError(f"rope_dim={v['rope_dim']} is more than the head size {hd}: RoPE turns the first "
+                            "rope_dim dims of each head", ctx.where("rope_dim"))
+    if v["rope_scaling"] != "none":
+        if v["rope_original_max"] <= 0:
+            raise SpecError(f"rope_scaling=\"{v['rope_scaling']}\" needs `rope_original_max`, the context length the "
+                            "model was trained with (positive)", ctx.where("rope_original_max"))
+        if v["rope_scaling"] == "llama3" and not v["rope_high_freq_factor"] > v["rope_low_freq_factor"]:
+            raise SpecError(f"llama3 RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor, got "
+                            f"{v['rope_high_freq_factor']} and {v['rope_low_freq_factor']}",
+                            ctx.where("rope_high_freq_factor"))
+    if "relative_buckets" not in v:
+        return
+    buckets = v["relative_buckets"]
+    if buckets and v["alibi"]:
+        raise SpecError("ALiBi and a T5 relative bias are two position biases: choose one",
+                        ctx.where("relative_buckets"))
+    if buckets:
+        exact = (buckets // 2 if not v["causal"] else buckets) // 2  # exact distances before the log buckets
+        if exact < 1:
+            raise SpecError(f"`relative_buckets` must be at least {2 if v['causal'] else 4}, got {buckets}",
+                            ctx.where("relative_buckets"))
+        if v["relative_max_distance"] <= exact:
+            raise SpecError(f"`relative_max_distance` must exceed the {exact} exactly bucketed distances, got "
+                            f"{v['relative_max_distance']}", ctx.where("relative_max_distance"))
+    elif buckets < 0:
+        raise SpecError(f"`relative_buckets` must be 0 (no bias) or positive, got {buckets}",
+                        ctx.where("relative_buckets"))
+
+
 def _attention(ctx, x: str, memory: str, v) -> str:
-    """Queries from `x`, keys and values from `memory` (`x` itself for self-attention), core, output."""
+    """Queries from `x`, keys and values from `memory` (`x` itself for self-attention), core, gate, output."""
     heads = v["heads"]
     kv_heads = v["kv_heads"] or heads
     hd = v["head_dim"]
+    _check(ctx, v)
     # Without an explicit head_dim, widths follow x: q is as wide as x, and so are k, v per head.
     of = None if memory == x else x  # None: the linear's own input
     q_out = heads * hd if hd else Width()
@@ -247,28 +385,49 @@ def _attention(ctx, x: str, memory: str, v) -> str:
     q = ctx.linear(x, q_out, "q", bias=v["bias"])
     k = ctx.linear(memory, kv_out, "k", bias=v["bias"])
     val = ctx.linear(memory, kv_out, "v", bias=v["bias"])
+    full = v["qk_norm"] == "full"
+    if full:  # OLMo-2: one RMSNorm over all heads of the projection, before the split into heads and RoPE
+        q, k = ctx.rms_norm(q, v["norm_eps"], "q_norm"), ctx.rms_norm(k, v["norm_eps"], "k_norm")
+    defaults = AttentionCore.attrs
+    options = {name: v[name] if name in v else defaults[name].default for name in _CORE_OPTIONS}
     core = ctx.core("attention_core", [q, k, val], {
-        "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "causal": v["causal"], "window": v["window"],
-        "sinks": v["sinks"], "prefix": v["prefix"], "rope": v["rope"], "rope_theta": v["rope_theta"],
-        "qk_norm": v["qk_norm"], "norm_eps": v["norm_eps"], "dropout": v["dropout"]})
+        **options, "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "qk_norm": bool(v["qk_norm"]) and not full})
+    if v["gate"]:  # Qwen3-Next: y · sigmoid(x W_g), one gate per element of the heads' output
+        gate = ctx.act("sigmoid", ctx.linear(x, q_out, "gate"), var="gate")
+        core = ctx.add("mul", [core, gate], name="mul", var="y")
     out_bias = v["bias"] if v["out_bias"] is None else v["out_bias"]
     # The output projection maps back to the width of x.
     return ctx.linear(core, Width(of=x), "o", bias=out_bias)
 
 
+# The core's options a spec sets through `attention` / `cross_attention`, as it names them.
+_CORE_OPTIONS = ("causal", "window", "sinks", "prefix", "rope", "rope_theta", "norm_eps", "dropout",
+                 # since the knobs of the released families (after the projection options, positionally)
+                 "scale", "softcap", "rope_dim", "rope_scaling", "rope_factor", "rope_original_max",
+                 "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
+                 "rope_attention_factor", "rope_truncate", "alibi", "relative_buckets", "relative_max_distance")
+_SELF_ONLY = ("relative_buckets", "relative_max_distance")  # T5's bias: distances within one sequence
+
+
 def _attention_attrs(causal: bool) -> dict[str, A]:
-    """The spec options of `attention` / `cross_attention`: the core's mask, position and norm options, plus
-    projection options; head counts and width may be left to follow the input."""
+    """The spec options of `attention` / `cross_attention` (positional order: the first ones as they have
+    always been): the core's mask, score, position and norm options, plus projection options; head counts
+    and width may be left to follow the input."""
     core = AttentionCore.attrs
-    shared = ("window", "sinks", "prefix", "rope", "rope_theta", "qk_norm", "norm_eps", "dropout")
+    later = [name for name in _CORE_OPTIONS[8:] if causal or name not in _SELF_ONLY]
     return {
         "heads": core["heads"],
         "kv_heads": A((int, type(None)), None, positive=True),
         "head_dim": A((int, type(None)), None, positive=True),
         "causal": A(bool, causal),
-        **{name: core[name] for name in shared},
+        **{name: core[name] for name in ("window", "sinks", "prefix", "rope", "rope_theta")},
+        "qk_norm": A((bool, str), False),  # true / "head": per head; "full": over all heads (OLMo-2)
+        "norm_eps": core["norm_eps"],
+        "dropout": core["dropout"],
         "bias": A(bool, False),
         "out_bias": A((bool, type(None)), None),
+        **{name: core[name] for name in later},
+        "gate": A(bool, False),
     }
 
 

@@ -47,7 +47,7 @@ class Router(OpDef):
         "experts": A(int, positive=True), "top_k": A(int, positive=True), "kind": A(str), "balance": A(str),
         "aux_weight": A(float), "z_loss": A(float), "capacity": A(float), "noisy": A(bool),
         "groups": A(int, positive=True), "top_groups": A(int, positive=True), "route_scale": A(float),
-        "bias_rate": A(float),
+        "bias_rate": A(float), "norm_topk_prob": A((bool, type(None)), None),
     }
     pure = False
     user = False
@@ -73,7 +73,8 @@ class Router(OpDef):
         options = [f"kind={a['kind']!r}", f"balance={a['balance']!r}", f"aux_weight={a['aux_weight']!r}"]
         for key, default, arg in (("z_loss", 0.0, "z_loss_weight"), ("capacity", 0.0, "capacity_factor"),
                                   ("noisy", False, "noisy"), ("groups", 1, "groups"), ("top_groups", 1, "top_groups"),
-                                  ("route_scale", 1.0, "route_scale"), ("bias_rate", 1e-3, "bias_rate")):
+                                  ("route_scale", 1.0, "route_scale"), ("bias_rate", 1e-3, "bias_rate"),
+                                  ("norm_topk_prob", None, "norm_topk_prob")):
             if a[key] != default:
                 options.append(f"{arg}={a[key]!r}")
         return f"AF.Router({ins[0][-1]!r}, {a['experts']!r}, top_k={a['top_k']!r}, {', '.join(options)})"
@@ -235,6 +236,9 @@ def _check(ctx, v) -> None:
         raise SpecError("aux-free balancing (a selection bias) needs router=\"deepseek_v3\"", ctx.where("balance"))
     if v["aux_weight"] is None:
         v["aux_weight"] = DEFAULT_AUX_WEIGHT[v["balance"]]
+    if v["shared_gate"] and not v["shared"]:
+        raise SpecError("shared_gate=true gates the shared experts, but there are none", ctx.where("shared_gate"),
+                        hint="add shared=1")
 
 
 @composite("experts", cls="MoE", default_name="moe", attrs={
@@ -254,6 +258,8 @@ def _check(ctx, v) -> None:
     "route_scale": A(float, 1.0, positive=True),
     "bias_rate": A(float, 1e-3),
     "body": A(BlockName, None),
+    "norm_topk_prob": A((bool, type(None)), None),
+    "shared_gate": A(bool, False),
 })
 def lower_experts(ctx, args, v) -> str:
     (x,) = args
@@ -267,7 +273,7 @@ def lower_experts(ctx, args, v) -> str:
         "experts": v["n"], "top_k": v["top_k"], "kind": v["router"], "balance": v["balance"],
         "aux_weight": v["aux_weight"], "z_loss": v["z_loss"], "capacity": v["capacity"],
         "noisy": v["noisy"], "groups": v["groups"], "top_groups": v["top_groups"],
-        "route_scale": v["route_scale"], "bias_rate": v["bias_rate"],
+        "route_scale": v["route_scale"], "bias_rate": v["bias_rate"], "norm_topk_prob": v["norm_topk_prob"],
     }, name="router", module=True, dtype="routing", var="routing")
     rows = ctx.add("dispatch", [x, router], name="dispatch", var="x_R")
     experts = ctx.claim("experts")
@@ -280,5 +286,8 @@ def lower_experts(ctx, args, v) -> str:
     y = ctx.add("combine", [joined, router, x], name="combine", var="y")
     if v["shared"]:
         shared = ctx.call("swiglu", [x], {"hidden": v["shared_hidden"] or v["shared"] * v["hidden"]}, label="shared")
+        if v["shared_gate"]:  # Qwen2-MoE: the shared expert scaled by sigmoid(x · w_g), one gate per token
+            gate = ctx.act("sigmoid", ctx.linear(x, 1, "shared_gate"), var="shared_gate")
+            shared = ctx.add("mul", [gate, shared], name="mul", var="shared")
         y = ctx.add("add", [y, shared], name="add", var="y")
     return y

@@ -3,13 +3,19 @@ vocabulary as a user's map (archc/interop/maps.py)."""
 
 from __future__ import annotations
 
+from archc.interop.families.bloom import BLOOM
 from archc.interop.families.deepseek_v3 import DEEPSEEK_V3
 from archc.interop.families.gemma import GEMMA
+from archc.interop.families.gemma2 import GEMMA2
 from archc.interop.families.gpt2 import GPT2
+from archc.interop.families.gpt_neox import GPT_NEOX
 from archc.interop.families.llama import LLAMA, MISTRAL
 from archc.interop.families.mamba2 import MAMBA2
 from archc.interop.families.mixtral import MIXTRAL
+from archc.interop.families.olmo2 import OLMO2
 from archc.interop.families.phi3 import PHI3
 from archc.interop.families.qwen import QWEN2, QWEN3
+from archc.interop.families.qwen2_moe import QWEN2_MOE
 
-BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, PHI3, GEMMA, MAMBA2)}
+BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, QWEN2_MOE, PHI3, GEMMA,
+                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2)}

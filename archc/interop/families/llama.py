@@ -1,4 +1,5 @@
-"""Llama (specs/llama.arch) and Mistral (specs/sliding_window.arch, every layer windowed).
+"""Llama (specs/llama.arch, with Llama 3.1's and YaRN's RoPE scaling) and Mistral
+(specs/sliding_window.arch, every layer windowed).
 
 The pieces other decoder families share — attention, SwiGLU and norm keys, the
 config fields of a Llama-like model — are defined here and reused by Qwen,
@@ -75,6 +76,7 @@ LLAMA = WeightMap(
     keys=LLAMA_KEYS,
     config=Config(
         params=PARAMS, optional={"tie_word_embeddings": "tie_embeddings"}, positive=POSITIVE, rope="rope_theta",
+        rope_scaling=("llama3", "yarn"),
         defaults={**DEFAULTS, "attention_bias": False, "mlp_bias": False},
         require={"attention_bias": NO_BIAS, "mlp_bias": Only(False, why="the spec's MLP projections have no bias"),
                  "hidden_act": SILU},
