@@ -54,6 +54,9 @@ def _entry(rank: int, world: int, port: int, result_file: str, threads: int, fn:
     init(rank, world, port)
     try:
         out = fn(rank, world, *args)
+        # Every rank is done with its collectives before any tears the group down: a rank that destroyed
+        # its gloo group while a peer's last message was still in flight aborted ("terminate called").
+        dist.barrier()
         if rank == 0:
             Path(result_file).write_bytes(pickle.dumps(("ok", out)))
     except BaseException as err:
