@@ -51,7 +51,7 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "unterminated_string": (model('x = mlp(x, hidden=256, act="relu)', "return x"), {}, (3, 32), "unterminated"),
     "trailing_garbage": (model("return x") + "}\n", {}, (5, 1), 'unexpected "}"'),
     "missing_equal_in_param_decl": ("param d_model: int 64\n", {}, (1, 20), 'expected "="'),
-    "missing_equal_in_statement": (model("h linear(x, 64)", "return h"), {}, (3, 7), 'expected "+=" or "="'),
+    "missing_equal_in_statement": (model("h linear(x, 64)", "return h"), {}, (3, 7), 'expected "=", "+=" or ","'),
     "bad_escape_in_string": (model('x = mlp(x, hidden=256, act="gelu\\d")', "return x"), {}, (3, 32), "bad escape"),
     "semicolon": (model("x = linear(x, 64);", "return x"), {}, (3, 22), "no separator"),
     "positional_after_keyword": (model("x = linear(x, bias=false, 64)", "return x"), {}, (3, 31), "positional"),
@@ -103,8 +103,8 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "prefix_without_effect": (
         model("x = attention(x, heads=4, causal=false, prefix=8)", "return x"), {}, (3, 9), "has no effect"),
     "cross_attention_other_batch": (
-        "model M(x: Tensor[B, T, 32], m: Tensor[C, S, 32]) {\n    y = cross_attention(x, m, heads=4)\n"
-        "    return y\n}\n", {}, (2, 9), "queries' batch dim B"),
+        ("model M(x: Tensor[B, T, 32], m: Tensor[C, S, 32]) {\n    y = cross_attention(x, m, heads=4)\n"
+         "    return y\n}\n"), {}, (2, 9), "queries' batch dim B"),
     # ---- overrides ----
     "override_unknown_name": (
         model("return x", head="param d_model: int = 64\n"), {"d_modle": 128}, (1, 1), "did you mean `d_model`?"),
