@@ -207,11 +207,14 @@ class _Walk:
         if block is None or block.is_model:
             return
         steps = stmt.name or "layers"
+        span = call.span
+        written = span.source.text.split("\n")[span.line - 1][span.column - 1:span.end_column - 1] \
+            if span.end_line == span.line else f"{call.func}(...) as {call.label}"
         self.error(f"the label `{call.label}` has no effect: a `repeat` step that only calls `{call.func}` is that "
                    f"block itself (`{steps}.0`, `{steps}.1`, ...), each step with weights of its own", call.span,
                    hint=f"to use one `{call.func}`'s weights at every step write `{stmt.body[0].target} = "
-                        f"{call.func}(...) as {call.label} shared`; to name the list of steps write "
-                        f"`repeat {stmt.var} in ... as {call.label}`")
+                        f"{written} shared`; to name the list of steps write `repeat {stmt.var} in ... as "
+                        f"{call.label}`")
 
     # ---- expressions ---------------------------------------------------------------
 
