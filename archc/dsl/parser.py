@@ -20,8 +20,19 @@ KEYWORDS = {
     "use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else",
     "return", "true", "false", "and", "or", "not", "shared",
 }
+# Keywords that begin a statement or a definition: met where an expression was due,
+# the expression is missing (`y =` then `return y`), not misnamed.
+STATEMENT_KEYWORDS = {"use", "param", "block", "model", "repeat", "if", "elif", "else", "return"}
 # Reserved words that may still name a keyword argument (`experts(..., shared=1)`).
 ARGUMENT_NAMES = {"shared"}
+
+
+def _keyword(tok: Token) -> Token:
+    # The contextual lexer reads a keyword as a NAME where no keyword fits (`y = return`);
+    # give it back its own type so the error is about the keyword, where it stands.
+    if tok.value in KEYWORDS and tok.value not in ARGUMENT_NAMES:
+        return Token.new_borrow_pos(tok.value.upper(), tok.value, tok)
+    return tok
 
 
 @functools.cache
@@ -32,6 +43,7 @@ def _lark() -> lark.Lark:
         parser="lalr",
         propagate_positions=True,
         maybe_placeholders=True,
+        lexer_callbacks={"NAME": _keyword},
     )
 
 
@@ -127,7 +139,8 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
         return SpecError(f"the file ended early; expected {expected_words(expected)}", span)
     width = len(str(token)) or 1
     span = Span(source, line, column, line, column + width)
-    if token.value in KEYWORDS and "NAME" in expected:
+    starts_a_statement = token.value in STATEMENT_KEYWORDS and "NUMBER" in expected
+    if token.value in KEYWORDS and "NAME" in expected and not starts_a_statement:
         return SpecError(f"`{token}` is a reserved word and cannot be used as a name", span)
     previous = (getattr(err, "token_history", None) or [None])[-1]
     if previous is not None and previous.value in KEYWORDS and token.type in ("EQUAL", "PLUS_EQUAL", "COLON"):
