@@ -70,7 +70,7 @@ def test_every_planned_construct_is_named_once_at_its_first_use():
         (9, 9, "`concat` is planned (issue: a language, not a menu) and not built yet"),
         (10, 17, "indexing and slicing (`x[...]`) is planned (issue: a language, not a menu) and not built yet"),
         (11, 9, "`lanes` is planned (issue: residual lanes) and not built yet"),
-        (12, 9, "a shared module (`as NAME shared`) is planned (issue: a language, not a menu) and not built yet"),
+        (12, 9, "a shared module (`as label shared`) is planned (issue: a language, not a menu) and not built yet"),
         (12, 22, "`init=` on `linear` is planned (issue: a language, not a menu) and not built yet"),
     ]
     concat = next(e for e in info.value.errors if "`concat`" in e.message)

@@ -12,17 +12,12 @@ import re
 
 import pytest
 
-from archc.compiler import composites, ops
 from archc.dsl import SpecError, parse, parse_file
 from archc.dsl.diagnostics import SpecErrors
-from archc.dsl.resolve import Vocabulary, check_names
-from conftest import ALL_SPECS, ROOT
+from archc.dsl.resolve import check_names
+from conftest import ALL_SPECS, ROOT, vocabulary
 
-VOCABULARY = Vocabulary({
-    **{name: (*op.inputs, *op.attrs) for name, op in ops.REGISTRY.items() if op.user},
-    **{name: (*comp.inputs, *comp.attrs) for name, comp in composites.COMPOSITES.items()},
-    "experts": None,
-})
+VOCABULARY = vocabulary()
 
 
 def check(text: str) -> None:

@@ -57,7 +57,7 @@ PLANNED_SYNTAX: dict[str, tuple[str, str]] = {
     "index": ("indexing and slicing (`x[...]`)", LANGUAGE),
     "unpack": ("assigning several names at once (`a, b = ...`)", LANGUAGE),
     "bit_ops": ("bit operations (`&`, `|`, `^`, `<<`, `>>`)", LANGUAGE),
-    "shared": ("a shared module (`as NAME shared`)", LANGUAGE),
+    "shared": ("a shared module (`as label shared`)", LANGUAGE),
     "multi_return": ("a block that returns several tensors", LANGUAGE),
 }
 
