@@ -133,6 +133,13 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "return_inside_repeat": (model("repeat i in 0..2 {", "    return x", "}"), {}, (4, 9), "inside `repeat`"),
     "block_defined_twice": (
         LAYER.format(body="    return x\n") * 2 + model("return x"), {}, (5, 1), "defined twice"),
+    "label_without_effect_in_repeat": (
+        model("repeat i in 0..4 {", "    x = Layer(x) as shared_layer", "}", "return x",
+              head=LAYER.format(body="    return x\n")), {}, (8, 13), "has no effect"),
+    "shared_label_used_once": (model("x = linear(x, 64) as proj shared", "return x"), {}, (3, 9), "has no effect"),
+    "planned_op": (model("a, b = chunk(x, 2)", "return a"), {}, (3, 5), "not built yet"),
+    "keyword_where_an_expression_is_due": (model("y =", "return y"), {}, (4, 5), "expected an expression"),
+    "no_unrelated_suggestion": (model("y = softmx(x)", "return y"), {}, (3, 9), "unknown op or block `softmx`"),
     "parenthesised_expression_ok_but_width_bad": (
         model("x = linear(x, (0 - 64))", "return x"), {}, (3, 9), "must be positive"),
     "number_too_large": (model("x = linear(x, 1e400)", "return x"), {}, (3, 19), "too large"),
@@ -169,6 +176,10 @@ def test_error(case_id, snapshot):
     assert phrase in rendered, rendered
     assert_actionable(rendered, err)
     assert rendered == snapshot
+
+
+def test_no_unrelated_suggestion():
+    assert "did you mean" not in compile_case("no_unrelated_suggestion").render()
 
 
 def test_at_least_24_cases():
