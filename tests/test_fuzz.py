@@ -1,11 +1,14 @@
 """Fuzz the front end: whatever text comes in, the only exception is a renderable SpecError.
 
-Four sources: (a) random sequences of the language's tokens, (b) random
+Five sources: (a) random sequences of the language's tokens, (b) random
 mutations of the specs in specs/, (c) random scalar expressions planted where a
 spec evaluates one (parameter defaults, op arguments, repeat bounds, `if`
-conditions, tensor dims), (d) random overrides and `-D` text. `archc.compile()`
-parses, lowers, runs the passes and generates source; it never builds a torch
-module, so each example is cheap. Whatever compiles must generate valid Python.
+conditions, tensor dims), (d) random overrides and `-D` text, (e) the front end
+alone — parsing with constructs not built yet allowed, then resolving every
+name — on token soup and on mutated specs, so the syntax whose lowering is
+still to come is fuzzed too. `archc.compile()` parses, lowers, runs the passes
+and generates source; it never builds a torch module, so each example is
+cheap. Whatever compiles must generate valid Python.
 """
 
 from __future__ import annotations
@@ -21,22 +24,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import archc
-from archc.dsl.parser import _lark
+from archc.dsl.parser import _lark, parse
+from archc.dsl.resolve import check_names
+from conftest import vocabulary
 
 SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).parent.parent / "specs").glob("*.arch"))}
 TERMINALS = {t.name for t in _lark().terminals} | {"$END"}
 LARK_NAME = re.compile(r"\b(__ANON\w*|[A-Z_]{3,})\b")
 
 KEYWORDS = ["use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else", "return",
-            "true", "false", "and", "or", "not"]
-PUNCT = [":", ",", "=", "+=", "(", ")", "[", "]", "{", "}", "..", "**", "==", "!=", "<=", ">=", "<", ">",
-         "+", "-", "*", "/", "//", "%"]
+            "true", "false", "and", "or", "not", "shared"]
+PUNCT = [":", ",", "=", "+=", "(", ")", "[", "]", "{", "}", "..", "...", "**", "==", "!=", "<=", ">=", "<", ">",
+         "+", "-", "*", "/", "//", "%", "&", "|", "^", "<<", ">>"]
 NAMES = ["x", "h", "y", "tokens", "logits", "loss", "B", "T", "d_model", "n_heads", "vocab", "i",
          "int", "float", "bool", "str", "Tokens", "Tensor", "Image", "Block", "M",
          "embedding", "pos_embedding", "linear", "layer_norm", "rms_norm", "dropout", "attention", "mlp",
          "swiglu", "gelu", "silu", "relu", "next_token_loss", "min", "max", "heads", "kv_heads", "head_dim",
          "hidden", "bias", "tie", "out", "act", "rope", "causal", "eps", "forward", "self", "class", "None",
-         "input", "add", "attention_core", "fused_linear", "split_part"]
+         "input", "add", "attention_core", "fused_linear", "split_part", "_", "Mask", "N", "L",
+         "chunk", "concat", "split", "shift", "learned", "zeros", "normal", "init", "cross_entropy", "mean", "dim",
+         "unsqueeze", "reshape", "where", "lanes", "Layer"]
 NUMBERS = ["0", "1", "2", "3", "7", "64", "0.5", "2.5", "1e-5", "1e400", "1000000000000", "00", "1.0e308"]
 STRINGS = ['"gelu"', '"relu"', '""', '"a\\tb"', '"\\u00e9"', '"\\x"', '"\\N{BULLET}"']
 ODD = ["'", ";", "@", "$", "?", "\\", "\t", "\u00e9", "\u2212", "#", "\"", "\x00", "\r", "\u2028", "\ufeff"]
@@ -44,26 +51,42 @@ TOKENS = KEYWORDS + PUNCT + NAMES + NUMBERS + STRINGS + ODD
 SEPARATORS = [" ", "\n", "", "  ", "\n    ", " # c\n"]
 
 
+def assert_actionable(err: archc.SpecError) -> None:
+    """Every problem the error reports is located (file:line:col, the line, a caret) and in the user's words."""
+    rendered = err.render()
+    assert isinstance(rendered, str) and rendered.strip()
+    for one in err.errors:
+        messages = [one.message, one.hint or "", *(note for note, _span in one.notes)]
+        for message in messages:
+            leaked = {m for m in LARK_NAME.findall(message) if m in TERMINALS or m.startswith("__ANON")}
+            assert not leaked, f"Lark terminal name {leaked} in {message!r}"
+            assert "Token(" not in message and "Tree(" not in message, message
+        assert one.span is not None, f"unlocated error: {rendered}"
+        assert str(one.span) in rendered and "^" in rendered
+        if one.span.source.name == "fuzz.arch":
+            assert "fuzz.arch" in rendered
+
+
 def check(text: str) -> None:
     """Compile `text`; any failure must be a SpecError whose rendering a user can act on."""
     try:
         compiled = archc.compile(text, name="fuzz.arch")
     except archc.SpecError as err:
-        rendered = err.render()
-        assert isinstance(rendered, str) and rendered.strip()
-        messages = [err.message, err.hint or "", *(note for note, _span in err.notes)]
-        for message in messages:
-            leaked = {m for m in LARK_NAME.findall(message) if m in TERMINALS or m.startswith("__ANON")}
-            assert not leaked, f"Lark terminal name {leaked} in {message!r}"
-            assert "Token(" not in message and "Tree(" not in message, message
-        # Every problem in a spec is located: file:line:col, the line, a caret.
-        assert err.span is not None, f"unlocated error: {rendered}"
-        assert str(err.span) in rendered and "^" in rendered
-        if err.span.source.name == "fuzz.arch":
-            assert "fuzz.arch" in rendered
+        assert_actionable(err)
         return
     # It compiled: the generated module must at least be valid Python.
     builtins.compile(compiled.source, "<generated>", "exec")
+
+
+VOCABULARY = vocabulary()
+
+
+def check_front_end(text: str) -> None:
+    """Parse `text` allowing what is not built yet and resolve its names: only located SpecErrors."""
+    try:
+        check_names([parse(text, "fuzz.arch", unbuilt=True)], VOCABULARY)
+    except archc.SpecError as err:
+        assert_actionable(err)
 
 
 # ARCHC_FUZZ_SCALE=20 runs twenty times as many examples (a soak run);
@@ -118,7 +141,7 @@ def test_random_tokens_in_a_model(pieces):
 # ---- (b) mutations of real specs --------------------------------------------
 
 LEX = re.compile(r"\s+|#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*"
-                 r"|\*\*|\+=|\.\.|[=!<>]=|//|.", re.S)
+                 r"|\*\*|\+=|\.\.\.|\.\.|<<|>>|[=!<>]=|//|.", re.S)
 IDENT = re.compile(r"[A-Za-z_]\w*\Z")
 NUMBER = re.compile(r"\d")
 
@@ -188,6 +211,29 @@ def test_mutated_specs(text):
 def test_specs_round_trip_the_tokenizer(name):
     # The mutator relies on tokenize() covering the text exactly.
     assert "".join(tokenize(SPECS[name])) == SPECS[name]
+
+
+# ---- (e) the front end alone: syntax whose lowering is still to come -------------
+
+NEW_SYNTAX = ["x[:, 0]", "x[..., :d]", "x[1:-1:2]", "a, b = chunk(x, 2)", "a, _ = x, y", "t << 2 ^ t & 7 | t >> 1",
+              "x = Layer(x) as l shared", "m: Mask[B, T]", "learned([1, 1, 64], init=normal(0.02))",
+              "concat([x, y], dim=1)", "return a, b"]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TOKENS + NEW_SYNTAX), st.sampled_from(SEPARATORS)), max_size=30))
+def test_front_end_on_random_tokens_in_a_model(pieces):
+    check_front_end(SKELETON.format("".join(tok + sep for tok, sep in pieces)))
+
+
+FRONT_END_BUDGET = Budget(8)
+
+
+@fuzz(500)
+@given(mutated_spec())
+def test_front_end_on_mutated_specs(text):
+    if not FRONT_END_BUDGET.spent():
+        check_front_end(text)
 
 
 # ---- (c) random scalar expressions where the spec evaluates one ---------------

@@ -1,0 +1,108 @@
+"""Constructs that are designed but not built: refused by name, all at once, and never out of date.
+
+The tables in archc/dsl/planned.py must shrink as the compiler grows: a test
+here fails while a built op, argument or type is still listed as planned.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import archc
+from archc.cli import main
+from archc.compiler import composites, lower, ops
+from archc.dsl import SpecError, parse
+from archc.dsl.planned import PLANNED_ARGUMENTS, PLANNED_OPS, PLANNED_TYPES, unbuilt
+
+BUILT_OPS = {name for name, op in ops.REGISTRY.items() if op.user} | set(composites.COMPOSITES) | {"experts"}
+
+
+def _arguments(op: str) -> set[str]:
+    if op in composites.COMPOSITES:
+        comp = composites.COMPOSITES[op]
+        return {*comp.inputs, *comp.attrs}
+    return {*ops.REGISTRY[op].inputs, *ops.REGISTRY[op].attrs}
+
+
+def test_no_built_op_is_listed_as_planned():
+    assert not set(PLANNED_OPS) & BUILT_OPS, "remove built ops from archc/dsl/planned.py"
+
+
+def test_planned_arguments_belong_to_built_ops_and_are_not_built():
+    for op, arg in PLANNED_ARGUMENTS:
+        assert op in BUILT_OPS, op
+        assert arg not in _arguments(op), f"`{arg}=` on `{op}` is built: remove it from PLANNED_ARGUMENTS"
+
+
+def test_planned_types_are_not_built():
+    assert not set(PLANNED_TYPES) & set(lower.TENSOR_KINDS)
+
+
+SPEC = """param p: int = 1 << 4
+
+block J(a: Tensor[B, N, 8], b: Tensor[B, N, 8]) {
+    return b, a
+}
+
+model M(x: Tensor[B, N, 8], m: Mask[B, N]) {
+    a, b = J(x, x)
+    c = concat([a, b], dim=1)
+    d = concat([c[:, 0], b[:, 1]], dim=-1)
+    e = lanes(d, n=4) as lanes
+    f = linear(e, 8, init=zeros()) as proj shared
+    g = linear(f, 8) as proj shared
+    return g
+}
+"""
+
+
+def test_every_planned_construct_is_named_once_at_its_first_use():
+    with pytest.raises(SpecError) as info:
+        parse(SPEC, "bad.arch")
+    found = [(e.span.line, e.span.column, e.message) for e in info.value.errors]
+    assert found == [
+        (1, 16, ("bit operations (`&`, `|`, `^`, `<<`, `>>`) is planned (issue: a language, not a menu) and not "
+                 "built yet")),
+        (4, 5, "a block that returns several tensors is planned (issue: a language, not a menu) and not built yet"),
+        (7, 32, "the tensor type `Mask` is planned (issue: a language, not a menu) and not built yet"),
+        (8, 5, ("assigning several names at once (`a, b = ...`) is planned (issue: a language, not a menu) and not "
+                "built yet")),
+        (9, 9, "`concat` is planned (issue: a language, not a menu) and not built yet"),
+        (10, 17, "indexing and slicing (`x[...]`) is planned (issue: a language, not a menu) and not built yet"),
+        (11, 9, "`lanes` is planned (issue: residual lanes) and not built yet"),
+        (12, 9, "a shared module (`as label shared`) is planned (issue: a language, not a menu) and not built yet"),
+        (12, 22, "`init=` on `linear` is planned (issue: a language, not a menu) and not built yet"),
+    ]
+    concat = next(e for e in info.value.errors if "`concat`" in e.message)
+    assert [(n, s.line, s.column) for n, s in concat.notes] == [("also used here", 10, 9)]
+    assert parse(SPEC, "bad.arch", unbuilt=True).blocks[1].name == "M"
+
+
+def test_many_uses_of_one_construct_are_counted_not_listed():
+    lines = "".join(f"    y{i} = x[:, {i}]\n" for i in range(8))
+    with pytest.raises(SpecError) as info:
+        parse(f"model M(x: Tensor[B, N, 8]) {{\n{lines}    return y0\n}}\n", "bad.arch")
+    (err,) = info.value.errors
+    assert len(err.notes) == 4 and err.notes[-1] == ("and 4 more uses", None)
+
+
+def test_a_block_of_the_same_name_is_not_planned():
+    module = parse("block patch(x: Tensor[B, T, 8]) {\n    return x\n}\n"
+                   "model M(x: Tensor[B, T, 8]) {\n    return patch(x)\n}\n")
+    assert not unbuilt(module)
+
+
+def test_compile_refuses_a_scalar_bit_operation_by_name():
+    # Before, `1 << 4` in a parameter reached the scalar evaluator, which had no `<<`.
+    with pytest.raises(archc.SpecError, match="bit operations .* not built yet") as info:
+        archc.compile(SPEC.split("\n\n")[0] + "\n\nmodel M(x: Tensor[B, N, 8]) {\n    return x\n}\n", name="bad.arch")
+    assert str(info.value.span) == "bad.arch:1:16"
+
+
+def test_cli_prints_every_problem_and_their_count(tmp_path, capsys):
+    spec = tmp_path / "bad.arch"
+    spec.write_text(SPEC)
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert err.count(": error: ") == 9 and err.rstrip().endswith("9 errors")
+    assert "Traceback" not in err and err.count("^") >= 9
