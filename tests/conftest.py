@@ -17,14 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for reference_models
 
 def vocabulary():
     """What the compiler lets a spec call, as the name resolver (archc.dsl.resolve) takes it."""
-    from archc.compiler import composites, ops
-    from archc.dsl.resolve import Vocabulary
+    from archc.compiler import ops
 
-    return Vocabulary({
-        **{name: (*op.inputs, *op.attrs) for name, op in ops.REGISTRY.items() if op.user},
-        **{name: (*comp.inputs, *comp.attrs) for name, comp in composites.COMPOSITES.items()},
-        "experts": None,
-    })
+    return ops.vocabulary()
 
 
 # Specs that use a construct not built yet (archc/dsl/planned.py) parse but do not compile;

@@ -10,16 +10,16 @@ import pytest
 
 import archc
 from archc.cli import main
-from archc.compiler import composites, lower, ops
+from archc.compiler import lower, ops
 from archc.dsl import SpecError, parse
 from archc.dsl.planned import PLANNED_ARGUMENTS, PLANNED_OPS, PLANNED_TYPES, unbuilt
 
-BUILT_OPS = {name for name, op in ops.REGISTRY.items() if op.user} | set(composites.COMPOSITES) | {"experts"}
+BUILT_OPS = {name for name, op in ops.REGISTRY.items() if op.user} | set(ops.COMPOSITES)
 
 
 def _arguments(op: str) -> set[str]:
-    if op in composites.COMPOSITES:
-        comp = composites.COMPOSITES[op]
+    if op in ops.COMPOSITES:
+        comp = ops.COMPOSITES[op]
         return {*comp.inputs, *comp.attrs}
     return {*ops.REGISTRY[op].inputs, *ops.REGISTRY[op].attrs}
 

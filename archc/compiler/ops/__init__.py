@@ -20,7 +20,8 @@ from archc.compiler.ops.base import (
     dim_value,
     fmt_shape,
     numel,
+    vocabulary,
 )
 
 __all__ = ["A", "COMPOSITES", "Composite", "LowerContext", "OpDef", "REGISTRY", "REQUIRED", "Width", "bind",
-           "dim_symbols", "dim_value", "fmt_shape", "numel"]
+           "dim_symbols", "dim_value", "fmt_shape", "numel", "vocabulary"]

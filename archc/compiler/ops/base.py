@@ -26,6 +26,7 @@ from archc.compiler.scalars import evaluate
 from archc.dsl import ast
 from archc.dsl.ast import Span
 from archc.dsl.diagnostics import SpecError, closest, did_you_mean
+from archc.dsl.resolve import Vocabulary
 
 REQUIRED = object()
 
@@ -258,6 +259,15 @@ class Composite:
 
 
 COMPOSITES: dict[str, Composite] = {}
+
+
+def vocabulary() -> Vocabulary:
+    """What a spec may call besides its blocks, with each op's argument names in positional order: the
+    `Vocabulary` the front end's name resolver (archc.dsl.resolve) checks a whole spec against."""
+    return Vocabulary({
+        **{name: (*op.inputs, *op.attrs) for name, op in REGISTRY.items() if op.user},
+        **{name: (*comp.inputs, *comp.attrs) for name, comp in COMPOSITES.items()},
+    })
 
 
 def composite(name: str, *, cls: str, default_name: str, attrs: dict[str, A],
