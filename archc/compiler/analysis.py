@@ -39,7 +39,10 @@ def sizes_for(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = 
 
 
 def node_params(graph: Graph, node: Node) -> dict[str, tuple]:
-    """Canonical state-dict name -> shape of the weights this node owns."""
+    """Canonical state-dict name -> shape of the weights this node owns (none where it calls a module another
+    call made: `as label shared`)."""
+    if graph.borrowed(node):
+        return {}
     op = ops.REGISTRY[node.op]
     ins = [graph.node(a).shape for a in graph.args(node.id)]
     prefix = (node.scope if op.weights_at_scope else node.path)

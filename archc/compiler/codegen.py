@@ -22,7 +22,7 @@ import attrs
 
 from archc import __version__
 from archc.compiler import ops
-from archc.compiler.ir import Graph, Node, Scope
+from archc.compiler.ir import Graph, IRError, Node, Scope
 from archc.compiler.pytext import docstring_line, inert
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -100,6 +100,10 @@ class _Codegen:
         self.instances: dict[str, list[tuple[Scope, str]]] = {}  # class name -> (scope, marked body) per use
         self.used_names: set[str] = set(_MODULE_NAMES)
         self.order: list[str] = []  # class names in definition order
+        self.shared_by: dict[str, list[str]] = defaultdict(list)  # scope path -> the later calls of its module
+        for path, scope in graph.scopes.items():
+            if scope.shares:
+                self.shared_by[scope.shares].append(path)
         self._io: dict[str, tuple[list[str], list[str]]] = {}
 
     # ---- scope structure -----------------------------------------------------
@@ -129,6 +133,7 @@ class _Codegen:
         return inputs, outputs
 
     def attr_of(self, parent: str, child: str) -> tuple[str, int | None]:
+        child = self.g.scopes[child].shares or child  # a shared module's later calls name its first
         rel = child[len(parent) + 1:] if parent else child
         if "." in rel:
             name, index = rel.rsplit(".", 1)
@@ -143,6 +148,11 @@ class _Codegen:
         scope = self.g.scopes[path]
         body = self.class_body(path, scope)
         key = (scope.kind, scope.cls, _MARKED.sub("", body))
+        if scope.shares:  # a later call of a shared module: no class of its own, the same code as the first
+            if self.key_class.get(key) != self.class_of[scope.shares]:
+                raise IRError(f"{path} calls the shared module {scope.shares} but its code differs")
+            self.class_of[path] = self.class_of[scope.shares]
+            return self.class_of[path]
         if key in self.key_class:
             name = self.key_class[key]
         else:
@@ -178,12 +188,18 @@ class _Codegen:
         lines: list[str] = []
         why = next(filter(None, (ops.REGISTRY[n.op].cannot_decode(n, [g.node(a).shape for a in g.args(n.id)])
                                  for n in direct)), None)
+        if not why and self.shared_by.get(scope.shares or path) and any(
+                ops.REGISTRY[n.op].kernel_family and not ops.REGISTRY[n.op].cannot_decode(
+                    n, [g.node(a).shape for a in g.args(n.id)]) for n in self.subtree[path]):
+            why = "a shared module called several times per token: one decoding cache cannot serve every call"
         if why:  # what archc.runtime.decoding reads to refuse this module by name
             lines += ["", f"    cannot_decode = {why!r}"]
         lines += ["", "    def __init__(self) -> None:", "        super().__init__()"]
         # modules in program order: this scope's own weighted nodes, child modules, lists
         entries: list[tuple[float, list[str]]] = []
         for node in direct:
+            if node.shares:
+                continue  # its module is the shared one's
             op = ops.REGISTRY[node.op]
             ins = [g.node(a).shape for a in g.args(node.id)]
             ctor = op.init(node, ins)
@@ -193,6 +209,8 @@ class _Codegen:
                 entries.append((node.order, mine))
         lists: dict[str, list[str]] = defaultdict(list)
         for child in self.children[path]:
+            if g.scopes[child].shares:
+                continue  # calls the module of an earlier call
             attr, index = self.attr_of(path, child)
             first = min(n.order for n in self.subtree[child])
             if index is None:
@@ -262,16 +280,18 @@ class _Codegen:
         return lines
 
     def _loops(self, path, items):
-        """Collapse runs of list members that thread one value through into a `for` loop."""
+        """Collapse runs of list members, or of calls of one shared module, that thread one value through
+        into a `for` loop."""
         out, i = [], 0
         while i < len(items):
             order, kind, obj = items[i]
             if kind == "child":
                 attr, index = self.attr_of(path, obj)
-                if index is not None:
+                owner = self.g.scopes[obj].shares or obj
+                if index is not None or self.shared_by.get(owner):
                     run = [obj]
                     j = i + 1
-                    while j < len(items) and items[j][1] == "child" and self.attr_of(path, items[j][2])[0] == attr:
+                    while j < len(items) and items[j][1] == "child" and self._same_run(path, obj, items[j][2]):
                         run.append(items[j][2])
                         j += 1
                     if self._chain(run):
@@ -281,6 +301,15 @@ class _Codegen:
             out.append(items[i])
             i += 1
         return out
+
+    def _same_run(self, path: str, first: str, other: str) -> bool:
+        """`other` continues a run begun by `first`: a member of the same list, or a call of the same shared
+        module."""
+        scopes = self.g.scopes
+        if self.attr_of(path, first)[1] is not None:
+            return self.attr_of(path, other)[1] is not None and self.attr_of(path, other)[0] == self.attr_of(
+                path, first)[0]
+        return (scopes[other].shares or other) == (scopes[first].shares or first)
 
     def _expert_loops(self, path, items):
         """Per-expert rows -> body -> concat becomes one comprehension over the expert list."""
@@ -354,6 +383,8 @@ class _Codegen:
                 ns.last_use[var] = last_use[dst]
                 head = []
             names[dst] = var
+            if self.attr_of(path, run[0])[1] is None:  # one shared module, called again and again
+                return [*head, f"for _ in range({len(run)}):", f"    {var} = self.{attr}({var})"]
             elem = "layer" if attr == "layers" else "block"
             return [*head, f"for {elem} in self.{attr}:", f"    {var} = {elem}({var})"]
         if kind == "experts":

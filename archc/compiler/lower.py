@@ -239,6 +239,17 @@ class _Names:
 
 
 @attrs.define
+class _Shared:
+    """A `shared` label of one body: the module its first call made, and the arguments every call repeats."""
+
+    func: str
+    args: dict[str, Any]  # the call's scalar arguments, defaults filled in
+    owner: str  # the first call's node id (an op) or scope path (a block or built-in)
+    span: Span
+    uses: int = 1
+
+
+@attrs.define
 class _Frame:
     """One block body being lowered."""
 
@@ -247,6 +258,10 @@ class _Frame:
     names: _Names
     labels: dict[str, str]  # label -> node id (for tie=)
     env: dict[str, Any]
+    shared: dict[str, _Shared] = attrs.Factory(dict)  # this body's `as label shared` modules
+    # In the steps of a `repeat` that calls a shared module: its label. Such steps are no modules of their
+    # own (the shared module belongs to the body around the repeat), so they can make none.
+    reusing: str | None = None
 
 
 def snake(name: str) -> str:
@@ -381,16 +396,71 @@ class Lowerer:
                 raise SpecError(f"`repeat` bounds must be ints, got {type_name(bound)}", expr.span)
         if stop - start > 10_000:
             raise SpecError(f"`repeat` of {stop - start} steps is more than the 10000 allowed", stmt.span)
+        reusing = frame.reusing or _shared_label(stmt.body)
+        if reusing:
+            self._repeat_reusing(stmt, frame, reusing, range(start, stop))
+            return
         attr = frame.names.claim(stmt.name or "layers", stmt.name is not None, stmt.span)
         for i in range(start, stop):
             path = f"{frame.scope}.{attr}.{i}" if frame.scope else f"{attr}.{i}"
             with self.step(path, attr, stmt.span):
                 frame.env[stmt.var] = i
-                step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
+                step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env, frame.shared)
                 if self._body(stmt.body, step) is not None:
                     raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
                                     hint="return after the loop, from the enclosing block")
         frame.env.pop(stmt.var, None)
+
+    def _repeat_reusing(self, stmt: ast.Repeat, frame: _Frame, reusing: str, steps: range) -> None:
+        """A `repeat` whose steps call a shared module: each step runs in the body around it, calling the one
+        module (ALBERT's layer applied n times) rather than making a list of its own."""
+        if stmt.name is not None:
+            raise SpecError(f"`as {stmt.name}` names the list of a `repeat`'s modules, but these steps reuse the "
+                            f"shared module `{reusing}` and make no list", stmt.span,
+                            hint=f"drop `as {stmt.name}`; the shared module is `{reusing}`")
+        step = _Frame(frame.scope, frame.module, frame.names, frame.labels, frame.env, frame.shared, reusing)
+        for i in steps:
+            frame.env[stmt.var] = i
+            if self._body(stmt.body, step) is not None:
+                raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
+                                hint="return after the loop, from the enclosing block")
+        frame.env.pop(stmt.var, None)
+
+    def _module(self, call: ast.Call, frame: _Frame, default: str, args: dict[str, Any]) -> tuple[str, _Shared | None]:
+        """The attribute name of the module `call` makes in `frame`, and the shared module it calls again
+        instead (None: the call makes its own). `args` are its scalar arguments, which every call of one
+        shared module must repeat."""
+        if call.shared:
+            first = frame.shared.get(call.label)
+            if first is None:
+                return frame.names.claim(call.label, True, call.span), None
+            if first.func != call.func:
+                raise SpecError(f"the shared module `{call.label}` is `{first.func}`, so this call cannot be "
+                                f"`{call.func}`", call.func_span, notes=[(f"`{call.label}` is first made here",
+                                                                          first.span)])
+            for name, value in args.items():
+                if first.args.get(name) != value:
+                    raise SpecError(
+                        f"the shared module `{call.label}` was made with {name}={show(first.args.get(name))}; every "
+                        f"call of it repeats its arguments (but its tensors), and this one gives {name}={show(value)}",
+                        call.span, notes=[(f"`{call.label}` is first made here", first.span)])
+            return call.label, first
+        if frame.reusing:
+            raise SpecError(f"a `repeat` step that calls the shared module `{frame.reusing}` cannot make a module "
+                            f"of its own (this `{call.func}`) yet: the step is no module to hold it", call.span,
+                            hint=f"share it too (`as {call.label or default} shared`), or make it outside the "
+                                 "`repeat`")
+        return frame.names.claim(call.label or default, call.label is not None, call.span), None
+
+    def _remember_shared(self, call: ast.Call, frame: _Frame, args: dict[str, Any], owner: str) -> None:
+        if call.shared and call.label not in frame.shared:
+            frame.shared[call.label] = _Shared(call.func, args, owner, call.span)
+
+    def _shared_scope(self, first: _Shared, cls: str, kind: str, span: Span, **fields) -> Scope:
+        """The scope of a later call of the shared module `first` made: `<its path>#<k>`, owning no weights."""
+        path = f"{first.owner}#{first.uses}"
+        first.uses += 1
+        return Scope(path, cls, kind, span, shares=first.owner, **fields)
 
     @contextmanager
     def step(self, path: str, attr: str, span: Span) -> Iterator[None]:
@@ -509,11 +579,23 @@ class Lowerer:
                 attrs_[name] = False  # a tied linear borrows the embedding's weight and has no bias
             else:
                 attrs_[name] = spec.default
-        name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if not op.pure \
-            else (call.label or op.name)
+        first = None
+        if op.pure or op.random:
+            if call.shared:
+                raise SpecError(f"`{op.name}` makes no module, so `shared` has nothing to share", call.span,
+                                hint=f"drop `shared`; a label on `{op.name}` only names its value")
+            name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if op.random \
+                else (call.label or op.name)
+        else:
+            given = {k: evaluate(v.expr, v.env) if isinstance(v, Unfolded) else v for k, v in attrs_.items()}
+            name, first = self._module(call, frame, op.name, given)
         node = self.graph.add(op.name, args, attrs_, scope=frame.scope, name=name, span=call.span)
+        if first is not None:
+            node.shares = first.owner
+        elif not (op.pure or op.random):
+            self._remember_shared(call, frame, given, node.id)
         if call.label:
-            frame.labels[call.label] = node.id
+            frame.labels.setdefault(call.label, node.id)
         return TensorRef(node.id)
 
     def _tie_target(self, expr: ast.Expr, frame: _Frame) -> str:
@@ -538,10 +620,15 @@ class Lowerer:
                 raise SpecError(f"{what} needs its `{name}` argument", call.span)
             args.append(self._tensor_arg(bound[name], frame, f"`{name}` of {what}").node)
         values = attr_values(call, bound, comp.attrs, _scalars(frame.env), what)
-        attr = frame.names.claim(call.label or comp.default_name, call.label is not None, call.span)
-        path = f"{frame.scope}.{attr}" if frame.scope else attr
-        scope = Scope(path, comp.cls, "composite", call.span, inputs=list(args), arg_names=list(comp.inputs),
-                      builtin=comp.name)
+        attr, first = self._module(call, frame, comp.default_name, values)
+        fields = {"inputs": list(args), "arg_names": list(comp.inputs), "builtin": comp.name, "call": call.span}
+        if first is not None:
+            scope = self._shared_scope(first, comp.cls, "composite", call.span, **fields)
+        else:
+            scope = Scope(f"{frame.scope}.{attr}" if frame.scope else attr, comp.cls, "composite", call.span,
+                          **fields)
+            self._remember_shared(call, frame, values, scope.path)
+        path = scope.path
         self.graph.scopes[path] = scope
         self.names[path] = _Names()
         scope.outputs = [comp.lower(ops.LowerContext(self, frame, path, call.span, bound), args, values)]
@@ -565,18 +652,16 @@ class Lowerer:
             raise SpecError(f"block `{call.func}` calls itself: {chain}", call.func_span)
         bound = ops.bind(call, [p.name for p in block.params], f"block `{block.name}`")
         env = dict(self.module_env[id(module)])
-        attr = frame.names.claim(call.label or snake(block.name), call.label is not None, call.span)
-        path = f"{frame.scope}.{attr}" if frame.scope else attr
-        scope = Scope(path, block.name, "block", block.span)
         caller_scalars = _scalars(frame.env)
+        inputs, arg_names = [], []
         for p in block.params:
             if isinstance(p.type, ast.TensorType):
                 if p.name not in bound:
                     raise SpecError(f"block `{block.name}` needs its tensor argument `{p.name}`", call.span)
                 ref = self._tensor_arg(bound[p.name], frame, f"`{p.name}` of `{block.name}`")
                 env[p.name] = ref
-                scope.inputs.append(ref.node)
-                scope.arg_names.append(p.name)
+                inputs.append(ref.node)
+                arg_names.append(p.name)
                 continue
             check_type(p.type)
             if p.name in bound:
@@ -586,6 +671,16 @@ class Lowerer:
                 env[p.name] = coerce(evaluate(p.default, env), p.type.name, p.default.span, f"`{p.name}`")
             else:
                 raise SpecError(f"block `{block.name}` needs its argument `{p.name}`", call.span)
+        attr, first = self._module(call, frame, snake(block.name), {p.name: env[p.name] for p in block.params
+                                                                    if not isinstance(p.type, ast.TensorType)})
+        fields = {"inputs": inputs, "arg_names": arg_names, "call": call.span}
+        if first is not None:
+            scope = self._shared_scope(first, block.name, "block", block.span, **fields)
+        else:
+            scope = Scope(f"{frame.scope}.{attr}" if frame.scope else attr, block.name, "block", block.span, **fields)
+            self._remember_shared(call, frame, {p.name: env[p.name] for p in block.params
+                                                if not isinstance(p.type, ast.TensorType)}, scope.path)
+        path = scope.path
         for p in block.params:
             if isinstance(p.type, ast.TensorType):
                 if p.type.kind not in TENSOR_KINDS:
@@ -605,6 +700,20 @@ class Lowerer:
         scope.outputs = [value.node]
         scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out"]
         return value
+
+
+def _shared_label(stmts) -> str | None:
+    """The first `as label shared` label called in `stmts` (looking into `if` and `repeat`, not into blocks)."""
+    for stmt in stmts:
+        for expr in ast.expressions(stmt):
+            for node in ast.subexpressions(expr):
+                if isinstance(node, ast.Call) and node.shared:
+                    return node.label
+        for body in ast.bodies(stmt):
+            found = _shared_label(body)
+            if found:
+                return found
+    return None
 
 
 def _first_return(stmts) -> Span | None:

@@ -57,7 +57,6 @@ PLANNED_SYNTAX: dict[str, tuple[str, str]] = {
     "index": ("indexing and slicing (`x[...]`)", LANGUAGE),
     "unpack": ("assigning several names at once (`a, b = ...`)", LANGUAGE),
     "bit_ops": ("bit operations (`&`, `|`, `^`, `<<`, `>>`)", LANGUAGE),
-    "shared": ("a shared module (`as label shared`)", LANGUAGE),
     "multi_return": ("a block that returns several tensors", LANGUAGE),
 }
 
@@ -127,8 +126,6 @@ def _expr_uses(expr, own_blocks: set[str]) -> Iterator[tuple[str, str, ast.Span]
         elif isinstance(node, ast.BinOp) and node.op in BIT_OPS:
             yield _syntax("bit_ops", node.span)
         elif isinstance(node, ast.Call):
-            if node.shared:
-                yield _syntax("shared", node.span)
             if node.func in PLANNED_OPS and node.func not in own_blocks:
                 yield f"op {node.func}", planned(f"`{node.func}`", PLANNED_OPS[node.func]), node.func_span
             for kw in node.kwargs:

@@ -160,6 +160,7 @@ class OpDef:
     inputs: ClassVar[tuple[str, ...]] = ("x",)  # tensor arguments, in order
     attrs: ClassVar[dict[str, A]] = {}  # scalar attributes, in positional order
     pure: ClassVar[bool] = True  # no weights, no randomness: safe to CSE
+    random: ClassVar[bool] = False  # impure only for its randomness: it makes no module with weights
     user: ClassVar[bool] = True  # callable from a spec
     # The kernel family (archc.kernels.registry) whose face the `kernel` attribute names, and the
     # words `--kernel` patterns may use for this op ("attention", or "mixers" and the mixer's name).

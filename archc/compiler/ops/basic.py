@@ -250,6 +250,7 @@ class Dropout(OpDef):
     name = "dropout"
     attrs = {"p": A(float, unit=True)}
     pure = False  # random: two dropouts of one input are not the same value
+    random = True
 
     def forward(self, node, args, out, mod, ins):
         return [f"{out} = F.dropout({args[0]}, p={node.attrs['p']!r}, training=self.training)"]

@@ -29,8 +29,10 @@ def fuse_projections(graph: Graph, options=None) -> Graph:
     """Invariant after: no two untied linears in one scope read the same input with the same bias flag."""
     graph = graph.copy()
     groups: dict[tuple, list[str]] = defaultdict(list)
+    shared = {n.shares for n in graph.nodes() if n.shares}
     for node in graph.nodes():
-        if node.op == "linear" and not node.attrs.get("tie"):
+        # a linear called again with `as label shared` is one module: it stays one
+        if node.op == "linear" and not node.attrs.get("tie") and not node.shares and node.id not in shared:
             (src,) = graph.args(node.id)
             groups[(node.scope, src, node.attrs["bias"])].append(node.id)
     taken = {(n.scope, n.name) for n in graph.nodes()}
