@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import ALL_SPECS, ROOT, vocabulary
 
+import archc
 from archc.dsl import SpecError, parse, parse_file
 from archc.dsl.diagnostics import SpecErrors
 from archc.dsl.resolve import check_names
-from conftest import ALL_SPECS, ROOT, vocabulary
 
 VOCABULARY = vocabulary()
 
@@ -219,7 +220,8 @@ def test_a_label_on_the_only_call_in_a_repeat_is_an_error_saying_what_to_write()
     # Today's silent case: the label was dropped and n separate layers were built.
     with pytest.raises(SpecError) as info:
         parse(LAYER + "model M(tokens: Tokens[B, T]) {\n    x = embedding(tokens, 100, 64)\n"
-                      "    repeat i in 0..4 as layers {\n        x = Layer(x) as shared_layer\n    }\n    return x\n}\n",
+                      "    repeat i in 0..4 as layers {\n        x = Layer(x) as shared_layer\n    }\n"
+                      "    return x\n}\n",
               "bad.arch")
     err = info.value
     assert (err.span.line, err.span.column) == (8, 13)
@@ -261,3 +263,29 @@ def test_a_label_used_twice_is_reported_with_the_shared_way_out():
                      "    y = linear(x, 64) as e\n    return y\n}\n")
     assert [e.message for e in found] == ["the name `e` is already used in this block"]
     assert "as e shared" in found[0].hint
+
+
+# ---- wired into the compiler ---------------------------------------------------------------
+
+
+def test_compile_reports_every_unknown_name_in_one_run():
+    with pytest.raises(SpecErrors) as info:
+        archc.compile(DIT, name="bad.arch")
+    assert [e.message for e in info.value.errors if "not built yet" not in e.message] == \
+        [e.message for e in problems(DIT)]
+
+
+def test_compile_reports_unknown_names_and_unbuilt_constructs_together(tmp_path):
+    (tmp_path / "lib.arch").write_text("block L(x: Tensor[B, T, 8]) {\n    return lanes(x, n=4)\n}\n")
+    spec = tmp_path / "main.arch"
+    spec.write_text('use "lib.arch"\nmodel M(x: Tensor[B, T, 8]) {\n    y = L(lnear(x, 8))\n    return y\n}\n')
+    with pytest.raises(SpecErrors) as info:
+        archc.compile(spec)
+    assert sorted((e.span.source.name.rsplit("/", 1)[-1], e.message.split(" (")[0]) for e in info.value.errors) == [
+        ("lib.arch", "`lanes` is planned"), ("main.arch", "unknown op or block `lnear`")]
+
+
+def test_the_compiler_never_suggests_the_model_itself():
+    with pytest.raises(SpecError) as info:
+        archc.compile("model Encoder(x: Tensor[B, T, 8]) {\n    return Encodr(x)\n}\n", name="bad.arch")
+    assert info.value.hint is None

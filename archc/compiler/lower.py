@@ -27,8 +27,10 @@ from archc.compiler.ops.base import attr_values
 from archc.compiler.scalars import BUILTINS, Unfolded, check_size, coerce, evaluate, scalar_op, show, type_name
 from archc.dsl import ast
 from archc.dsl.ast import Span
-from archc.dsl.diagnostics import SpecError, closest, did_you_mean, end_of
+from archc.dsl.diagnostics import Collector, SpecError, closest, did_you_mean, end_of
 from archc.dsl.parser import parse, parse_file
+from archc.dsl.planned import unbuilt
+from archc.dsl.resolve import check_names
 
 TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float"}
 SCALAR_TYPES = ("int", "float", "bool", "str")
@@ -79,17 +81,25 @@ def header_span(block: ast.BlockDef) -> Span:
 
 
 def load_spec(path_or_text: str | Path, name: str | None = None) -> Spec:
-    """Parse a spec file (or text) and everything it `use`s, rejecting cycles and clashes."""
+    """Parse a spec file (or text) and everything it `use`s, rejecting cycles and clashes; then report every
+    construct not built yet and every unknown name, argument or label of all of them at once."""
     if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and path_or_text.endswith(".arch")
                                           and "\n" not in path_or_text):
-        main = parse_file(path_or_text)
+        main = parse_file(path_or_text, unbuilt=True)
         base = Path(path_or_text).parent
     else:
-        main = parse(str(path_or_text), name or "<spec>")
+        main = parse(str(path_or_text), name or "<spec>", unbuilt=True)
         base = Path(".")
     modules: list[ast.Module] = []
     blocks: dict[str, tuple[ast.BlockDef, ast.Module]] = {}
     _load(main, base, modules, blocks, stack=[str(Path(main.source.name))])
+    errors = Collector()
+    for module in modules:
+        for err in unbuilt(module):
+            errors.add(err)
+    with errors.attempt():
+        check_names(modules, ops.vocabulary())
+    errors.raise_any()
     return Spec(main, modules, blocks)
 
 
@@ -126,7 +136,7 @@ def _load(module, base, modules, blocks, stack) -> None:
             raise SpecError(f'cannot `use "{use.path}"`: {what}{where}', use.span,
                             hint=did_you_mean(target.name, near))
         try:
-            sub = parse_file(target)
+            sub = parse_file(target, unbuilt=True)
         except SpecError as err:
             if err.span is not None:
                 raise
@@ -551,7 +561,8 @@ class Lowerer:
         if call.func in BUILTINS:
             return evaluate(call, _scalars(frame.env))
         known = [*self.spec.blocks, *ops.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
-        raise SpecError(f"unknown op or block `{call.func}`", call.func_span, hint=did_you_mean(call.func, known))
+        raise SpecError(f"unknown op or block `{call.func}`", call.func_span,
+                        hint=did_you_mean(call.func, known, exclude=[self.spec.model.name]))
 
     def _tensor_arg(self, expr: ast.Expr, frame: _Frame, what: str) -> TensorRef:
         value = self._expr(expr, frame)

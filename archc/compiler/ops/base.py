@@ -387,7 +387,8 @@ class LowerContext:
         """The spec's block `name`, given as argument `arg`; else a located error saying `why`."""
         blocks = self._lowerer.spec.blocks
         if name not in blocks:
-            raise SpecError(why, self.where(arg), hint=did_you_mean(name or "?", blocks))
+            raise SpecError(why, self.where(arg), hint=did_you_mean(name or "?", [b for b, (d, _m) in blocks.items()
+                                                                                  if not d.is_model]))
         return blocks[name][0]
 
     def call(self, func: str, tensors: list[str], kwargs: dict[str, Any] | None = None,
