@@ -137,9 +137,9 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
         model("repeat i in 0..4 {", "    x = Layer(x) as shared_layer", "}", "return x",
               head=LAYER.format(body="    return x\n")), {}, (8, 13), "has no effect"),
     "shared_label_used_once": (model("x = linear(x, 64) as proj shared", "return x"), {}, (3, 9), "has no effect"),
-    "planned_op": (model("a, b = chunk(x, 2)", "return a"), {}, (3, 5), "not built yet"),
+    "planned_op": (model("a = lanes(x, n=4)", "return a"), {}, (3, 9), "not built yet"),
     "keyword_where_an_expression_is_due": (model("y =", "return y"), {}, (4, 5), "expected an expression"),
-    "no_unrelated_suggestion": (model("y = softmx(x)", "return y"), {}, (3, 9), "unknown op or block `softmx`"),
+    "no_unrelated_suggestion": (model("y = argmax(x)", "return y"), {}, (3, 9), "unknown op or block `argmax`"),
     "parenthesised_expression_ok_but_width_bad": (
         model("x = linear(x, (0 - 64))", "return x"), {}, (3, 9), "must be positive"),
     "number_too_large": (model("x = linear(x, 1e400)", "return x"), {}, (3, 19), "too large"),

@@ -95,8 +95,8 @@ def test_suggestions_fit_the_kind_and_never_the_model():
 }
 """)
     assert [(e.message, e.hint) for e in found] == [
-        ("unknown op or block `cross_entropie`", None),  # not `cross_attention`, never the model
-        ("unknown op or block `softmx`", None),          # `softmax` is planned, and `max` is too far
+        ("unknown op or block `cross_entropie`", "did you mean `cross_entropy`?"),  # never the model
+        ("unknown op or block `softmx`", "did you mean `softmax`?"),
         ("unknown op or block `CrossEntropyModl`", None),
         ("unknown op or block `lenear`", "did you mean `linear`?"),
     ]

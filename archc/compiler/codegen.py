@@ -126,8 +126,12 @@ class _Codegen:
         declared = {v: i for i, v in reversed(list(enumerate(self.g.scopes[path].inputs)))}
         inputs.sort(key=lambda v: declared.get(v, len(declared)))  # stable: undeclared keep first-use order
         graph_outs = {nid for _n, nid in self.g.outputs}
+        scope = self.g.scopes[path]
+        if scope.kind == "block":  # what the block returns, in the order it says (used or not)
+            outputs = list(dict.fromkeys(v for v in scope.outputs if v in self.g))
         for node in nodes:
-            if node.id in graph_outs or any(u not in inside for u in self.g.users(node.id)):
+            used_outside = node.id in graph_outs or any(u not in inside for u in self.g.users(node.id))
+            if used_outside and node.id not in outputs:
                 outputs.append(node.id)
         self._io[path] = inputs, outputs
         return inputs, outputs
@@ -266,8 +270,10 @@ class _Codegen:
             names[value] = ns.name(hints.get(value) or node.var or node.name or "x", value, -1, last_use[value])
         args = ", ".join(f"{names[v]}: {'AF.Routing' if g.node(v).dtype == 'routing' else 'torch.Tensor'}"
                          for v in inputs)
-        ret = "dict[str, torch.Tensor]" if scope.kind == "model" else "torch.Tensor"
+        ret = "dict[str, torch.Tensor]" if scope.kind == "model" else \
+            "torch.Tensor" if len(outputs) == 1 else "tuple[torch.Tensor, ...]"
         lines = [f"    def forward(self, {args}) -> {ret}:" if args else f"    def forward(self) -> {ret}:"]
+        self.parts = self._part_groups(direct)
         body: list[str] = []
         for i, (_o, kind, obj) in enumerate(items):
             body += self._emit_item(i, kind, obj, path, names, ns, last_use)
@@ -334,21 +340,30 @@ class _Codegen:
                 items.sort(key=lambda t: t[0])
         return items
 
-    def _chain(self, run: list[str]) -> bool:
+    def _chain(self, run: list[str]) -> dict[int, int] | None:
+        """For modules called one after another, which of each one's inputs carry the previous one's outputs
+        (input position -> output position), when the run threads its values through: every output feeds the
+        next module and nothing else, and every other input is the same value at every step (the `c` of
+        `h = block(h, c)`). None when the run is no such chain."""
         if len(run) < 2:
-            return False
-        prev_out = None
-        for member in run:
-            ins, outs = self.io(member)
-            if len(ins) != 1 or len(outs) != 1:
-                return False
-            if prev_out is not None:
-                inside = {n.id for n in self.subtree[member]}
-                if ins[0] != prev_out or not set(self.g.users(prev_out)) <= inside \
-                        or prev_out in {nid for _n, nid in self.g.outputs}:
-                    return False
-            prev_out = outs[0]
-        return True
+            return None
+        ios = [self.io(member) for member in run]
+        (first_ins, first_outs), (second_ins, _) = ios[0], ios[1]
+        if any(len(ins) != len(first_ins) or len(outs) != len(first_outs) for ins, outs in ios) or not first_outs:
+            return None
+        thread = {p: first_outs.index(v) for p, v in enumerate(second_ins) if v in first_outs}
+        if sorted(thread.values()) != list(range(len(first_outs))):
+            return None
+        graph_outs = {nid for _n, nid in self.g.outputs}
+        for j in range(1, len(run)):
+            ins, prev_outs = ios[j][0], ios[j - 1][1]
+            for p, v in enumerate(ins):
+                if v != (prev_outs[thread[p]] if p in thread else first_ins[p]):
+                    return None
+            inside = {n.id for n in self.subtree[run[j]]}
+            if any(not set(self.g.users(v)) <= inside or v in graph_outs for v in prev_outs):
+                return None
+        return thread
 
     def _item_outputs(self, kind, obj) -> list[str]:
         if kind == "node":
@@ -372,21 +387,28 @@ class _Codegen:
         g = self.g
         if kind == "loop":
             attr, run = obj
-            (src,) = self.io(run[0])[0]
-            (dst,) = self.io(run[-1])[1]
-            var = names[src]
-            if last_use[src] > i:  # the input is still needed: thread a new name
-                var = ns.name(g.node(dst).var or "x", dst, i, last_use[dst])
-                head = [f"{var} = {names[src]}"]
-            else:
-                ns.holder[var] = dst
-                ns.last_use[var] = last_use[dst]
-                head = []
-            names[dst] = var
+            thread = self._chain(run)
+            ins, outs = self.io(run[0])[0], self.io(run[-1])[1]
+            carried: dict[int, str] = {}  # output position -> the variable the loop carries it in
+            head = []
+            for p, q in sorted(thread.items(), key=lambda t: t[1]):
+                src, dst = ins[p], outs[q]
+                var = names[src]
+                if last_use[src] > i or ins.count(src) > 1:  # the input is still needed: thread a new name
+                    var = ns.name(g.node(dst).var or "x", dst, i, last_use[dst])
+                    head.append(f"{var} = {names[src]}")
+                else:
+                    ns.holder[var] = dst
+                    ns.last_use[var] = last_use[dst]
+                carried[q] = var
+            args = ", ".join(carried[thread[p]] if p in thread else names[v] for p, v in enumerate(ins))
+            targets = ", ".join(carried[q] for q in range(len(outs)))
+            for q, dst in enumerate(outs):
+                names[dst] = carried[q]
             if self.attr_of(path, run[0])[1] is None:  # one shared module, called again and again
-                return [*head, f"for _ in range({len(run)}):", f"    {var} = self.{attr}({var})"]
+                return [*head, f"for _ in range({len(run)}):", f"    {targets} = self.{attr}({args})"]
             elem = "layer" if attr == "layers" else "block"
-            return [*head, f"for {elem} in self.{attr}:", f"    {var} = {elem}({var})"]
+            return [*head, f"for {elem} in self.{attr}:", f"    {targets} = {elem}({args})"]
         if kind == "experts":
             node, members, rows, routing = obj
             attr, _index = self.attr_of(path, members[0])
@@ -405,7 +427,12 @@ class _Codegen:
         node: Node = obj
         if node.op == "split_part" and node.id in names:
             return []  # bound by its fused_linear
+        if node.id in names:
+            return []  # one of several values, bound where the first of them is
         op = ops.REGISTRY[node.op]
+        group = self.parts.get(node.id)
+        if group and len(group) > 1:
+            return self._emit_parts(i, group, names, ns, last_use)
         arg_names = [names[a] for a in g.args(node.id)]
         if node.op == "fused_linear":
             return self._emit_fused(i, node, arg_names, names, ns, last_use)
@@ -418,6 +445,33 @@ class _Codegen:
         if op.line_comment:
             lines[-1] += _provenance(node, always=False)
         return lines
+
+    def _part_groups(self, direct: list[Node]) -> dict[str, list[Node]]:
+        """Node id -> the values one call of `split` / `chunk` gave (one node each), for binding them in one
+        line: `shift, scale, gate = m.chunk(3, dim=-1)`."""
+        groups: dict[tuple, list[Node]] = defaultdict(list)
+        for node in direct:
+            if getattr(ops.REGISTRY[node.op], "several", False):
+                rest = sorted((k, repr(v)) for k, v in node.attrs.items() if k != "index")
+                groups[(node.op, tuple(self.g.args(node.id)), tuple(rest))].append(node)
+        return {n.id: members for members in groups.values() for n in members}
+
+    def _emit_parts(self, i, group: list[Node], names, ns, last_use) -> list[str]:
+        g = self.g
+        first = group[0]
+        op = ops.REGISTRY[first.op]
+        by_index = {n.attrs["index"]: n for n in group}
+        targets = []
+        for index in range(op.parts(first.attrs, None)):
+            node = by_index.get(index)
+            if node is None:
+                targets.append("_")  # a value nobody reads
+                continue
+            names[node.id] = ns.name(node.var or node.name, node.id, i, last_use[node.id])
+            targets.append(names[node.id])
+        args = [names[a] for a in g.args(first.id)]
+        ins = [g.node(a).shape for a in g.args(first.id)]
+        return [f"{', '.join(targets)} = {op.whole(first, args, ins)}" + _provenance(first, always=False)]
 
     def _emit_fused(self, i, node, arg_names, names, ns, last_use) -> list[str]:
         g = self.g

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from archc.compiler import ops
+from archc.compiler.dims import Size, bind_sizes, sizes_in
 from archc.compiler.ir import Graph, Scope
 from archc.compiler.ops.base import attr_values
 from archc.compiler.scalars import BUILTINS, Unfolded, check_size, coerce, evaluate, scalar_op, show, type_name
@@ -32,7 +33,7 @@ from archc.dsl.parser import parse, parse_file
 from archc.dsl.planned import unbuilt
 from archc.dsl.resolve import check_names
 
-TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float"}
+TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float", "Mask": "bool"}
 SCALAR_TYPES = ("int", "float", "bool", "str")
 # Attribute names nn.Module already uses; a module named so would shadow them.
 RESERVED = frozenset({
@@ -47,6 +48,15 @@ RESERVED = frozenset({
 @attrs.frozen
 class TensorRef:
     node: str
+
+
+@attrs.frozen
+class Several:
+    """The values of an expression that gives more than one (`chunk`, `split`, a block that returns several),
+    to be named by `a, b = ...`."""
+
+    values: tuple[TensorRef, ...]
+    what: str  # the expression in the user's words, for errors: "`chunk(...)`", "block `Joint`"
 
 
 @attrs.define
@@ -310,6 +320,7 @@ class Lowerer:
                 env[p.name] = TensorRef(node.id)
                 g.scopes[""].inputs.append(node.id)
                 g.scopes[""].arg_names.append(p.name)
+                _bind_dims(p.type, node.id, env)
             else:
                 env[p.name] = self._param_default(p, env)
         self.call_stack.append(model.name)
@@ -341,7 +352,7 @@ class Lowerer:
     def _dims(self, t: ast.TensorType, env) -> tuple:
         dims = []
         for d in t.dims:
-            if isinstance(d, ast.Name) and (d.id not in env or isinstance(env[d.id], TensorRef)):
+            if isinstance(d, ast.Name) and (d.id not in env or isinstance(env[d.id], (TensorRef, Size))):
                 dims.append(d.id)  # a symbol such as B or T
             else:
                 value = evaluate(d, env)
@@ -365,17 +376,20 @@ class Lowerer:
         env = frame.env
         if isinstance(stmt, ast.Assign):
             value = self._expr(stmt.value, frame)
-            if isinstance(value, TensorRef):
-                node = self.graph.node(value.node)
-                if not node.var:
-                    node.var = stmt.target
+            if isinstance(value, Several):
+                names = ", ".join(f"{stmt.target}{i}" for i in range(len(value.values)))
+                raise SpecError(f"{value.what} gives {len(value.values)} values; name each of them", stmt.span,
+                                hint=f"write `{names} = ...` (`_` for a value you do not need)")
+            self._name_value(value, stmt.target)
             env[stmt.target] = value
+        elif isinstance(stmt, ast.Unpack):
+            self._unpack(stmt, frame)
         elif isinstance(stmt, ast.AugAssign):
             old = env.get(stmt.target)
             if old is None:
                 raise SpecError(f"`{stmt.target} += ...` needs `{stmt.target}` to exist first", stmt.span,
                                 hint=did_you_mean(stmt.target, env))
-            update = self._expr(stmt.value, frame)
+            update = self._tensor_or_scalar(stmt.value, frame)
             if isinstance(old, TensorRef) and isinstance(update, TensorRef):
                 node = self.graph.add("add", [old.node, update.node], {}, scope=frame.scope, name="add",
                                       span=stmt.span, var=stmt.target)
@@ -396,8 +410,37 @@ class Lowerer:
                     return self._body(body, frame)
             return self._body(stmt.orelse, frame)
         elif isinstance(stmt, ast.Return):
-            return [(e, self._expr(e, frame)) for e in stmt.values]
+            return [(e, self._tensor_or_scalar(e, frame)) for e in stmt.values]
         return None
+
+    def _unpack(self, stmt: ast.Unpack, frame: _Frame) -> None:
+        """`a, b, c = chunk(m, 3)` (one expression giving several values) or `a, b = b, a` (one each)."""
+        n = len(stmt.targets)
+        if len(stmt.values) == 1:
+            value = self._expr(stmt.values[0], frame)
+            if not isinstance(value, Several):
+                raise SpecError(f"{n} names but the expression gives one value", stmt.values[0].span,
+                                hint="several names take `chunk`, `split`, a block that returns several tensors, "
+                                     "or as many expressions: `a, b = x, y`")
+            if len(value.values) != n:
+                raise SpecError(f"{n} names but {value.what} gives {len(value.values)} values", stmt.span,
+                                hint="`_` stands for a value you do not need")
+            values = list(value.values)
+        else:
+            if len(stmt.values) != n:
+                raise SpecError(f"{n} names but {len(stmt.values)} expressions", stmt.span)
+            values = [self._tensor_or_scalar(e, frame) for e in stmt.values]  # all before any is named
+        for target, value in zip(stmt.targets, values):
+            if target != "_":
+                self._name_value(value, target)
+                frame.env[target] = value
+
+    def _name_value(self, value: Any, name: str) -> None:
+        """The first name a tensor gets is the hint for its variable in generated code."""
+        if isinstance(value, TensorRef):
+            node = self.graph.node(value.node)
+            if not node.var:
+                node.var = name
 
     def _repeat(self, stmt: ast.Repeat, frame: _Frame) -> None:
         start, stop = evaluate(stmt.start, frame.env), evaluate(stmt.stop, frame.env)
@@ -514,6 +557,7 @@ class Lowerer:
     # ---- expressions ---------------------------------------------------------
 
     def _expr(self, expr, frame: _Frame) -> Any:
+        """The value of an expression: a tensor (TensorRef), several (Several), a list, a Size, a scalar."""
         if isinstance(expr, ast.Name):
             if expr.id not in frame.env:
                 known = list(frame.env) + list(frame.labels)
@@ -521,34 +565,104 @@ class Lowerer:
             return frame.env[expr.id]
         if isinstance(expr, ast.Call):
             return self._call(expr, frame)
+        if isinstance(expr, ast.ListExpr):
+            return [self._tensor_or_scalar(item, frame) for item in expr.items]
+        if isinstance(expr, ast.Index):
+            return self._index(expr, frame)
         if isinstance(expr, ast.BinOp):
-            left, right = self._expr(expr.left, frame), self._expr(expr.right, frame)
+            left, right = self._tensor_or_scalar(expr.left, frame), self._tensor_or_scalar(expr.right, frame)
             if not isinstance(left, TensorRef) and not isinstance(right, TensorRef):
                 return scalar_op(expr.op, left, right, expr.span)
             return self._tensor_binop(expr, left, right, frame)
         if isinstance(expr, ast.UnaryOp):
-            value = self._expr(expr.operand, frame)
+            value = self._tensor_or_scalar(expr.operand, frame)
             if isinstance(value, TensorRef):
-                if expr.op != "-":
-                    raise SpecError("`not` needs true/false, not a tensor", expr.span)
-                node = self.graph.add("mul", [value.node], {"scalar": -1, "scalar_left": True},
-                                      scope=frame.scope, name="neg", span=expr.span)
-                return TensorRef(node.id)
-        return evaluate(expr, _scalars(frame.env))
+                if expr.op == "-":
+                    return self._node("mul", [value.node], {"scalar": -1, "scalar_left": True}, frame, expr.span,
+                                      name="neg")
+                return self._node("not", [value.node], {}, frame, expr.span)
+        return evaluate(expr, frame.env)
+
+    def _tensor_or_scalar(self, expr, frame: _Frame) -> Any:
+        """`_expr`, where one value is due: several (an unnamed `chunk(...)`) is an error."""
+        value = self._expr(expr, frame)
+        if isinstance(value, Several):
+            raise SpecError(f"{value.what} gives {len(value.values)} values; name them first", expr.span,
+                            hint=f"`{', '.join(chr(97 + i) for i in range(len(value.values)))} = ...`, then use "
+                                 "the one you need")
+        return value
+
+    def _node(self, op: str, tensors: list[str], attrs_: dict[str, Any], frame: _Frame, span: Span, *,
+              name: str | None = None, var: str = "") -> TensorRef:
+        """A node of `op` reading `tensors`, in this frame's scope. The tensors whose sizes its attributes
+        read (`T - 1` in `x[:, :T - 1]`) become further arguments, so the sizes follow the graph."""
+        index: dict[str, int] = {}
+        args = list(tensors)
+        for size in (s for value in attrs_.values() for s in sizes_in(value)):
+            for ref in size.refs():
+                if ref not in index:
+                    index[ref] = args.index(ref) if ref in args else len(args)
+                    if index[ref] == len(args):
+                        args.append(ref)
+        attrs_ = {k: bind_sizes(v, index) for k, v in attrs_.items()}
+        dtype = ops.REGISTRY[op].dtype(attrs_, [self.graph.node(t).dtype for t in tensors], span)
+        node = self.graph.add(op, args, attrs_, scope=frame.scope, name=name or op, span=span, dtype=dtype, var=var)
+        return TensorRef(node.id)
+
+    def _index(self, expr: ast.Index, frame: _Frame) -> Any:
+        """`x[...]`: a tensor indexed and sliced (an `index` node), or a list of numbers picked from."""
+        value = self._tensor_or_scalar(expr.value, frame)
+        if isinstance(value, list):
+            if len(expr.items) != 1 or isinstance(expr.items[0], (ast.Slice, ast.EllipsisIndex)):
+                raise SpecError("a list of numbers takes one position, as in `xs[i]`", expr.span)
+            i = evaluate(expr.items[0], frame.env)
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise SpecError(f"a list position must be an int, got {type_name(i)}", expr.items[0].span)
+            if not -len(value) <= i < len(value):
+                raise SpecError(f"position {i} is outside a list of {len(value)}", expr.items[0].span)
+            return value[i]
+        if not isinstance(value, TensorRef):
+            raise SpecError(f"only tensors and lists can be indexed, not {type_name(value)}", expr.value.span)
+        items: list = []
+        for item in expr.items:
+            if isinstance(item, ast.EllipsisIndex):
+                items.append(["..."])
+            elif isinstance(item, ast.Slice):
+                parts = [None if part is None else self._position(part, frame) for part in
+                         (item.start, item.stop, item.step)]
+                if parts[2] is not None and (not isinstance(parts[2], int) or parts[2] <= 0):
+                    raise SpecError("a slice step must be a positive int", item.step.span)
+                items.append(["slice", *parts])
+            else:
+                items.append(["at", self._position(item, frame)])
+        if sum(1 for item in items if item[0] == "...") > 1:
+            raise SpecError("`...` may appear once in an index", expr.span)
+        return self._node("index", [value.node], {"items": items}, frame, expr.span)
+
+    def _position(self, expr, frame: _Frame) -> Any:
+        value = self._tensor_or_scalar(expr, frame)
+        if isinstance(value, TensorRef):
+            raise SpecError("indexing with a tensor is not built: positions are ints or sizes (`T - 1`)", expr.span,
+                            hint="to pick by a mask use `where(mask, a, b)`")
+        if not isinstance(value, Size) and (not isinstance(value, int) or isinstance(value, bool)):
+            raise SpecError(f"a position must be an int or a size, got {type_name(value)} {show(value)}",
+                            expr.span)
+        return value
 
     def _tensor_binop(self, expr: ast.BinOp, left, right, frame: _Frame) -> TensorRef:
-        op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}.get(expr.op)
+        op = ops.BINARY_OPS.get(expr.op)
         if op is None:
-            raise SpecError(f"`{expr.op}` is not defined for tensors; use + - * /", expr.span)
+            raise SpecError(f"`{expr.op}` is not defined for tensors", expr.span,
+                            hint="tensors take + - * / // % ** & | ^ << >> and comparisons")
         if isinstance(left, TensorRef) and isinstance(right, TensorRef):
-            node = self.graph.add(op, [left.node, right.node], {}, scope=frame.scope, name=op, span=expr.span)
-        else:
-            tensor, scalar = (left, right) if isinstance(left, TensorRef) else (right, left)
-            if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
-                raise SpecError(f"cannot {op} a tensor and a {type_name(scalar)}", expr.span)
-            node = self.graph.add(op, [tensor.node], {"scalar": scalar, "scalar_left": tensor is right},
-                                  scope=frame.scope, name=op, span=expr.span)
-        return TensorRef(node.id)
+            return self._node(op, [left.node, right.node], {}, frame, expr.span)
+        tensor, scalar = (left, right) if isinstance(left, TensorRef) else (right, left)
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            raise SpecError(f"`{expr.op}` cannot combine a tensor and {type_name(scalar)} {show(scalar)}",
+                            expr.span, hint="tensors combine with tensors and numbers" + (
+                                "; a size enters a tensor's shape through reshape, expand or indexing"
+                                if isinstance(scalar, Size) else ""))
+        return self._node(op, [tensor.node], {"scalar": scalar, "scalar_left": tensor is right}, frame, expr.span)
 
     def _call(self, call: ast.Call, frame: _Frame) -> Any:
         if call.func in self.spec.blocks:
@@ -556,40 +670,66 @@ class Lowerer:
         if call.func in ops.COMPOSITES:
             return self._call_composite(ops.COMPOSITES[call.func], call, frame)
         op = ops.REGISTRY.get(call.func)
+        if call.func in BUILTINS and (op is None or not call.args or not isinstance(
+                self._tensor_or_scalar(call.args[0], frame), TensorRef)):
+            return evaluate(call, frame.env)  # `max(a, b)` of numbers; of a tensor it is the reduction
         if op is not None and op.user:
             return self._call_op(op, call, frame)
-        if call.func in BUILTINS:
-            return evaluate(call, _scalars(frame.env))
         known = [*self.spec.blocks, *ops.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
         raise SpecError(f"unknown op or block `{call.func}`", call.func_span,
                         hint=did_you_mean(call.func, known, exclude=[self.spec.model.name]))
 
     def _tensor_arg(self, expr: ast.Expr, frame: _Frame, what: str) -> TensorRef:
-        value = self._expr(expr, frame)
+        value = self._tensor_or_scalar(expr, frame)
         if not isinstance(value, TensorRef):
-            raise SpecError(f"{what} must be a tensor, got {type_name(value)} {value!r}", expr.span)
+            raise SpecError(f"{what} must be a tensor, got {type_name(value)} {show(value)}", expr.span)
         return value
 
-    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame) -> TensorRef:
-        bound = ops.bind(call, [*op.inputs, *op.attrs], f"`{op.name}`")
-        args = []
+    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame) -> Any:
+        """Every built-in op the spec calls lowers here: tensors (or a list of them, or a number where the op
+        takes one) become the node's arguments; other arguments its attributes, left as expressions for
+        `fold_params` unless they hold sizes (then resolved here and bound to the tensors they read); an op
+        that gives several values (`chunk`) becomes one node per value."""
+        what = f"`{op.name}`"
+        bound = ops.bind(call, [*op.inputs, *op.attrs], what)
+        tensors: list[str] = []
+        attrs_: dict[str, Any] = {}
         for name in op.inputs:
             if name not in bound:
-                raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
-            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of `{op.name}`").node)
-        scalars = _scalars(frame.env)
-        attrs_: dict[str, Any] = {}
+                if name in op.optional_inputs:
+                    continue
+                raise SpecError(f"{what} needs its `{name}` argument", call.span)
+            value = self._tensor_or_scalar(bound[name], frame)
+            if name == op.list_input:
+                if not isinstance(value, list) or not value or not all(isinstance(v, TensorRef) for v in value):
+                    raise SpecError(f"`{name}` of {what} is a list of tensors, as in `[a, b]`", bound[name].span)
+                tensors += [v.node for v in value]
+                attrs_["count"] = len(value)
+            elif isinstance(value, TensorRef):
+                tensors.append(value.node)
+            elif name in op.number_inputs and isinstance(value, (int, float)) and not isinstance(value, bool):
+                attrs_[name] = value
+            else:
+                raise SpecError(f"`{name}` of {what} must be a tensor"
+                                + (" or a number" if name in op.number_inputs else "")
+                                + f", got {type_name(value)} {show(value)}", bound[name].span)
+        given: dict[str, Any] = {}  # every attribute's value, for sharing and for ops that give several
         for name, spec in op.attrs.items():
             if name == "tie" and name in bound:
-                attrs_[name] = self._tie_target(bound[name], frame)
+                attrs_[name] = given[name] = self._tie_target(bound[name], frame)
             elif name in bound:
-                attrs_[name] = Unfolded(bound[name], scalars)
+                value = given[name] = evaluate(bound[name], frame.env)
+                if sizes_in(value):  # resolved once shapes are known; checked now
+                    problem = spec.check(name, value)
+                    if problem:
+                        raise SpecError(f"{what}: {problem}", bound[name].span)
+                    attrs_[name] = value
+                else:
+                    attrs_[name] = Unfolded(bound[name], _scalars(frame.env))
             elif spec.default is ops.REQUIRED:
-                raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
-            elif name == "bias" and "tie" in bound:
-                attrs_[name] = False  # a tied linear borrows the embedding's weight and has no bias
+                raise SpecError(f"{what} needs its `{name}` argument", call.span)
             else:
-                attrs_[name] = spec.default
+                attrs_[name] = given[name] = op.default(name, bound)
         first = None
         if op.pure or op.random:
             if call.shared:
@@ -598,16 +738,20 @@ class Lowerer:
             name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if op.random \
                 else (call.label or op.name)
         else:
-            given = {k: evaluate(v.expr, v.env) if isinstance(v, Unfolded) else v for k, v in attrs_.items()}
             name, first = self._module(call, frame, op.name, given)
-        node = self.graph.add(op.name, args, attrs_, scope=frame.scope, name=name, span=call.span)
+        parts = op.parts(given, call)
+        if parts is not None:
+            refs = [self._node(op.name, tensors, {**attrs_, "index": i}, frame, call.span, name=name)
+                    for i in range(parts)]
+            return Several(tuple(refs), f"`{op.name}(...)`")
+        ref = self._node(op.name, tensors, attrs_, frame, call.span, name=name)
         if first is not None:
-            node.shares = first.owner
+            self.graph.node(ref.node).shares = first.owner
         elif not (op.pure or op.random):
-            self._remember_shared(call, frame, given, node.id)
+            self._remember_shared(call, frame, given, ref.node)
         if call.label:
-            frame.labels.setdefault(call.label, node.id)
-        return TensorRef(node.id)
+            frame.labels.setdefault(call.label, ref.node)
+        return ref
 
     def _tie_target(self, expr: ast.Expr, frame: _Frame) -> str:
         how = "label the embedding, e.g. `embedding(tokens, vocab, d) as wte`, and write `tie=wte`"
@@ -624,15 +768,20 @@ class Lowerer:
 
     def _call_composite(self, comp: ops.Composite, call: ast.Call, frame: _Frame) -> TensorRef:
         what = f"`{comp.name}`"
-        bound = ops.bind(call, [*comp.inputs, *comp.attrs], what)
-        args = []
-        for name in comp.inputs:
+        bound = ops.bind(call, [*comp.inputs, *comp.attrs, *comp.optional], what)
+        args: list[str | None] = []
+        for name in (*comp.inputs, *comp.optional):
             if name not in bound:
+                if name in comp.optional:
+                    args.append(None)
+                    continue
                 raise SpecError(f"{what} needs its `{name}` argument", call.span)
             args.append(self._tensor_arg(bound[name], frame, f"`{name}` of {what}").node)
         values = attr_values(call, bound, comp.attrs, _scalars(frame.env), what)
         attr, first = self._module(call, frame, comp.default_name, values)
-        fields = {"inputs": list(args), "arg_names": list(comp.inputs), "builtin": comp.name, "call": call.span}
+        given = [(arg, name) for arg, name in zip(args, (*comp.inputs, *comp.optional)) if arg is not None]
+        fields = {"inputs": [a for a, _n in given], "arg_names": [n for _a, n in given], "builtin": comp.name,
+                  "call": call.span}
         if first is not None:
             scope = self._shared_scope(first, comp.cls, "composite", call.span, **fields)
         else:
@@ -698,6 +847,9 @@ class Lowerer:
                     raise SpecError(f"unknown tensor type `{p.type.kind}`", p.type.span,
                                     hint=did_you_mean(p.type.kind, TENSOR_KINDS))
                 scope.expected.append((env[p.name].node, self._dims(p.type, env), p.type.span))
+        for p in block.params:
+            if isinstance(p.type, ast.TensorType):
+                _bind_dims(p.type, env[p.name].node, env)
         self.graph.scopes[path] = scope
         self.names[path] = _Names()
         self.call_stack.append(block.name)
@@ -705,12 +857,24 @@ class Lowerer:
         self.call_stack.pop()
         if not returned:
             raise SpecError(f"block `{block.name}` returns nothing; end it with `return x`", header_span(block))
-        if len(returned) != 1 or not isinstance(returned[0][1], TensorRef):
-            raise SpecError("a block returns one tensor", returned[0][0].span)
-        expr, value = returned[0]
-        scope.outputs = [value.node]
-        scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out"]
-        return value
+        for expr, value in returned:
+            if not isinstance(value, TensorRef):
+                raise SpecError(f"a block returns tensors, and this is {type_name(value)} {show(value)}", expr.span)
+            node = self.graph.node(value.node)
+            if not node.var:  # named inside the block, not after whatever its caller calls the result
+                node.var = node.name if not ops.REGISTRY[node.op].pure else "out"
+        scope.outputs = [value.node for _expr, value in returned]
+        scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out" for expr, _value in returned]
+        if len(returned) == 1:
+            return returned[0][1]
+        return Several(tuple(value for _expr, value in returned), f"block `{block.name}`")
+
+
+def _bind_dims(t: ast.TensorType, node: str, env: dict[str, Any]) -> None:
+    """The symbols of a tensor's declared type (`B`, `T`) are values of the body: the sizes of its axes."""
+    for i, d in enumerate(t.dims):
+        if isinstance(d, ast.Name) and d.id not in env:
+            env[d.id] = Size.axis(node, i)
 
 
 def _shared_label(stmts) -> str | None:

@@ -77,8 +77,10 @@ class SpecError(Exception):
         self.hint = hint
         self.notes = tuple(notes)
 
+    kind = "error"
+
     def render(self) -> str:
-        out = [_located("error", self.message, self.span)]
+        out = [_located(self.kind, self.message, self.span)]
         for note, span in self.notes:
             out.append(_located("note", note, span))
         if self.hint:
@@ -92,6 +94,12 @@ class SpecError(Exception):
     def errors(self) -> tuple[SpecError, ...]:
         """Every problem this error reports (one here; several for `SpecErrors`)."""
         return (self,)
+
+
+class SpecWarning(SpecError):
+    """A spec that compiles but likely does not mean what it says: shown as a warning, never raised."""
+
+    kind = "warning"
 
 
 class SpecErrors(SpecError):

@@ -17,24 +17,14 @@ from archc.dsl import ast
 from archc.dsl.diagnostics import SpecError
 
 # Issues, by the words their titles use.
-LANGUAGE = "a language, not a menu"
 GATED = "gated paths"
 LANES = "residual lanes"
 ENGRAM = "Engram memory"
 PATCHING = "byte patching"
 DIFFUSION = "diffusion"
 
-# Ops designed in GRAMMAR.md, not built yet (init rules come with `init=` and `learned`).
+# Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
-    **dict.fromkeys([
-        # tensors that move
-        "concat", "stack", "split", "chunk", "unsqueeze", "squeeze", "reshape", "flatten", "transpose",
-        "permute", "expand", "shift", "where",
-        # elementwise and reductions (`max`, `min` of numbers exist; of a tensor they come with these)
-        "exp", "log", "sqrt", "abs", "softmax", "log_softmax", "logsumexp", "mean", "sum",
-        # learned tensors, convolutions, losses, position biases
-        "learned", "conv2d", "cross_entropy", "mse", "relative_position_bias",
-    ], LANGUAGE),
     "gated": GATED,
     "lanes": LANES, "merge_lanes": LANES,
     "engram": ENGRAM,
@@ -44,21 +34,12 @@ PLANNED_OPS: dict[str, str] = {
 }
 
 # Arguments of built ops that are designed but not built: (op, argument) -> issue.
-PLANNED_ARGUMENTS: dict[tuple[str, str], str] = {
-    **dict.fromkeys([("linear", "init"), ("linear", "bias_init"), ("embedding", "init"),
-                     ("layer_norm", "affine")], LANGUAGE),
-    **{(op, arg): LANGUAGE for op in ("attention", "cross_attention") for arg in ("mask", "position_bias", "scale")},
-}
+PLANNED_ARGUMENTS: dict[tuple[str, str], str] = {}
 
-PLANNED_TYPES: dict[str, str] = {"Mask": LANGUAGE}
+PLANNED_TYPES: dict[str, str] = {}
 
 # Syntax the grammar accepts and the compiler cannot lower yet: key -> (the construct in the user's words, issue).
-PLANNED_SYNTAX: dict[str, tuple[str, str]] = {
-    "index": ("indexing and slicing (`x[...]`)", LANGUAGE),
-    "unpack": ("assigning several names at once (`a, b = ...`)", LANGUAGE),
-    "bit_ops": ("bit operations (`&`, `|`, `^`, `<<`, `>>`)", LANGUAGE),
-    "multi_return": ("a block that returns several tensors", LANGUAGE),
-}
+PLANNED_SYNTAX: dict[str, tuple[str, str]] = {}
 
 BIT_OPS = frozenset({"&", "|", "^", "<<", ">>"})
 
@@ -102,17 +83,19 @@ def _uses(module: ast.Module, own_blocks: set[str]) -> Iterator[tuple[str, str, 
         yield from _body_uses(block.body, block.is_model, own_blocks)
 
 
-def _syntax(key: str, span: ast.Span) -> tuple[str, str, ast.Span]:
-    what, issue = PLANNED_SYNTAX[key]
-    return key, planned(what, issue), span
+def _syntax(key: str, span: ast.Span) -> Iterator[tuple[str, str, ast.Span]]:
+    """The use of a piece of syntax, if it is still planned."""
+    if key in PLANNED_SYNTAX:
+        what, issue = PLANNED_SYNTAX[key]
+        yield key, planned(what, issue), span
 
 
 def _body_uses(stmts, is_model: bool, own_blocks: set[str]) -> Iterator[tuple[str, str, ast.Span]]:
     for stmt in stmts:
         if isinstance(stmt, ast.Unpack):
-            yield _syntax("unpack", stmt.span)
+            yield from _syntax("unpack", stmt.span)
         if isinstance(stmt, ast.Return) and len(stmt.values) > 1 and not is_model:
-            yield _syntax("multi_return", stmt.span)
+            yield from _syntax("multi_return", stmt.span)
         for expr in ast.expressions(stmt):
             yield from _expr_uses(expr, own_blocks)
         for body in ast.bodies(stmt):
@@ -122,9 +105,9 @@ def _body_uses(stmts, is_model: bool, own_blocks: set[str]) -> Iterator[tuple[st
 def _expr_uses(expr, own_blocks: set[str]) -> Iterator[tuple[str, str, ast.Span]]:
     for node in ast.subexpressions(expr):
         if isinstance(node, ast.Index):
-            yield _syntax("index", node.span)
+            yield from _syntax("index", node.span)
         elif isinstance(node, ast.BinOp) and node.op in BIT_OPS:
-            yield _syntax("bit_ops", node.span)
+            yield from _syntax("bit_ops", node.span)
         elif isinstance(node, ast.Call):
             if node.func in PLANNED_OPS and node.func not in own_blocks:
                 yield f"op {node.func}", planned(f"`{node.func}`", PLANNED_OPS[node.func]), node.func_span

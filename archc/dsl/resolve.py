@@ -44,6 +44,7 @@ class Vocabulary:
 
     ops: Mapping[str, tuple[str, ...] | None]
     functions: frozenset[str] = SCALAR_FUNCTIONS
+    block_arguments: frozenset[tuple[str, str]] = frozenset()  # (op, argument) that names a block: `body=`
 
 
 def check_names(modules: Sequence[ast.Module], vocabulary: Vocabulary) -> None:
@@ -262,6 +263,8 @@ class _Walk:
         for kw in call.kwargs:
             if kw.name == "tie" and isinstance(kw.value, ast.Name):
                 self.tie(kw.value, scope)
+            elif self.vocabulary is not None and (call.func, kw.name) in self.vocabulary.block_arguments:
+                self.block_argument(kw)
             else:
                 self.value(kw.value, scope, init=kw.name in INIT_ARGUMENTS)
         if call.label is not None:
@@ -304,6 +307,13 @@ class _Walk:
                 self.error(f"{what} has no argument `{kw.name}`", kw.span,
                            hint=did_you_mean(kw.name, names) or
                            (f"its arguments are: {', '.join(names)}" if names else "it takes no arguments"))
+
+    def block_argument(self, kw: ast.Kwarg) -> None:
+        blocks = [name for name in self.blocks if name not in self.models]
+        if not isinstance(kw.value, ast.Name) or kw.value.id not in blocks:
+            what = f"`{kw.value.id}`" if isinstance(kw.value, ast.Name) else "this"
+            self.error(f"`{kw.name}=` names a block, but no block here is called {what}", kw.value.span,
+                       hint=did_you_mean(kw.value.id, blocks) if isinstance(kw.value, ast.Name) else None)
 
     def tie(self, target: ast.Name, scope: _Scope) -> None:
         if self.vocabulary is not None and target.id not in scope.visible:

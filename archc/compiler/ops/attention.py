@@ -1,8 +1,16 @@
-"""Softmax attention: the core op (`attention_core`), its kernel choice, and the built-ins
-`attention` and `cross_attention` that lower to linear projections around it."""
+"""Softmax attention: the core op (`attention_core`), its kernel choice, the built-ins `attention` and
+`cross_attention` that lower to linear projections around it, and `relative_position_bias` (T5's
+learned bias on the scores).
+
+Besides its mask options, attention takes a key padding mask (`mask=`, [B, S], true = a real token), a
+position bias added to the scores (`position_bias=`, [1 or B, heads, T, S]) and a score scale
+(`scale=`, T5's 1.0 instead of head_dim ** -0.5). A mask or bias runs through SDPA with one additive
+float mask (archc.runtime.attention_bias.score_bias); a scale multiplies the queries, so every kernel
+and the KV cache take it unchanged."""
 
 from __future__ import annotations
 
+from archc.compiler import dims
 from archc.compiler.ops.base import A, OpDef, Width, composite, dim_value, fmt_shape, need_width, numel, register
 from archc.compiler.pytext import comment
 from archc.dsl.diagnostics import SpecError
@@ -32,6 +40,9 @@ class AttentionCore(OpDef):
         "qk_norm": A(bool, False),
         "norm_eps": A(float, 1e-6, positive=True),
         "dropout": A(float, 0.0, unit=True),
+        "scale": A((float, type(None)), None, positive=True),
+        "padding_mask": A(bool, False),  # a 4th argument: the key padding mask [B, S]
+        "position_bias": A(bool, False),  # a last argument: the bias added to the scores
         "kernel": A((str, type(None)), None),  # chosen by choose_kernels
         "kernel_reason": A((str, type(None)), None),
     }
@@ -43,7 +54,7 @@ class AttentionCore(OpDef):
 
     def infer(self, node, ins, graph):
         a = node.attrs
-        q, k, v = ins
+        q, k, v = ins[:3]
         if len(q) != 3:
             raise SpecError(f"attention expects a [B, T, D] stream, got {fmt_shape(q)}", node.span)
         if len(k) != 3 or k[:2] != v[:2] or k[0] != q[0]:
@@ -78,7 +89,30 @@ class AttentionCore(OpDef):
                 )
         if a["rope"] and hd % 2:
             raise SpecError(f"RoPE needs an even head_dim, got {hd}", node.span)
+        mask, bias = self.extras(node, ins)
+        if mask is not None and (len(mask) != 2 or not dims.same(mask[0], q[0]) or not dims.same(mask[1], k[1])):
+            raise SpecError(f"`mask=` is a key padding mask [B, S] for keys {fmt_shape(k[:2])}, got {fmt_shape(mask)}",
+                            node.span)
+        if bias is not None:
+            want = ("1 or " + str(q[0]), a["heads"], q[1], k[1])
+            if len(bias) != 4 or not (bias[0] == 1 or dims.same(bias[0], q[0])) or bias[1] != a["heads"] or \
+                    not dims.same(bias[2], q[1]) or not dims.same(bias[3], k[1]):
+                raise SpecError(f"`position_bias=` is added to the scores [{', '.join(map(str, want))}], got "
+                                f"{fmt_shape(bias)}", node.span)
         return q
+
+    @staticmethod
+    def extras(node, items):
+        """The padding mask and the position bias among the node's arguments (or their shapes), or None."""
+        rest = list(items[3:])
+        mask = rest.pop(0) if node.attrs.get("padding_mask") else None
+        bias = rest.pop(0) if node.attrs.get("position_bias") else None
+        return mask, bias
+
+    @staticmethod
+    def scored(node) -> bool:
+        """A padding mask or a position bias: the scores take an additive float mask."""
+        return bool(node.attrs.get("padding_mask") or node.attrs.get("position_bias"))
 
     @staticmethod
     def _check_mask(node) -> None:
@@ -119,6 +153,9 @@ class AttentionCore(OpDef):
     def unfit(self, node, kernel: str, graph) -> str | None:
         """Why `kernel` cannot compute this attention, or None."""
         a = node.attrs
+        if self.scored(node):
+            return None if kernel == "sdpa" else (f"`{kernel}` takes no padding mask or position bias; SDPA with an "
+                                                  "additive mask does")
         if kernel == "sdpa" and self.masked(node):
             return f"SDPA's is_causal cannot express {self.describe_node(node)}"
         if kernel == "sdpa" and a["causal"] and not self.same_length(node, graph):
@@ -131,7 +168,12 @@ class AttentionCore(OpDef):
         return None
 
     def choose_kernel(self, node, graph) -> tuple[str, str]:
-        """SDPA for a plain causal mask or none; `auto` (decided at run time) for everything else."""
+        """SDPA for a plain causal mask or none, or with a padding mask or position bias (one additive mask);
+        `auto` (decided at run time) for everything else."""
+        if self.scored(node):
+            what = " and ".join(w for w, on in (("padding mask", node.attrs["padding_mask"]),
+                                               ("position bias", node.attrs["position_bias"])) if on)
+            return "sdpa", f"{what}: SDPA with one additive mask (AF.score_bias)"
         if self.unfit(node, "sdpa", graph) is None:
             if node.attrs["causal"]:
                 return "sdpa", "plain causal mask: SDPA with is_causal=True (flash / memory-efficient back ends)"
@@ -171,17 +213,19 @@ class AttentionCore(OpDef):
             mods.append(("kv_cache", "AF.KVCache()"))
         return mods
 
-    @staticmethod
-    def decodes(node, ins) -> bool:
-        """Causal self-attention (keys as long as queries) decodes token by token from a KV cache."""
-        return node.attrs["causal"] and ins[0][1] == ins[1][1]
+    def decodes(self, node, ins) -> bool:
+        """Causal self-attention (keys as long as queries) decodes token by token from a KV cache (not yet with a
+        padding mask or position bias, which would need their cached part too)."""
+        return node.attrs["causal"] and ins[0][1] == ins[1][1] and not self.scored(node)
 
     def cannot_decode(self, node, ins):
-        return None if self.decodes(node, ins) else "not causal self-attention"
+        if self.decodes(node, ins):
+            return None
+        return "a padding mask or position bias" if self.scored(node) else "not causal self-attention"
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
-        q, k, v = args
+        q, k, v = args[:3]
         h, kv, hd = a["heads"], a["kv_heads"], a["head_dim"]
         s = "T" if ins[0][1] == ins[1][1] else "S"  # the keys' length, in the local names
         lines = [
@@ -197,8 +241,20 @@ class AttentionCore(OpDef):
         if a["rope"]:
             offset = ", offset=self.kv_cache.length" if decodes else ""
             lines.append(f"{qh}, {kh} = self.rope({qh}, {kh}{offset})")
+        if a.get("scale") is not None:
+            lines.append(f"{qh} = {qh} * {a['scale'] * hd ** 0.5!r}  # scores scaled by {a['scale']!r}, not "
+                         f"head_dim ** -0.5")
         drop = f", dropout_p={a['dropout']!r} if self.training else 0.0" if a["dropout"] else ""
         mask = "".join(f", {name}={a[name]!r}" for name in ("window", "sinks", "prefix") if a[name])
+        if self.scored(node):
+            padding, bias = self.extras(node, args)
+            extra = "".join(f", {name}={value}" for name, value in (("mask", padding), ("bias", bias)) if value)
+            gqa = ", enable_gqa=True" if kv != h else ""
+            lines += [comment(f"kernel: {a['kernel']} — {a['kernel_reason']}"),
+                      f"scores_bias = AF.score_bias({qh}, {kh}, causal={a['causal']!r}{mask}{extra})",
+                      f"{out} = F.scaled_dot_product_attention({qh}, {kh}, {vh}, attn_mask=scores_bias{drop}{gqa})",
+                      f"{out} = {out}.transpose(1, 2).reshape(B, T, {h * hd!r})"]
+            return lines
         if a["kernel"] == "sdpa":
             gqa = ", enable_gqa=True" if kv != h else ""
             call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{gqa})"
@@ -227,14 +283,17 @@ class AttentionCore(OpDef):
         # Two batched products per head (q kᵀ and p v). Without a window every key is
         # counted, even when causal, as FlopCounterMode does for SDPA; with one, the
         # band a query reaches is counted in full, so the cost grows linearly in T.
-        q, k, _v = ins
+        q, k = ins[:2]
         b_t = numel(q[:-1], sizes)
         s = round(dim_value(k[-2], sizes))
         return 4 * b_t * self.keys_per_query(node, s) * node.attrs["heads"] * node.attrs["head_dim"]
 
 
-def _attention(ctx, x: str, memory: str, v) -> str:
+def _attention(ctx, x: str, memory: str, v, mask: str | None, bias: str | None) -> str:
     """Queries from `x`, keys and values from `memory` (`x` itself for self-attention), core, output."""
+    if mask is not None and ctx.graph.node(mask).dtype != "bool":
+        raise SpecError("`mask=` takes a key padding mask (true/false: a `Mask[B, S]` input or a comparison), not a "
+                        f"{ctx.graph.node(mask).dtype} tensor", ctx.where("mask"))
     heads = v["heads"]
     kv_heads = v["kv_heads"] or heads
     hd = v["head_dim"]
@@ -247,10 +306,11 @@ def _attention(ctx, x: str, memory: str, v) -> str:
     q = ctx.linear(x, q_out, "q", bias=v["bias"])
     k = ctx.linear(memory, kv_out, "k", bias=v["bias"])
     val = ctx.linear(memory, kv_out, "v", bias=v["bias"])
-    core = ctx.core("attention_core", [q, k, val], {
+    core = ctx.core("attention_core", [q, k, val, *(t for t in (mask, bias) if t is not None)], {
         "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "causal": v["causal"], "window": v["window"],
         "sinks": v["sinks"], "prefix": v["prefix"], "rope": v["rope"], "rope_theta": v["rope_theta"],
-        "qk_norm": v["qk_norm"], "norm_eps": v["norm_eps"], "dropout": v["dropout"]})
+        "qk_norm": v["qk_norm"], "norm_eps": v["norm_eps"], "dropout": v["dropout"], "scale": v["scale"],
+        "padding_mask": mask is not None, "position_bias": bias is not None})
     out_bias = v["bias"] if v["out_bias"] is None else v["out_bias"]
     # The output projection maps back to the width of x.
     return ctx.linear(core, Width(of=x), "o", bias=out_bias)
@@ -260,7 +320,7 @@ def _attention_attrs(causal: bool) -> dict[str, A]:
     """The spec options of `attention` / `cross_attention`: the core's mask, position and norm options, plus
     projection options; head counts and width may be left to follow the input."""
     core = AttentionCore.attrs
-    shared = ("window", "sinks", "prefix", "rope", "rope_theta", "qk_norm", "norm_eps", "dropout")
+    shared = ("window", "sinks", "prefix", "rope", "rope_theta", "qk_norm", "norm_eps", "dropout", "scale")
     return {
         "heads": core["heads"],
         "kv_heads": A((int, type(None)), None, positive=True),
@@ -272,14 +332,55 @@ def _attention_attrs(causal: bool) -> dict[str, A]:
     }
 
 
-@composite("attention", cls="Attention", default_name="attn", attrs=_attention_attrs(causal=True))
+@composite("attention", cls="Attention", default_name="attn", attrs=_attention_attrs(causal=True),
+           optional=("mask", "position_bias"))
 def lower_attention(ctx, args, v) -> str:
-    (x,) = args
-    return _attention(ctx, x, x, v)
+    x, mask, bias = args
+    return _attention(ctx, x, x, v, mask, bias)
 
 
 @composite("cross_attention", cls="CrossAttention", default_name="cross_attn", inputs=("x", "memory"),
-           attrs=_attention_attrs(causal=False))
+           attrs=_attention_attrs(causal=False), optional=("mask", "position_bias"))
 def lower_cross_attention(ctx, args, v) -> str:
-    x, memory = args
-    return _attention(ctx, x, memory, v)
+    x, memory, mask, bias = args
+    return _attention(ctx, x, memory, v, mask, bias)
+
+
+@register
+class RelativePositionBias(OpDef):
+    """T5's learned position bias: a [buckets, heads] table read at the bucketed distance of each key of
+    `memory` from each query of `x`, as [1, heads, T, S]; made once and passed to every layer of a stack."""
+
+    name = "relative_position_bias"
+    inputs = ("x", "memory")
+    attrs = {"heads": A(int, positive=True), "buckets": A(int, 32, positive=True),
+             "max_distance": A(int, 128, positive=True), "bidirectional": A(bool, True)}
+    pure = False
+
+    def infer(self, node, ins, graph):
+        x, memory = ins
+        a = node.attrs
+        if len(x) < 2 or len(memory) < 2:
+            raise SpecError(f"relative_position_bias reads the lengths of two sequences [B, T, ...] and [B, S, ...], "
+                            f"got {fmt_shape(x)} and {fmt_shape(memory)}", node.span)
+        exact = (a["buckets"] // 2 if a["bidirectional"] else a["buckets"]) // 2
+        if exact < 1 or a["max_distance"] <= exact:
+            raise SpecError(f"relative_position_bias: {a['buckets']} buckets"
+                            + (" (half each way)" if a["bidirectional"] else "")
+                            + f" keep {exact} exact distances, so max_distance must exceed {exact} and buckets be at "
+                              f"least {4 if a['bidirectional'] else 2}", node.span)
+        return (1, a["heads"], x[1], memory[1])
+
+    def weights(self, node, ins):
+        return {"weight": (node.attrs["buckets"], node.attrs["heads"])}
+
+    def roles(self, node):
+        return {"weight": "embedding"}
+
+    def init(self, node, ins):
+        a = node.attrs
+        return (f"AF.RelativePositionBias({a['buckets']!r}, {a['heads']!r}, max_distance={a['max_distance']!r}, "
+                f"bidirectional={a['bidirectional']!r})")
+
+    def forward(self, node, args, out, mod, ins):
+        return [f"{out} = {mod}({args[0]}, {args[1]})"]

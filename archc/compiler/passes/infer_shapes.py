@@ -38,7 +38,7 @@ def _weights(graph: Graph, nodes, prefix: str) -> dict[str, tuple]:
         base = node.scope if op.weights_at_scope else node.path
         base = base[len(prefix):].lstrip(".") if prefix else base
         for key, shape in op.weights(node, [graph.node(a).shape for a in graph.args(node.id)]).items():
-            out[f"{base}.{key}" if base else key] = tuple(shape)
+            out[".".join(p for p in (base, key) if p)] = tuple(shape)
     return out
 
 
