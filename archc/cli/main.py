@@ -13,7 +13,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from archc.cli.options import pairs, compile_options
+from archc.cli.options import compile_options, pairs
 from archc.dsl.diagnostics import SpecError
 
 
@@ -21,6 +21,8 @@ def _compile(args, spec: str | None = None):
     import archc
 
     compiled = archc.compile(Path(spec or args.spec), **compile_options(args))  # a path, never spec text
+    for warning in compiled.warnings:
+        print(warning.render(), file=sys.stderr)
     if getattr(args, "dump_dir", None):
         _write(Path(args.dump_dir) / "model.py", compiled.source)
     return compiled
@@ -95,7 +97,8 @@ def _stage(compiled, name: str):
     except KeyError:
         from archc.dsl.diagnostics import did_you_mean
         names = [n for n, _g in compiled.stages]
-        raise SpecError(f"--after {name}: no such stage", hint=did_you_mean(name, names) or f"stages: {', '.join(names)}") from None
+        raise SpecError(f"--after {name}: no such stage",
+                        hint=did_you_mean(name, names) or f"stages: {', '.join(names)}") from None
 
 
 def cmd_inspect(args) -> int:
@@ -120,7 +123,8 @@ def _train_config(args):
 
     from archc.training.train import TrainConfig
 
-    values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(TrainConfig)
+              if getattr(args, f.name, None) is not None}
     return TrainConfig.from_dict(values)
 
 
@@ -333,12 +337,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     """Exceptions that describe a problem with the user's input, shown as one line."""
+    from archc.interop.weights import WeightsError
     from archc.training.checkpoint import CheckpointError
     from archc.training.data import DataError
     from archc.training.distributed.diloco import DiLoCoError
     from archc.training.optim import OptimizerError
     from archc.training.train import TrainError
-    from archc.interop.weights import WeightsError
 
     return (WeightsError, CheckpointError, DataError, OptimizerError, TrainError, DiLoCoError, OSError)
 

@@ -8,7 +8,8 @@ Only linears of one scope (one module) fuse. The K and V projections of the
 same `memory` in two cross-attention layers read one input too, but each
 layer owns its weights: one matmul across layers would move them out of
 their modules (the state dict, the per-layer classes and their loop would
-no longer follow the spec) to save one read of `memory` per layer.
+no longer follow the spec) to save one read of `memory` per layer. A linear
+with `init=` or `bias_init=` keeps its own module, and so its rules.
 
 The fused node takes its place in program order just before the first
 linear it replaces, so every module's nodes stay one run (the verifier's
@@ -31,8 +32,10 @@ def fuse_projections(graph: Graph, options=None) -> Graph:
     groups: dict[tuple, list[str]] = defaultdict(list)
     shared = {n.shares for n in graph.nodes() if n.shares}
     for node in graph.nodes():
-        # a linear called again with `as label shared` is one module: it stays one
-        if node.op == "linear" and not node.attrs.get("tie") and not node.shares and node.id not in shared:
+        # a linear called again with `as label shared` is one module: it stays one; one with its own
+        # initialisation rules keeps them
+        if node.op == "linear" and not node.attrs.get("tie") and not node.shares and node.id not in shared \
+                and node.attrs.get("init") is None and node.attrs.get("bias_init") is None:
             (src,) = graph.args(node.id)
             groups[(node.scope, src, node.attrs["bias"])].append(node.id)
     taken = {(n.scope, n.name) for n in graph.nodes()}
