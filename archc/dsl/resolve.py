@@ -291,7 +291,7 @@ class _Walk:
             else:
                 self.arguments(call, INIT_RULES[func], f"the init rule `{func}`")
         elif func not in self.vocabulary.functions and func not in PLANNED_OPS:
-            ops = [*self.vocabulary.ops, *self.vocabulary.functions]
+            ops = [*self.vocabulary.ops, *self.vocabulary.functions, *PLANNED_OPS]
             blocks = [name for name in self.blocks if name not in self.models]
             kinds = (blocks, ops) if func[:1].isupper() else (ops, blocks)
             self.error(f"unknown op or block `{func}`", call.func_span,
