@@ -1,14 +1,16 @@
 """Fuzz the front end: whatever text comes in, the only exception is a renderable SpecError.
 
-Five sources: (a) random sequences of the language's tokens, (b) random
+Six sources: (a) random sequences of the language's tokens, (b) random
 mutations of the specs in specs/, (c) random scalar expressions planted where a
 spec evaluates one (parameter defaults, op arguments, repeat bounds, `if`
 conditions, tensor dims), (d) random overrides and `-D` text, (e) the front end
 alone — parsing with constructs not built yet allowed, then resolving every
-name — on token soup and on mutated specs, so the syntax whose lowering is
-still to come is fuzzed too. `archc.compile()` parses, lowers, runs the passes
-and generates source; it never builds a torch module, so each example is
-cheap. Whatever compiles must generate valid Python.
+name — on token soup and on mutated specs, and the same new syntax (indexing,
+tuple assignment, bit operations, shared labels, Mask, learned) through the
+whole pipeline, (f) random expressions of tensor moves, arithmetic and
+reductions. `archc.compile()` parses, lowers, runs the passes and generates
+source; whatever compiles must generate valid Python, and in (f) it is also
+built and run: it must run and give every output the shape the checker said.
 """
 
 from __future__ import annotations
@@ -335,3 +337,82 @@ def test_random_define_text(text):
         assert err.render()
     else:
         assert isinstance(value, (int, float, bool, str)) and name.isidentifier()
+
+
+# ---- (f) the language's tensor moves, arithmetic and reductions, compiled and run --------------------
+# Random expressions over a model's tensors and dims, through the whole pipeline. Whatever compiles is
+# also built and run on tensors whose symbolic dims get distinct sizes: it must run, and every output
+# must have the shape the checker gave it — the shape checker and PyTorch agree, or the test says where.
+
+MOVE_ATOMS = st.sampled_from(["x", "y", "tokens", "mask", "x", "y", "B", "T", "L", "d", "0", "1", "2", "3", "-1",
+                              "0.5", "T - 1", "L + T", "[x, x]", "[x, y]", "[T, L]", "[2, -1]", "[B, T, 2, 4]",
+                              "[B, -1]", "[0, 2, 1]", "true"])
+MOVE_OPS = ["concat", "stack", "split", "chunk", "unsqueeze", "squeeze", "reshape", "flatten", "transpose", "permute",
+            "expand", "shift", "where", "softmax", "log_softmax", "logsumexp", "mean", "sum", "max", "min", "exp",
+            "abs", "sqrt", "learned", "linear", "cross_entropy", "mse"]
+MOVE_BINARY = ["+", "-", "*", "/", "//", "%", "&", "|", "^", "<<", ">>", "==", "<", "**"]
+INDEX_ITEMS = st.sampled_from([":", "0", "-1", "1:", ":-1", ":T - 1", "...", "::2", "1:3", "T", "d // 2", ":d // 2"])
+
+
+def _moves(children):
+    return st.one_of(
+        st.tuples(children, st.lists(INDEX_ITEMS, min_size=1, max_size=4)).map(lambda t: f"{t[0]}[{', '.join(t[1])}]"),
+        st.tuples(children, st.sampled_from(MOVE_BINARY), children).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(MOVE_OPS), st.lists(children, min_size=1, max_size=3),
+                  st.sampled_from(["", ", dim=1", ", dim=-1", ", dim=T", ", dim=0", ", keepdim=true",
+                                   ", init=zeros()", ", fill=-1"]))
+          .map(lambda t: f"{t[0]}({', '.join(t[1])}{t[2]})"),
+    )
+
+
+MOVE_EXPRS = st.recursive(MOVE_ATOMS, _moves, max_leaves=6)
+MOVES = """param d: int = 8
+model M(x: Tensor[B, T, d], y: Tensor[B, L, d], tokens: Tokens[B, T], mask: Mask[B, T]) {{
+    {targets} = {expr}
+    return {targets}
+}}
+"""
+SIZES = {"B": 6, "T": 7, "L": 9}  # distinct, and longer than any int slice bound above (no clamping)
+MOVES_BUDGET = Budget(15)
+
+
+def _run_and_compare(compiled) -> None:
+    import torch
+
+    from archc.compiler.ops import dim_value
+
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(6, 7, 8), "y": torch.randn(6, 9, 8), "tokens": torch.randint(0, 50, (6, 7)),
+              "mask": torch.rand(6, 7) > 0.5}
+    try:
+        outputs = compiled.build()(**inputs)
+    except RuntimeError as err:  # integer division by zero is the data's fault, not the checker's
+        assert "ZeroDivisionError" in str(err), f"{err}\n{compiled.source}"
+        return
+    except IndexError as err:  # a position into a symbolic axis (x[4] of [B, ...]) is checked when it runs
+        assert "out of bounds" in str(err), f"{err}\n{compiled.source}"
+        return
+    for name, node_id in compiled.ir.outputs:
+        shape = tuple(round(dim_value(d, SIZES)) for d in compiled.ir.node(node_id).shape)
+        assert tuple(outputs[name].shape) == shape, f"{name}: ran as {tuple(outputs[name].shape)}, checked as " \
+                                                    f"{compiled.ir.node(node_id).shape}\n{compiled.source}"
+
+
+@fuzz(400)
+@given(MOVE_EXPRS, st.sampled_from(["a", "a, b", "a, _, c"]))
+def test_moves_compile_to_what_runs_or_to_located_errors(expr, targets):
+    if MOVES_BUDGET.spent():
+        return
+    text = MOVES.format(expr=expr, targets=targets).replace("return a, _, c", "return a, c")
+    try:
+        compiled = archc.compile(text, name="fuzz.arch")
+    except archc.SpecError as err:
+        assert_actionable(err)
+        return
+    _run_and_compare(compiled)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TOKENS + NEW_SYNTAX), st.sampled_from(SEPARATORS)), max_size=30))
+def test_new_syntax_through_the_whole_pipeline(pieces):
+    check(SKELETON.format("".join(tok + sep for tok, sep in pieces)))

@@ -117,10 +117,22 @@ class Not(OpDef):
 # ---- elementwise functions -----------------------------------------------------
 
 
+def _floats(op: str, dtypes: list[str], span, *, integers: bool) -> str:
+    """A float function's value dtype; a located error for an input it does not take."""
+    if dtypes[0] == "bool" or (dtypes[0] == "long" and not integers):
+        raise SpecError(f"`{op}` takes a float tensor, and this one holds "
+                        + ("true/false" if dtypes[0] == "bool" else "integers"), span,
+                        hint="make it floats first: `where(mask, 1.0, 0.0)` or `ids * 1.0`")
+    return "float"
+
+
 class Unary(OpDef):
-    """A float function of each element."""
+    """A float function of each element (of integers too, which it turns into floats)."""
 
     call: ClassVar[str]
+
+    def dtype(self, attrs, dtypes, span):
+        return _floats(self.name, dtypes, span, integers=True)
 
     def forward(self, node, args, out, mod, ins):
         return [f"{out} = {self.call.format(x=args[0])}"]
@@ -146,6 +158,9 @@ class Softmax(OpDef):
 
     attrs = {"dim": dim_arg(-1)}
     call: ClassVar[str]
+
+    def dtype(self, attrs, dtypes, span):
+        return _floats(self.name, dtypes, span, integers=False)
 
     def infer(self, node, ins, graph):
         axis_of(node, ins[0], node.attrs["dim"], ins)
@@ -185,10 +200,8 @@ class Reduction(OpDef):
         return tuple(d for i, d in enumerate(ins[0]) if i not in axes)
 
     def dtype(self, attrs, dtypes, span):
-        if self.method in ("mean", "logsumexp") and dtypes[0] != "float":
-            raise SpecError(f"`{self.name}` takes a float tensor, and this one holds "
-                            + ("true/false" if dtypes[0] == "bool" else "integers"), span,
-                            hint="make it floats first: `where(mask, 1.0, 0.0)` or `ids * 1.0`")
+        if self.method in ("mean", "logsumexp"):
+            return _floats(self.name, dtypes, span, integers=False)
         return "long" if dtypes[0] == "bool" else dtypes[0]
 
     def forward(self, node, args, out, mod, ins):

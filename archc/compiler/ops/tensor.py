@@ -75,7 +75,9 @@ class Index(Move):
             d = shape[axis]
             if item[0] == "at":
                 pos = resolve(item[1], ins)
-                if isinstance(pos, int) and isinstance(d, int) and not -d <= pos < d:
+                past = Poly.parse(pos) - Poly.parse(d) if not (isinstance(pos, int) and pos < 0) \
+                    else -(Poly.parse(pos) + Poly.parse(d)) - Poly.const(1)
+                if past.constant is not None and past.constant >= 0:
                     raise SpecError(f"position {pos} is outside axis {axis} of {fmt_shape(shape)} (size {d})",
                                     node.span)
                 drop.add(axis)
@@ -88,10 +90,16 @@ class Index(Move):
         """A slice bound as a polynomial position in [0, d] (negative ints count from the end)."""
         if value is None:
             return Poly.parse(default)
+        given = value
         if isinstance(value, int) and value < 0:
             value = dims.add(d, value)
-        if isinstance(value, int) and isinstance(d, int) and value > d:
-            raise SpecError(f"slice bound {value} is past the end of axis {axis} of {fmt_shape(shape)} (size {d})",
+        past = Poly.parse(value) - Poly.parse(d)
+        if past.constant is not None and past.constant > 0:
+            raise SpecError(f"slice bound {given} is past the end of axis {axis} of {fmt_shape(shape)} (size {d})",
+                            node.span)
+        before = Poly.parse(value).constant
+        if before is not None and before < 0:
+            raise SpecError(f"slice bound {given} is before the start of axis {axis} of {fmt_shape(shape)} (size {d})",
                             node.span)
         return Poly.parse(value)
 
