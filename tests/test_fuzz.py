@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import vocabulary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import archc
 from archc.dsl.parser import _lark, parse
 from archc.dsl.resolve import check_names
-from conftest import vocabulary
 
 SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).parent.parent / "specs").glob("*.arch"))}
 TERMINALS = {t.name for t in _lark().terminals} | {"$END"}
