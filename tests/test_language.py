@@ -221,6 +221,20 @@ def test_max_and_min_of_numbers_are_unchanged():
     assert c.params["a"] == 5
 
 
+def test_a_list_of_numbers_is_indexed_when_compiling():
+    c = compiled("model M(x: Tensor[B, 8]) {\n    sizes = [4, 16]\n"
+                 "    return linear(x, sizes[1]) + linear(x, [16, 2][-2])\n}\n")
+    assert [n.attrs["out"] for n in c.ir_after("infer_shapes").nodes() if n.op == "linear"] == [16, 16]
+    err = error("model M(x: Tensor[B, 8]) {\n    return linear(x, [4, 16][2])\n}\n")
+    assert "position 2 is outside a list of 2" in err.message and at(err) == (2, 30)
+
+
+def test_max_of_a_call_lowers_its_argument_once():
+    c = compiled("model M(x: Tensor[B, T, 8]) {\n    m = max(linear(x, 4) as proj, dim=1) + min(x, dim=1)[:, :4]\n"
+                 "    return m\n}\n")
+    assert [n.path for n in c.ir_after("lower").nodes() if n.op == "linear"] == ["proj"]
+
+
 @pytest.mark.parametrize("body, phrase", [
     ("a = x & 1", "`&` takes integers (`Tokens`) or masks; this operand is a float tensor"),
     ("a = tokens << 1.5", "`<<` takes integers (`Tokens`); this operand is the number 1.5"),

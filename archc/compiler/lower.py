@@ -25,7 +25,17 @@ from archc.compiler import ops
 from archc.compiler.dims import Size, bind_sizes, sizes_in
 from archc.compiler.ir import Graph, Scope
 from archc.compiler.ops.base import attr_values
-from archc.compiler.scalars import BUILTINS, Unfolded, check_size, coerce, evaluate, scalar_op, show, type_name
+from archc.compiler.scalars import (
+    BUILTINS,
+    Unfolded,
+    check_size,
+    coerce,
+    evaluate,
+    pick,
+    scalar_op,
+    show,
+    type_name,
+)
 from archc.dsl import ast
 from archc.dsl.ast import Span
 from archc.dsl.diagnostics import Collector, SpecError, closest, did_you_mean, end_of
@@ -612,17 +622,8 @@ class Lowerer:
     def _index(self, expr: ast.Index, frame: _Frame) -> Any:
         """`x[...]`: a tensor indexed and sliced (an `index` node), or a list of numbers picked from."""
         value = self._tensor_or_scalar(expr.value, frame)
-        if isinstance(value, list):
-            if len(expr.items) != 1 or isinstance(expr.items[0], (ast.Slice, ast.EllipsisIndex)):
-                raise SpecError("a list of numbers takes one position, as in `xs[i]`", expr.span)
-            i = evaluate(expr.items[0], frame.env)
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise SpecError(f"a list position must be an int, got {type_name(i)}", expr.items[0].span)
-            if not -len(value) <= i < len(value):
-                raise SpecError(f"position {i} is outside a list of {len(value)}", expr.items[0].span)
-            return value[i]
         if not isinstance(value, TensorRef):
-            raise SpecError(f"only tensors and lists can be indexed, not {type_name(value)}", expr.value.span)
+            return pick(value, expr, frame.env)
         items: list = []
         for item in expr.items:
             if isinstance(item, ast.EllipsisIndex):
@@ -670,9 +671,11 @@ class Lowerer:
         if call.func in ops.COMPOSITES:
             return self._call_composite(ops.COMPOSITES[call.func], call, frame)
         op = ops.REGISTRY.get(call.func)
-        if call.func in BUILTINS and (op is None or not call.args or not isinstance(
-                self._tensor_or_scalar(call.args[0], frame), TensorRef)):
-            return evaluate(call, frame.env)  # `max(a, b)` of numbers; of a tensor it is the reduction
+        if call.func in BUILTINS:  # `max(a, b)` of numbers; of a tensor it is the reduction
+            first = self._tensor_or_scalar(call.args[0], frame) if call.args and op is not None else None
+            if not isinstance(first, TensorRef):
+                return evaluate(call, frame.env)
+            return self._call_op(op, call, frame, first=first)
         if op is not None and op.user:
             return self._call_op(op, call, frame)
         known = [*self.spec.blocks, *ops.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
@@ -685,7 +688,7 @@ class Lowerer:
             raise SpecError(f"{what} must be a tensor, got {type_name(value)} {show(value)}", expr.span)
         return value
 
-    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame) -> Any:
+    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame, first: TensorRef | None = None) -> Any:
         """Every built-in op the spec calls lowers here: tensors (or a list of them, or a number where the op
         takes one) become the node's arguments; other arguments its attributes, left as expressions for
         `fold_params` unless they hold sizes (then resolved here and bound to the tensors they read); an op
@@ -694,12 +697,13 @@ class Lowerer:
         bound = ops.bind(call, [*op.inputs, *op.attrs], what)
         tensors: list[str] = []
         attrs_: dict[str, Any] = {}
-        for name in op.inputs:
+        for i, name in enumerate(op.inputs):
             if name not in bound:
                 if name in op.optional_inputs:
                     continue
                 raise SpecError(f"{what} needs its `{name}` argument", call.span)
-            value = self._tensor_or_scalar(bound[name], frame)
+            # `first`: the first argument, already lowered (to tell `max` of a tensor from `max` of numbers)
+            value = first if i == 0 and first is not None else self._tensor_or_scalar(bound[name], frame)
             if name == op.list_input:
                 if not isinstance(value, list) or not value or not all(isinstance(v, TensorRef) for v in value):
                     raise SpecError(f"`{name}` of {what} is a list of tensors, as in `[a, b]`", bound[name].span)

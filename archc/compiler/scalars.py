@@ -231,7 +231,23 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
             return BUILTINS[expr.func](values)
         raise SpecError(f"a number or flag is expected here, but `{expr.func}(...)` is a call that makes a tensor",
                         expr.func_span, hint=did_you_mean(expr.func, BUILTINS))
+    if isinstance(expr, ast.Index):
+        return pick(evaluate(expr.value, env), expr, env)
     raise SpecError("unsupported expression", getattr(expr, "span", None))  # pragma: no cover
+
+
+def pick(value: Any, expr: ast.Index, env: dict[str, Any]) -> Any:
+    """`xs[i]` of a list, decided when compiling."""
+    if not isinstance(value, list):
+        raise SpecError(f"only tensors and lists can be indexed, not {type_name(value)}", expr.value.span)
+    if len(expr.items) != 1 or isinstance(expr.items[0], (ast.Slice, ast.EllipsisIndex)):
+        raise SpecError("a list takes one position, as in `xs[i]`", expr.span)
+    i = evaluate(expr.items[0], env)
+    if not isinstance(i, int) or isinstance(i, bool):
+        raise SpecError(f"a list position must be an int, got {type_name(i)}", expr.items[0].span)
+    if not -len(value) <= i < len(value):
+        raise SpecError(f"position {i} is outside a list of {len(value)}", expr.items[0].span)
+    return value[i]
 
 
 def coerce(value: Any, type_: str, span, what: str) -> Any:
