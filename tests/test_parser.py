@@ -9,10 +9,10 @@ specs/ parses (those not built yet only with `unbuilt=True`).
 from __future__ import annotations
 
 import pytest
+from conftest import ALL_SPECS, PLANNED_SPECS
 
 from archc.dsl import SpecError, ast, parse, parse_file
 from archc.dsl.planned import unbuilt
-from conftest import ALL_SPECS, PLANNED_SPECS
 
 
 def body(*lines: str, unbuilt_ok: bool = True) -> tuple:
@@ -204,13 +204,19 @@ def test_every_spec_parses(path):
     assert [b for b in module.blocks if b.is_model]
 
 
-@pytest.mark.parametrize("path", PLANNED_SPECS, ids=[p.stem for p in PLANNED_SPECS])
-def test_specs_not_built_yet_say_so_and_are_refused_by_name(path):
-    assert "Not built yet" in path.read_text().split("\n\n")[0]  # in the header comment
-    with pytest.raises(SpecError) as info:
-        parse_file(path)
-    assert all("not built yet" in e.message for e in info.value.errors)
-    assert len(info.value.errors) == len(unbuilt(parse_file(path, unbuilt=True)))
+def test_specs_say_in_their_header_whether_they_are_built():
+    # a spec using a construct not built yet says so in its header comment and is refused by name;
+    # the others (today: every spec) do not say so
+    for path in ALL_SPECS:
+        header = path.read_text().split("\n\n")[0]
+        if path not in PLANNED_SPECS:
+            assert "Not built yet" not in header, path.name
+            continue
+        assert "Not built yet" in header, path.name
+        with pytest.raises(SpecError) as info:
+            parse_file(path)
+        assert all("not built yet" in e.message for e in info.value.errors)
+        assert len(info.value.errors) == len(unbuilt(parse_file(path, unbuilt=True)))
 
 
 def test_the_issue_specs_are_there():
