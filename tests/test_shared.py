@@ -129,3 +129,18 @@ def test_shared_calls_that_cannot_be_one_module_are_located_errors(body, where, 
     err = info.value
     assert phrase in err.message, err.render()
     assert (err.span.line - 4, err.span.column) == where, err.render()  # line 1: the model's first statement
+
+
+def test_a_kernel_chosen_for_a_shared_module_holds_for_every_call():
+    compiled = archc.compile(ALBERT, name="t.arch", kernels={"layer.attn": "math"})
+    assert [n.attrs["kernel"] for n in compiled.ir.nodes() if n.op == "attention_core"] == ["math"] * 4
+    assert compiled.source.count("AF.attention_math(") == 1
+
+
+def test_calls_a_shared_module_cannot_serve_with_one_code_are_a_located_error():
+    with pytest.raises(archc.SpecError) as info:
+        archc.compile("model M(x: Tensor[B, T, 16], m1: Tensor[B, T, 16], m2: Tensor[B, S, 16]) {\n"
+                      "    a = cross_attention(x, m1, heads=4) as cross shared\n"
+                      "    b = cross_attention(x, m2, heads=4) as cross shared\n    return a, b\n}\n", name="bad.arch")
+    assert "would run other code than its first call" in info.value.message
+    assert info.value.span.line == 3 and info.value.notes[0][1].line == 2

@@ -22,8 +22,9 @@ import attrs
 
 from archc import __version__
 from archc.compiler import ops
-from archc.compiler.ir import Graph, IRError, Node, Scope
+from archc.compiler.ir import Graph, Node, Scope
 from archc.compiler.pytext import docstring_line, inert
+from archc.dsl.diagnostics import SpecError
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MODULE_NAMES = {"torch", "nn", "F", "AF", "annotations"}
@@ -154,7 +155,12 @@ class _Codegen:
         key = (scope.kind, scope.cls, _MARKED.sub("", body))
         if scope.shares:  # a later call of a shared module: no class of its own, the same code as the first
             if self.key_class.get(key) != self.class_of[scope.shares]:
-                raise IRError(f"{path} calls the shared module {scope.shares} but its code differs")
+                first = self.g.scopes[scope.shares]
+                raise SpecError(f"this call of the shared module `{scope.shares.rsplit('.', 1)[-1]}` would run other "
+                                "code than its first call (its inputs differ in a way the module's code depends on, "
+                                "such as keys as long as the queries in one call and not in the other)", scope.call,
+                                notes=[("the shared module is first made here", first.call)],
+                                hint="share modules between calls whose inputs have the same shapes")
             self.class_of[path] = self.class_of[scope.shares]
             return self.class_of[path]
         if key in self.key_class:

@@ -11,6 +11,7 @@ keeps everything deterministic.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
@@ -119,6 +120,12 @@ class Graph:
 
     def users(self, node_id: str) -> list[str]:
         return sorted(self.g.successors(node_id), key=lambda n: self.node(n).order)
+
+    @staticmethod
+    def module_path(path: str) -> str:
+        """The path of the module a scope runs: a later call of a shared module (`layer#2.attn`) runs the first
+        call's (`layer.attn`)."""
+        return re.sub(r"#\d+(?=\.|$)", "", path)
 
     def borrowed(self, node: Node) -> bool:
         """Whether `node` runs a module another call made (`as label shared`): its weights are not its own."""
