@@ -2,10 +2,18 @@
 
 Lowering unrolls `repeat`, decides `if` conditions, inlines blocks into
 scopes and expands built-ins through the op families' lowerings (archc/compiler/ops/,
-which see only an `ops.LowerContext`). Attributes of primitive ops
-stay as expressions (`Unfolded`) for the `fold_params` pass; shapes are left
-to `infer_shapes`. Every name, type and call is checked here, and every
-problem is a `SpecError` located in the spec.
+which see only an `ops.LowerContext`). Every op the spec calls, and every
+operator and index on tensors, becomes nodes through one path (`_call_op` and
+`_node`). Attributes of primitive ops stay as expressions (`Unfolded`) for the
+`fold_params` pass, unless they hold sizes (`T - 1`: dims.Size), which are bound
+to the tensors that carry them; shapes are left to `infer_shapes`.
+
+Values are tensors (`TensorRef`), several tensors at once (`Several`: `chunk`,
+`split`, a block that returns several, named by `a, b = ...`), lists, sizes
+and scalars. A module labelled `as name shared` is made by its first call and
+run again by the others (their scopes `name#k` own no weights). Every name,
+type and call is checked here, and every problem is a `SpecError` located in
+the spec.
 """
 
 from __future__ import annotations
