@@ -163,6 +163,23 @@ def test_blocks_return_several_tensors_and_repeat_carries_several_streams():
     assert "for block in self.blocks:\n            img, txt = block(img, txt)" in source
 
 
+def test_a_repeat_step_carrying_two_streams_returns_a_tuple_and_loops():
+    # before: `LayersStep2` with a tuple-returning forward annotated `-> torch.Tensor`, and no loop
+    text = ("model M(img: Tensor[B, N, 8], txt: Tensor[B, L, 8]) {\n    repeat i in 0..3 {\n"
+            "        img = img + linear(img, 8) as a\n        txt = txt + linear(txt, 8) as b\n    }\n"
+            "    return img, txt\n}\n")
+    source = compiled(text).source
+    assert "def forward(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, ...]:" in source
+    assert "for layer in self.layers:\n            img, txt = layer(img, txt)" in source
+    assert "LayersStep2" not in source
+    img, txt = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    model, out = run(text, img, txt)
+    for step in model.layers:
+        img, txt = img + step.a(img), txt + step.b(txt)
+    torch.testing.assert_close(out["img"], img)
+    torch.testing.assert_close(out["txt"], txt)
+
+
 def test_a_block_that_returns_several_is_unpacked_and_drops_with_underscore():
     text = JOINT.replace("img, txt = txt, img\n", "_, txt = Joint(img, txt) as last\n")
     _model, out = run(text, torch.randn(1, 2, 16), torch.randn(1, 2, 16))
