@@ -183,15 +183,22 @@ def test_summary_params_sum_to_total(spec, overrides, batch, seq, depth):
     assert sum(r.flops for r in data[1:]) == data[0].flops == compiled.flops(batch, seq)
 
 
-def test_tied_linear_with_bias_is_refused(tmp_path):
-    # A tied head has no bias parameter to emit; counting one would make num_params lie.
+def test_tied_linear_with_bias_has_a_bias_of_its_own(tmp_path):
+    # BERT's and ALBERT's MLM decoders: the weight is the word embeddings', the bias the decoder's own,
+    # and num_params counts it (and only it) once.
     text = (SPECS / "gpt2.arch").read_text()
     text = text.replace("linear(x, vocab, bias=false, tie=wte)", "linear(x, vocab, bias=true, tie=wte)")
     assert "bias=true, tie=wte" in text
     path = tmp_path / "gpt2_tied_bias.arch"
     path.write_text(text)
-    with pytest.raises(archc.SpecError, match="tied linear .* no bias of its own"):
-        archc.compile(path, n_layers=1)
+    compiled = archc.compile(path, n_layers=1)
+    plain = archc.compile(SPECS / "gpt2.arch", n_layers=1)
+    assert compiled.num_params() == plain.num_params() + compiled.params["vocab"]
+    model = compiled.build()
+    assert sum(p.numel() for p in model.parameters()) == compiled.num_params()
+    head = next(n for n in compiled.ir.nodes() if n.op == "linear" and n.attrs.get("tie"))
+    assert f"{head.path}.bias" in model.state_dict()
+    assert compiled.param_roles()[f"{head.path}.bias"] == "bias"
 
 
 # ---- torch.fx: traced shapes agree with the IR ---------------------------------------------------

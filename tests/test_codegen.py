@@ -9,11 +9,11 @@ import traceback
 
 import pytest
 import torch
-from conftest import ROOT, SPECS
+from conftest import BUILT_SPECS, ROOT, SPECS
 
 import archc
 
-SPEC_FILES = sorted(p.name for p in SPECS.glob("*.arch"))
+SPEC_FILES = [p.name for p in BUILT_SPECS]
 
 
 @pytest.mark.parametrize("spec", SPEC_FILES, ids=[s.removesuffix(".arch") for s in SPEC_FILES])

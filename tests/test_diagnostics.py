@@ -51,7 +51,7 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "unterminated_string": (model('x = mlp(x, hidden=256, act="relu)', "return x"), {}, (3, 32), "unterminated"),
     "trailing_garbage": (model("return x") + "}\n", {}, (5, 1), 'unexpected "}"'),
     "missing_equal_in_param_decl": ("param d_model: int 64\n", {}, (1, 20), 'expected "="'),
-    "missing_equal_in_statement": (model("h linear(x, 64)", "return h"), {}, (3, 7), 'expected "+=" or "="'),
+    "missing_equal_in_statement": (model("h linear(x, 64)", "return h"), {}, (3, 7), 'expected "=", "+=" or ","'),
     "bad_escape_in_string": (model('x = mlp(x, hidden=256, act="gelu\\d")', "return x"), {}, (3, 32), "bad escape"),
     "semicolon": (model("x = linear(x, 64);", "return x"), {}, (3, 22), "no separator"),
     "positional_after_keyword": (model("x = linear(x, bias=false, 64)", "return x"), {}, (3, 31), "positional"),
@@ -103,8 +103,8 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "prefix_without_effect": (
         model("x = attention(x, heads=4, causal=false, prefix=8)", "return x"), {}, (3, 9), "has no effect"),
     "cross_attention_other_batch": (
-        "model M(x: Tensor[B, T, 32], m: Tensor[C, S, 32]) {\n    y = cross_attention(x, m, heads=4)\n"
-        "    return y\n}\n", {}, (2, 9), "queries' batch dim B"),
+        ("model M(x: Tensor[B, T, 32], m: Tensor[C, S, 32]) {\n    y = cross_attention(x, m, heads=4)\n"
+         "    return y\n}\n"), {}, (2, 9), "queries' batch dim B"),
     # ---- overrides ----
     "override_unknown_name": (
         model("return x", head="param d_model: int = 64\n"), {"d_modle": 128}, (1, 1), "did you mean `d_model`?"),
@@ -133,6 +133,13 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "return_inside_repeat": (model("repeat i in 0..2 {", "    return x", "}"), {}, (4, 9), "inside `repeat`"),
     "block_defined_twice": (
         LAYER.format(body="    return x\n") * 2 + model("return x"), {}, (5, 1), "defined twice"),
+    "label_without_effect_in_repeat": (
+        model("repeat i in 0..4 {", "    x = Layer(x) as shared_layer", "}", "return x",
+              head=LAYER.format(body="    return x\n")), {}, (8, 13), "has no effect"),
+    "shared_label_used_once": (model("x = linear(x, 64) as proj shared", "return x"), {}, (3, 9), "has no effect"),
+    "planned_op": (model("a = lanes(x, n=4)", "return a"), {}, (3, 9), "not built yet"),
+    "keyword_where_an_expression_is_due": (model("y =", "return y"), {}, (4, 5), "expected an expression"),
+    "no_unrelated_suggestion": (model("y = argmax(x)", "return y"), {}, (3, 9), "unknown op or block `argmax`"),
     "parenthesised_expression_ok_but_width_bad": (
         model("x = linear(x, (0 - 64))", "return x"), {}, (3, 9), "must be positive"),
     "number_too_large": (model("x = linear(x, 1e400)", "return x"), {}, (3, 19), "too large"),
@@ -169,6 +176,10 @@ def test_error(case_id, snapshot):
     assert phrase in rendered, rendered
     assert_actionable(rendered, err)
     assert rendered == snapshot
+
+
+def test_no_unrelated_suggestion():
+    assert "did you mean" not in compile_case("no_unrelated_suggestion").render()
 
 
 def test_at_least_24_cases():

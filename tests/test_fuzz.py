@@ -1,11 +1,16 @@
 """Fuzz the front end: whatever text comes in, the only exception is a renderable SpecError.
 
-Four sources: (a) random sequences of the language's tokens, (b) random
+Six sources: (a) random sequences of the language's tokens, (b) random
 mutations of the specs in specs/, (c) random scalar expressions planted where a
 spec evaluates one (parameter defaults, op arguments, repeat bounds, `if`
-conditions, tensor dims), (d) random overrides and `-D` text. `archc.compile()`
-parses, lowers, runs the passes and generates source; it never builds a torch
-module, so each example is cheap. Whatever compiles must generate valid Python.
+conditions, tensor dims), (d) random overrides and `-D` text, (e) the front end
+alone — parsing with constructs not built yet allowed, then resolving every
+name — on token soup and on mutated specs, and the same new syntax (indexing,
+tuple assignment, bit operations, shared labels, Mask, learned) through the
+whole pipeline, (f) random expressions of tensor moves, arithmetic and
+reductions. `archc.compile()` parses, lowers, runs the passes and generates
+source; whatever compiles must generate valid Python, and in (f) it is also
+built and run: it must run and give every output the shape the checker said.
 """
 
 from __future__ import annotations
@@ -17,26 +22,30 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import vocabulary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import archc
-from archc.dsl.parser import _lark
+from archc.dsl.parser import _lark, parse
+from archc.dsl.resolve import check_names
 
 SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).parent.parent / "specs").glob("*.arch"))}
 TERMINALS = {t.name for t in _lark().terminals} | {"$END"}
 LARK_NAME = re.compile(r"\b(__ANON\w*|[A-Z_]{3,})\b")
 
 KEYWORDS = ["use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else", "return",
-            "true", "false", "and", "or", "not"]
-PUNCT = [":", ",", "=", "+=", "(", ")", "[", "]", "{", "}", "..", "**", "==", "!=", "<=", ">=", "<", ">",
-         "+", "-", "*", "/", "//", "%"]
+            "true", "false", "and", "or", "not", "shared"]
+PUNCT = [":", ",", "=", "+=", "(", ")", "[", "]", "{", "}", "..", "...", "**", "==", "!=", "<=", ">=", "<", ">",
+         "+", "-", "*", "/", "//", "%", "&", "|", "^", "<<", ">>"]
 NAMES = ["x", "h", "y", "tokens", "logits", "loss", "B", "T", "d_model", "n_heads", "vocab", "i",
          "int", "float", "bool", "str", "Tokens", "Tensor", "Image", "Block", "M",
          "embedding", "pos_embedding", "linear", "layer_norm", "rms_norm", "dropout", "attention", "mlp",
          "swiglu", "gelu", "silu", "relu", "next_token_loss", "min", "max", "heads", "kv_heads", "head_dim",
          "hidden", "bias", "tie", "out", "act", "rope", "causal", "eps", "forward", "self", "class", "None",
-         "input", "add", "attention_core", "fused_linear", "split_part"]
+         "input", "add", "attention_core", "fused_linear", "split_part", "_", "Mask", "N", "L",
+         "chunk", "concat", "split", "shift", "learned", "zeros", "normal", "init", "cross_entropy", "mean", "dim",
+         "unsqueeze", "reshape", "where", "lanes", "Layer"]
 NUMBERS = ["0", "1", "2", "3", "7", "64", "0.5", "2.5", "1e-5", "1e400", "1000000000000", "00", "1.0e308"]
 STRINGS = ['"gelu"', '"relu"', '""', '"a\\tb"', '"\\u00e9"', '"\\x"', '"\\N{BULLET}"']
 ODD = ["'", ";", "@", "$", "?", "\\", "\t", "\u00e9", "\u2212", "#", "\"", "\x00", "\r", "\u2028", "\ufeff"]
@@ -44,26 +53,42 @@ TOKENS = KEYWORDS + PUNCT + NAMES + NUMBERS + STRINGS + ODD
 SEPARATORS = [" ", "\n", "", "  ", "\n    ", " # c\n"]
 
 
+def assert_actionable(err: archc.SpecError) -> None:
+    """Every problem the error reports is located (file:line:col, the line, a caret) and in the user's words."""
+    rendered = err.render()
+    assert isinstance(rendered, str) and rendered.strip()
+    for one in err.errors:
+        messages = [one.message, one.hint or "", *(note for note, _span in one.notes)]
+        for message in messages:
+            leaked = {m for m in LARK_NAME.findall(message) if m in TERMINALS or m.startswith("__ANON")}
+            assert not leaked, f"Lark terminal name {leaked} in {message!r}"
+            assert "Token(" not in message and "Tree(" not in message, message
+        assert one.span is not None, f"unlocated error: {rendered}"
+        assert str(one.span) in rendered and "^" in rendered
+        if one.span.source.name == "fuzz.arch":
+            assert "fuzz.arch" in rendered
+
+
 def check(text: str) -> None:
     """Compile `text`; any failure must be a SpecError whose rendering a user can act on."""
     try:
         compiled = archc.compile(text, name="fuzz.arch")
     except archc.SpecError as err:
-        rendered = err.render()
-        assert isinstance(rendered, str) and rendered.strip()
-        messages = [err.message, err.hint or "", *(note for note, _span in err.notes)]
-        for message in messages:
-            leaked = {m for m in LARK_NAME.findall(message) if m in TERMINALS or m.startswith("__ANON")}
-            assert not leaked, f"Lark terminal name {leaked} in {message!r}"
-            assert "Token(" not in message and "Tree(" not in message, message
-        # Every problem in a spec is located: file:line:col, the line, a caret.
-        assert err.span is not None, f"unlocated error: {rendered}"
-        assert str(err.span) in rendered and "^" in rendered
-        if err.span.source.name == "fuzz.arch":
-            assert "fuzz.arch" in rendered
+        assert_actionable(err)
         return
     # It compiled: the generated module must at least be valid Python.
     builtins.compile(compiled.source, "<generated>", "exec")
+
+
+VOCABULARY = vocabulary()
+
+
+def check_front_end(text: str) -> None:
+    """Parse `text` allowing what is not built yet and resolve its names: only located SpecErrors."""
+    try:
+        check_names([parse(text, "fuzz.arch", unbuilt=True)], VOCABULARY)
+    except archc.SpecError as err:
+        assert_actionable(err)
 
 
 # ARCHC_FUZZ_SCALE=20 runs twenty times as many examples (a soak run);
@@ -118,7 +143,7 @@ def test_random_tokens_in_a_model(pieces):
 # ---- (b) mutations of real specs --------------------------------------------
 
 LEX = re.compile(r"\s+|#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|[A-Za-z_]\w*"
-                 r"|\*\*|\+=|\.\.|[=!<>]=|//|.", re.S)
+                 r"|\*\*|\+=|\.\.\.|\.\.|<<|>>|[=!<>]=|//|.", re.S)
 IDENT = re.compile(r"[A-Za-z_]\w*\Z")
 NUMBER = re.compile(r"\d")
 
@@ -188,6 +213,29 @@ def test_mutated_specs(text):
 def test_specs_round_trip_the_tokenizer(name):
     # The mutator relies on tokenize() covering the text exactly.
     assert "".join(tokenize(SPECS[name])) == SPECS[name]
+
+
+# ---- (e) the front end alone: syntax whose lowering is still to come -------------
+
+NEW_SYNTAX = ["x[:, 0]", "x[..., :d]", "x[1:-1:2]", "a, b = chunk(x, 2)", "a, _ = x, y", "t << 2 ^ t & 7 | t >> 1",
+              "x = Layer(x) as l shared", "m: Mask[B, T]", "learned([1, 1, 64], init=normal(0.02))",
+              "concat([x, y], dim=1)", "return a, b"]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TOKENS + NEW_SYNTAX), st.sampled_from(SEPARATORS)), max_size=30))
+def test_front_end_on_random_tokens_in_a_model(pieces):
+    check_front_end(SKELETON.format("".join(tok + sep for tok, sep in pieces)))
+
+
+FRONT_END_BUDGET = Budget(8)
+
+
+@fuzz(500)
+@given(mutated_spec())
+def test_front_end_on_mutated_specs(text):
+    if not FRONT_END_BUDGET.spent():
+        check_front_end(text)
 
 
 # ---- (c) random scalar expressions where the spec evaluates one ---------------
@@ -289,3 +337,82 @@ def test_random_define_text(text):
         assert err.render()
     else:
         assert isinstance(value, (int, float, bool, str)) and name.isidentifier()
+
+
+# ---- (f) the language's tensor moves, arithmetic and reductions, compiled and run --------------------
+# Random expressions over a model's tensors and dims, through the whole pipeline. Whatever compiles is
+# also built and run on tensors whose symbolic dims get distinct sizes: it must run, and every output
+# must have the shape the checker gave it — the shape checker and PyTorch agree, or the test says where.
+
+MOVE_ATOMS = st.sampled_from(["x", "y", "tokens", "mask", "x", "y", "B", "T", "L", "d", "0", "1", "2", "3", "-1",
+                              "0.5", "T - 1", "L + T", "[x, x]", "[x, y]", "[T, L]", "[2, -1]", "[B, T, 2, 4]",
+                              "[B, -1]", "[0, 2, 1]", "true"])
+MOVE_OPS = ["concat", "stack", "split", "chunk", "unsqueeze", "squeeze", "reshape", "flatten", "transpose", "permute",
+            "expand", "shift", "where", "softmax", "log_softmax", "logsumexp", "mean", "sum", "max", "min", "exp",
+            "abs", "sqrt", "learned", "linear", "cross_entropy", "mse"]
+MOVE_BINARY = ["+", "-", "*", "/", "//", "%", "&", "|", "^", "<<", ">>", "==", "<", "**"]
+INDEX_ITEMS = st.sampled_from([":", "0", "-1", "1:", ":-1", ":T - 1", "...", "::2", "1:3", "T", "d // 2", ":d // 2"])
+
+
+def _moves(children):
+    return st.one_of(
+        st.tuples(children, st.lists(INDEX_ITEMS, min_size=1, max_size=4)).map(lambda t: f"{t[0]}[{', '.join(t[1])}]"),
+        st.tuples(children, st.sampled_from(MOVE_BINARY), children).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(MOVE_OPS), st.lists(children, min_size=1, max_size=3),
+                  st.sampled_from(["", ", dim=1", ", dim=-1", ", dim=T", ", dim=0", ", keepdim=true",
+                                   ", init=zeros()", ", fill=-1"]))
+          .map(lambda t: f"{t[0]}({', '.join(t[1])}{t[2]})"),
+    )
+
+
+MOVE_EXPRS = st.recursive(MOVE_ATOMS, _moves, max_leaves=6)
+MOVES = """param d: int = 8
+model M(x: Tensor[B, T, d], y: Tensor[B, L, d], tokens: Tokens[B, T], mask: Mask[B, T]) {{
+    {targets} = {expr}
+    return {targets}
+}}
+"""
+SIZES = {"B": 6, "T": 7, "L": 9}  # distinct, and longer than any int slice bound above (no clamping)
+MOVES_BUDGET = Budget(15)
+
+
+def _run_and_compare(compiled) -> None:
+    import torch
+
+    from archc.compiler.ops import dim_value
+
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(6, 7, 8), "y": torch.randn(6, 9, 8), "tokens": torch.randint(0, 50, (6, 7)),
+              "mask": torch.rand(6, 7) > 0.5}
+    try:
+        outputs = compiled.build()(**inputs)
+    except RuntimeError as err:  # integer division by zero is the data's fault, not the checker's
+        assert "ZeroDivisionError" in str(err), f"{err}\n{compiled.source}"
+        return
+    except IndexError as err:  # a position into a symbolic axis (x[4] of [B, ...]) is checked when it runs
+        assert "out of bounds" in str(err), f"{err}\n{compiled.source}"
+        return
+    for name, node_id in compiled.ir.outputs:
+        shape = tuple(round(dim_value(d, SIZES)) for d in compiled.ir.node(node_id).shape)
+        assert tuple(outputs[name].shape) == shape, f"{name}: ran as {tuple(outputs[name].shape)}, checked as " \
+                                                    f"{compiled.ir.node(node_id).shape}\n{compiled.source}"
+
+
+@fuzz(400)
+@given(MOVE_EXPRS, st.sampled_from(["a", "a, b", "a, _, c"]))
+def test_moves_compile_to_what_runs_or_to_located_errors(expr, targets):
+    if MOVES_BUDGET.spent():
+        return
+    text = MOVES.format(expr=expr, targets=targets).replace("return a, _, c", "return a, c")
+    try:
+        compiled = archc.compile(text, name="fuzz.arch")
+    except archc.SpecError as err:
+        assert_actionable(err)
+        return
+    _run_and_compare(compiled)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(TOKENS + NEW_SYNTAX), st.sampled_from(SEPARATORS)), max_size=30))
+def test_new_syntax_through_the_whole_pipeline(pieces):
+    check(SKELETON.format("".join(tok + sep for tok, sep in pieces)))

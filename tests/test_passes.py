@@ -272,3 +272,55 @@ def test_compile_pauses_the_cyclic_collector_and_restores_it():
         assert not gc.isenabled()  # left as the caller had it
     finally:
         gc.enable()
+
+
+# Regression (issue "A language, not a menu"): two layers each cross-attending to one `memory` made the fused
+# K/V of layer 1 land inside layer 0 in program order, and code generation stopped with a KeyError.
+CROSS = """
+param d: int = 32
+block Layer(x: Tensor[B, T, d], memory: Tensor[B, S, d]) {
+    x += cross_attention(rms_norm(x), memory, heads=4)
+    return x
+}
+model M(tokens: Tokens[B, T], memory: Tensor[B, S, d]) {
+    x = embedding(tokens, 64, d)
+    repeat i in 0..2 as layers {
+        x = Layer(x, memory)
+    }
+    return x
+}
+"""
+
+
+def test_cross_attention_layers_on_one_memory_fuse_their_own_keys_and_values():
+    torch.manual_seed(0)
+    fused = archc.compile(CROSS, name="t.arch")
+    plain = archc.compile(CROSS, name="t.arch", disable=("fuse_projections",))
+    # each layer owns its K/V weights, so each fuses its own (no matmul across layers)
+    assert [n.path for n in fused.ir.nodes() if n.op == "fused_linear"] == \
+        ["layers.0.cross_attn.kv", "layers.1.cross_attn.kv"]
+    assert fused.num_params() == plain.num_params()
+    assert "for layer in self.layers:\n            x = layer(x, memory)" in fused.source  # memory: the same each step
+    assert fused.source.count("class Layer(") == 1
+    a, b = fused.build(), plain.build()
+    load_canonical(a, fused, to_canonical(plain, b.state_dict()))
+    tokens, memory = torch.randint(0, 64, (2, 5)), torch.randn(2, 3, 32)
+    torch.testing.assert_close(a(tokens, memory)["x"], b(tokens, memory)["x"])
+
+
+@pytest.mark.parametrize("command, extra", [("check", []), ("summary", ["--dim", "S=4"]), ("inspect", []),
+                                            ("inspect", ["ir"])])
+def test_cross_attention_layers_on_one_memory_pass_every_command(command, extra, tmp_path, capsys):
+    from archc.cli import main
+
+    spec = tmp_path / "cross.arch"
+    spec.write_text(CROSS)
+    assert main([command, str(spec), *extra]) == 0, capsys.readouterr().err
+
+
+def test_verifier_catches_a_module_split_in_program_order():
+    graph = fuse_projections(shaped(CROSS))
+    (layer1_kv,) = [n for n in graph.nodes() if n.path == "layers.1.cross_attn.kv"]
+    layer1_kv.order = next(n.order for n in graph.nodes() if n.path == "layers.0.cross_attn.o") + 0.5
+    with pytest.raises(IRError, match="keep each module's nodes together"):
+        verify(graph)

@@ -21,6 +21,8 @@ def _compile(args, spec: str | None = None):
     import archc
 
     compiled = archc.compile(Path(spec or args.spec), **compile_options(args))  # a path, never spec text
+    for warning in compiled.warnings:
+        print(warning.render(), file=sys.stderr)
     if getattr(args, "dump_dir", None):
         write_atomic(Path(args.dump_dir) / "model.py", compiled.source)
     return compiled

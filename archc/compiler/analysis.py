@@ -39,11 +39,20 @@ def sizes_for(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = 
 
 
 def node_params(graph: Graph, node: Node) -> dict[str, tuple]:
-    """Canonical state-dict name -> shape of the weights this node owns."""
+    """Canonical state-dict name -> shape of the weights this node owns (none where it calls a module another
+    call made: `as label shared`)."""
+    if graph.borrowed(node):
+        return {}
     op = ops.REGISTRY[node.op]
     ins = [graph.node(a).shape for a in graph.args(node.id)]
     prefix = (node.scope if op.weights_at_scope else node.path)
-    return {(f"{prefix}.{k}" if prefix else k): shape for k, shape in op.weights(node, ins).items()}
+    return {_join(prefix, k): shape for k, shape in op.weights(node, ins).items()}
+
+
+def _join(prefix: str, key: str) -> str:
+    """A weight's state-dict name: its key under its module's path (an empty key: the path itself, as a
+    `learned` tensor's)."""
+    return f"{prefix}.{key}" if prefix and key else prefix or key
 
 
 def _numel(shape) -> int:
@@ -339,7 +348,8 @@ def param_roles(graph: Graph) -> dict[str, str]:
     for node in graph.nodes():
         declared = ops.REGISTRY[node.op].roles(node)
         for name, shape in node_params(graph, node).items():
-            own = [role for key, role in declared.items() if name == key or name.endswith("." + key)]
+            own = [role for key, role in declared.items()
+                   if (key and (name == key or name.endswith("." + key))) or (not key and name == node.path)]
             if own:
                 role = own[0]
             elif name.endswith("bias"):

@@ -20,7 +20,7 @@ from archc.compiler.ir import Graph
 from archc.compiler.lower import Spec, load_spec, lower, resolve_params
 from archc.compiler.passes import PASS_NAMES, PASSES
 from archc.compiler.verify import verify
-from archc.dsl.diagnostics import SpecError, did_you_mean
+from archc.dsl.diagnostics import SpecError, SpecWarning, did_you_mean
 
 
 @attrs.frozen
@@ -38,6 +38,7 @@ class Compiled:
     stages: list[tuple[str, Graph]]
     code: GeneratedCode
     options: Options
+    warnings: tuple[SpecWarning, ...] = ()  # compiles, but likely not what was meant (located)
 
     @property
     def ir(self) -> Graph:
@@ -182,7 +183,8 @@ def _compile(spec, name, overrides, options: Options, on_stage) -> Compiled:
             on_stage(pass_name, graph)
     _check_kernel_patterns(graph, options)
     code = generate(graph, _header(graph, params))
-    return Compiled(loaded, params, stages, code, options)
+    warnings = tuple(w for node in graph.nodes() for w in ops.REGISTRY[node.op].warnings(node, graph))
+    return Compiled(loaded, params, stages, code, options, warnings)
 
 
 def _check_kernel_patterns(graph: Graph, options: Options) -> None:

@@ -24,6 +24,7 @@ from archc import __version__
 from archc.compiler import ops
 from archc.compiler.ir import Graph, Node, Scope
 from archc.compiler.pytext import docstring_line, inert
+from archc.dsl.diagnostics import SpecError
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MODULE_NAMES = {"torch", "nn", "F", "AF", "annotations"}
@@ -100,6 +101,10 @@ class _Codegen:
         self.instances: dict[str, list[tuple[Scope, str]]] = {}  # class name -> (scope, marked body) per use
         self.used_names: set[str] = set(_MODULE_NAMES)
         self.order: list[str] = []  # class names in definition order
+        self.shared_by: dict[str, list[str]] = defaultdict(list)  # scope path -> the later calls of its module
+        for path, scope in graph.scopes.items():
+            if scope.shares:
+                self.shared_by[scope.shares].append(path)
         self._io: dict[str, tuple[list[str], list[str]]] = {}
 
     # ---- scope structure -----------------------------------------------------
@@ -122,13 +127,18 @@ class _Codegen:
         declared = {v: i for i, v in reversed(list(enumerate(self.g.scopes[path].inputs)))}
         inputs.sort(key=lambda v: declared.get(v, len(declared)))  # stable: undeclared keep first-use order
         graph_outs = {nid for _n, nid in self.g.outputs}
+        scope = self.g.scopes[path]
+        if scope.kind == "block":  # what the block returns, in the order it says (used or not)
+            outputs = list(dict.fromkeys(v for v in scope.outputs if v in self.g))
         for node in nodes:
-            if node.id in graph_outs or any(u not in inside for u in self.g.users(node.id)):
+            used_outside = node.id in graph_outs or any(u not in inside for u in self.g.users(node.id))
+            if used_outside and node.id not in outputs:
                 outputs.append(node.id)
         self._io[path] = inputs, outputs
         return inputs, outputs
 
     def attr_of(self, parent: str, child: str) -> tuple[str, int | None]:
+        child = self.g.scopes[child].shares or child  # a shared module's later calls name its first
         rel = child[len(parent) + 1:] if parent else child
         if "." in rel:
             name, index = rel.rsplit(".", 1)
@@ -143,6 +153,16 @@ class _Codegen:
         scope = self.g.scopes[path]
         body = self.class_body(path, scope)
         key = (scope.kind, scope.cls, _MARKED.sub("", body))
+        if scope.shares:  # a later call of a shared module: no class of its own, the same code as the first
+            if self.key_class.get(key) != self.class_of[scope.shares]:
+                first = self.g.scopes[scope.shares]
+                raise SpecError(f"this call of the shared module `{scope.shares.rsplit('.', 1)[-1]}` would run other "
+                                "code than its first call (its inputs differ in a way the module's code depends on, "
+                                "such as keys as long as the queries in one call and not in the other)", scope.call,
+                                notes=[("the shared module is first made here", first.call)],
+                                hint="share modules between calls whose inputs have the same shapes")
+            self.class_of[path] = self.class_of[scope.shares]
+            return self.class_of[path]
         if key in self.key_class:
             name = self.key_class[key]
         else:
@@ -178,12 +198,18 @@ class _Codegen:
         lines: list[str] = []
         why = next(filter(None, (ops.REGISTRY[n.op].cannot_decode(n, [g.node(a).shape for a in g.args(n.id)])
                                  for n in direct)), None)
+        if not why and self.shared_by.get(scope.shares or path) and any(
+                ops.REGISTRY[n.op].kernel_family and not ops.REGISTRY[n.op].cannot_decode(
+                    n, [g.node(a).shape for a in g.args(n.id)]) for n in self.subtree[path]):
+            why = "a shared module called several times per token: one decoding cache cannot serve every call"
         if why:  # what archc.runtime.decoding reads to refuse this module by name
             lines += ["", f"    cannot_decode = {why!r}"]
         lines += ["", "    def __init__(self) -> None:", "        super().__init__()"]
         # modules in program order: this scope's own weighted nodes, child modules, lists
         entries: list[tuple[float, list[str]]] = []
         for node in direct:
+            if node.shares:
+                continue  # its module is the shared one's
             op = ops.REGISTRY[node.op]
             ins = [g.node(a).shape for a in g.args(node.id)]
             ctor = op.init(node, ins)
@@ -193,6 +219,8 @@ class _Codegen:
                 entries.append((node.order, mine))
         lists: dict[str, list[str]] = defaultdict(list)
         for child in self.children[path]:
+            if g.scopes[child].shares:
+                continue  # calls the module of an earlier call
             attr, index = self.attr_of(path, child)
             first = min(n.order for n in self.subtree[child])
             if index is None:
@@ -248,8 +276,10 @@ class _Codegen:
             names[value] = ns.name(hints.get(value) or node.var or node.name or "x", value, -1, last_use[value])
         args = ", ".join(f"{names[v]}: {'AF.Routing' if g.node(v).dtype == 'routing' else 'torch.Tensor'}"
                          for v in inputs)
-        ret = "dict[str, torch.Tensor]" if scope.kind == "model" else "torch.Tensor"
+        ret = "dict[str, torch.Tensor]" if scope.kind == "model" else \
+            "torch.Tensor" if len(outputs) == 1 else "tuple[torch.Tensor, ...]"
         lines = [f"    def forward(self, {args}) -> {ret}:" if args else f"    def forward(self) -> {ret}:"]
+        self.parts = self._part_groups(direct)
         body: list[str] = []
         for i, (_o, kind, obj) in enumerate(items):
             body += self._emit_item(i, kind, obj, path, names, ns, last_use)
@@ -262,16 +292,18 @@ class _Codegen:
         return lines
 
     def _loops(self, path, items):
-        """Collapse runs of list members that thread one value through into a `for` loop."""
+        """Collapse runs of list members, or of calls of one shared module, that thread one value through
+        into a `for` loop."""
         out, i = [], 0
         while i < len(items):
             order, kind, obj = items[i]
             if kind == "child":
                 attr, index = self.attr_of(path, obj)
-                if index is not None:
+                owner = self.g.scopes[obj].shares or obj
+                if index is not None or self.shared_by.get(owner):
                     run = [obj]
                     j = i + 1
-                    while j < len(items) and items[j][1] == "child" and self.attr_of(path, items[j][2])[0] == attr:
+                    while j < len(items) and items[j][1] == "child" and self._same_run(path, obj, items[j][2]):
                         run.append(items[j][2])
                         j += 1
                     if self._chain(run):
@@ -281,6 +313,15 @@ class _Codegen:
             out.append(items[i])
             i += 1
         return out
+
+    def _same_run(self, path: str, first: str, other: str) -> bool:
+        """`other` continues a run begun by `first`: a member of the same list, or a call of the same shared
+        module."""
+        scopes = self.g.scopes
+        if self.attr_of(path, first)[1] is not None:
+            return self.attr_of(path, other)[1] is not None and self.attr_of(path, other)[0] == self.attr_of(
+                path, first)[0]
+        return (scopes[other].shares or other) == (scopes[first].shares or first)
 
     def _expert_loops(self, path, items):
         """Per-expert rows -> body -> concat becomes one comprehension over the expert list."""
@@ -305,21 +346,30 @@ class _Codegen:
                 items.sort(key=lambda t: t[0])
         return items
 
-    def _chain(self, run: list[str]) -> bool:
+    def _chain(self, run: list[str]) -> dict[int, int] | None:
+        """For modules called one after another, which of each one's inputs carry the previous one's outputs
+        (input position -> output position), when the run threads its values through: every output feeds the
+        next module and nothing else, and every other input is the same value at every step (the `c` of
+        `h = block(h, c)`). None when the run is no such chain."""
         if len(run) < 2:
-            return False
-        prev_out = None
-        for member in run:
-            ins, outs = self.io(member)
-            if len(ins) != 1 or len(outs) != 1:
-                return False
-            if prev_out is not None:
-                inside = {n.id for n in self.subtree[member]}
-                if ins[0] != prev_out or not set(self.g.users(prev_out)) <= inside \
-                        or prev_out in {nid for _n, nid in self.g.outputs}:
-                    return False
-            prev_out = outs[0]
-        return True
+            return None
+        ios = [self.io(member) for member in run]
+        (first_ins, first_outs), (second_ins, _) = ios[0], ios[1]
+        if any(len(ins) != len(first_ins) or len(outs) != len(first_outs) for ins, outs in ios) or not first_outs:
+            return None
+        thread = {p: first_outs.index(v) for p, v in enumerate(second_ins) if v in first_outs}
+        if sorted(thread.values()) != list(range(len(first_outs))):
+            return None
+        graph_outs = {nid for _n, nid in self.g.outputs}
+        for j in range(1, len(run)):
+            ins, prev_outs = ios[j][0], ios[j - 1][1]
+            for p, v in enumerate(ins):
+                if v != (prev_outs[thread[p]] if p in thread else first_ins[p]):
+                    return None
+            inside = {n.id for n in self.subtree[run[j]]}
+            if any(not set(self.g.users(v)) <= inside or v in graph_outs for v in prev_outs):
+                return None
+        return thread
 
     def _item_outputs(self, kind, obj) -> list[str]:
         if kind == "node":
@@ -343,19 +393,28 @@ class _Codegen:
         g = self.g
         if kind == "loop":
             attr, run = obj
-            (src,) = self.io(run[0])[0]
-            (dst,) = self.io(run[-1])[1]
-            var = names[src]
-            if last_use[src] > i:  # the input is still needed: thread a new name
-                var = ns.name(g.node(dst).var or "x", dst, i, last_use[dst])
-                head = [f"{var} = {names[src]}"]
-            else:
-                ns.holder[var] = dst
-                ns.last_use[var] = last_use[dst]
-                head = []
-            names[dst] = var
+            thread = self._chain(run)
+            ins, outs = self.io(run[0])[0], self.io(run[-1])[1]
+            carried: dict[int, str] = {}  # output position -> the variable the loop carries it in
+            head = []
+            for p, q in sorted(thread.items(), key=lambda t: t[1]):
+                src, dst = ins[p], outs[q]
+                var = names[src]
+                if last_use[src] > i or ins.count(src) > 1:  # the input is still needed: thread a new name
+                    var = ns.name(g.node(dst).var or "x", dst, i, last_use[dst])
+                    head.append(f"{var} = {names[src]}")
+                else:
+                    ns.holder[var] = dst
+                    ns.last_use[var] = last_use[dst]
+                carried[q] = var
+            args = ", ".join(carried[thread[p]] if p in thread else names[v] for p, v in enumerate(ins))
+            targets = ", ".join(carried[q] for q in range(len(outs)))
+            for q, dst in enumerate(outs):
+                names[dst] = carried[q]
+            if self.attr_of(path, run[0])[1] is None:  # one shared module, called again and again
+                return [*head, f"for _ in range({len(run)}):", f"    {targets} = self.{attr}({args})"]
             elem = "layer" if attr == "layers" else "block"
-            return [*head, f"for {elem} in self.{attr}:", f"    {var} = {elem}({var})"]
+            return [*head, f"for {elem} in self.{attr}:", f"    {targets} = {elem}({args})"]
         if kind == "experts":
             node, members, rows, routing = obj
             attr, _index = self.attr_of(path, members[0])
@@ -374,7 +433,12 @@ class _Codegen:
         node: Node = obj
         if node.op == "split_part" and node.id in names:
             return []  # bound by its fused_linear
+        if node.id in names:
+            return []  # one of several values, bound where the first of them is
         op = ops.REGISTRY[node.op]
+        group = self.parts.get(node.id)
+        if group and len(group) > 1:
+            return self._emit_parts(i, group, names, ns, last_use)
         arg_names = [names[a] for a in g.args(node.id)]
         if node.op == "fused_linear":
             return self._emit_fused(i, node, arg_names, names, ns, last_use)
@@ -387,6 +451,33 @@ class _Codegen:
         if op.line_comment:
             lines[-1] += _provenance(node, always=False)
         return lines
+
+    def _part_groups(self, direct: list[Node]) -> dict[str, list[Node]]:
+        """Node id -> the values one call of `split` / `chunk` gave (one node each), for binding them in one
+        line: `shift, scale, gate = m.chunk(3, dim=-1)`."""
+        groups: dict[tuple, list[Node]] = defaultdict(list)
+        for node in direct:
+            if getattr(ops.REGISTRY[node.op], "several", False):
+                rest = sorted((k, repr(v)) for k, v in node.attrs.items() if k != "index")
+                groups[(node.op, tuple(self.g.args(node.id)), tuple(rest))].append(node)
+        return {n.id: members for members in groups.values() for n in members}
+
+    def _emit_parts(self, i, group: list[Node], names, ns, last_use) -> list[str]:
+        g = self.g
+        first = group[0]
+        op = ops.REGISTRY[first.op]
+        by_index = {n.attrs["index"]: n for n in group}
+        targets = []
+        for index in range(op.parts(first.attrs, None)):
+            node = by_index.get(index)
+            if node is None:
+                targets.append("_")  # a value nobody reads
+                continue
+            names[node.id] = ns.name(node.var or node.name, node.id, i, last_use[node.id])
+            targets.append(names[node.id])
+        args = [names[a] for a in g.args(first.id)]
+        ins = [g.node(a).shape for a in g.args(first.id)]
+        return [f"{', '.join(targets)} = {op.whole(first, args, ins)}" + _provenance(first, always=False)]
 
     def _emit_fused(self, i, node, arg_names, names, ns, last_use) -> list[str]:
         g = self.g

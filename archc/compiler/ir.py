@@ -11,6 +11,7 @@ keeps everything deterministic.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
@@ -35,6 +36,7 @@ class Node:
     dtype: str = "float"  # float | long
     provenance: tuple[str, ...] = ()  # "scope.name (file:line)" of nodes fused into this one
     var: str = ""  # the spec variable this value was assigned to, a hint for generated names
+    shares: str = ""  # `as label shared`: the node whose module (and weights) this call uses again
 
     @property
     def path(self) -> str:
@@ -56,6 +58,10 @@ class Scope:
     output_names: list[str] = attrs.Factory(list)
     expected: list[tuple[str, Shape, Span]] = attrs.Factory(list)  # declared input shapes to check
     builtin: str = ""  # for a composite: the built-in it lowers (`attention`, `experts`, ...)
+    # `as label shared`: the path of the scope whose module this call uses again (this scope's path is then
+    # `<that path>#<k>`, and its nodes own no weights)
+    shares: str = ""
+    call: Span | None = None  # where the call that made this module is written
 
 
 class Graph:
@@ -115,6 +121,24 @@ class Graph:
     def users(self, node_id: str) -> list[str]:
         return sorted(self.g.successors(node_id), key=lambda n: self.node(n).order)
 
+    @staticmethod
+    def module_path(path: str) -> str:
+        """The path of the module a scope runs: a later call of a shared module (`layer#2.attn`) runs the first
+        call's (`layer.attn`)."""
+        return re.sub(r"#\d+(?=\.|$)", "", path)
+
+    def borrowed(self, node: Node) -> bool:
+        """Whether `node` runs a module another call made (`as label shared`): its weights are not its own."""
+        if node.shares:
+            return True
+        path = node.scope
+        while path:
+            scope = self.scopes.get(path)
+            if scope is not None and scope.shares:
+                return True
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+        return False
+
     def nodes(self) -> list[Node]:
         """All nodes in program order (a topological order)."""
         return sorted((d["node"] for _, d in self.g.nodes(data=True)), key=lambda n: n.order)
@@ -153,6 +177,8 @@ class Graph:
                 line += f"  # {node.span.short}:{node.span.column}"
             if node.provenance:
                 line += f"  fused[{', '.join(node.provenance)}]"
+            if node.shares:
+                line += f"  shares %{node.shares}"
             lines.append(line)
         outs = ", ".join(f"{name}=%{nid}" for name, nid in self.outputs)
         lines.append(f"  return {outs}")

@@ -2,10 +2,18 @@
 
 Lowering unrolls `repeat`, decides `if` conditions, inlines blocks into
 scopes and expands built-ins through the op families' lowerings (archc/compiler/ops/,
-which see only an `ops.LowerContext`). Attributes of primitive ops
-stay as expressions (`Unfolded`) for the `fold_params` pass; shapes are left
-to `infer_shapes`. Every name, type and call is checked here, and every
-problem is a `SpecError` located in the spec.
+which see only an `ops.LowerContext`). Every op the spec calls, and every
+operator and index on tensors, becomes nodes through one path (`_call_op` and
+`_node`). Attributes of primitive ops stay as expressions (`Unfolded`) for the
+`fold_params` pass, unless they hold sizes (`T - 1`: dims.Size), which are bound
+to the tensors that carry them; shapes are left to `infer_shapes`.
+
+Values are tensors (`TensorRef`), several tensors at once (`Several`: `chunk`,
+`split`, a block that returns several, named by `a, b = ...`), lists, sizes
+and scalars. A module labelled `as name shared` is made by its first call and
+run again by the others (their scopes `name#k` own no weights). Every name,
+type and call is checked here, and every problem is a `SpecError` located in
+the spec.
 """
 
 from __future__ import annotations
@@ -22,15 +30,28 @@ from typing import Any
 import attrs
 
 from archc.compiler import ops
+from archc.compiler.dims import Size, bind_sizes, sizes_in
 from archc.compiler.ir import Graph, Scope
 from archc.compiler.ops.base import attr_values
-from archc.compiler.scalars import BUILTINS, Unfolded, check_size, coerce, evaluate, scalar_op, show, type_name
+from archc.compiler.scalars import (
+    BUILTINS,
+    Unfolded,
+    check_size,
+    coerce,
+    evaluate,
+    pick,
+    scalar_op,
+    show,
+    type_name,
+)
 from archc.dsl import ast
 from archc.dsl.ast import Span
-from archc.dsl.diagnostics import SpecError, closest, did_you_mean, end_of
+from archc.dsl.diagnostics import Collector, SpecError, closest, did_you_mean, end_of
 from archc.dsl.parser import parse, parse_file
+from archc.dsl.planned import unbuilt
+from archc.dsl.resolve import check_names
 
-TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float"}
+TENSOR_KINDS = {"Tokens": "long", "Tensor": "float", "Image": "float", "Mask": "bool"}
 SCALAR_TYPES = ("int", "float", "bool", "str")
 # Attribute names nn.Module already uses; a module named so would shadow them.
 RESERVED = frozenset({
@@ -45,6 +66,15 @@ RESERVED = frozenset({
 @attrs.frozen
 class TensorRef:
     node: str
+
+
+@attrs.frozen
+class Several:
+    """The values of an expression that gives more than one (`chunk`, `split`, a block that returns several),
+    to be named by `a, b = ...`."""
+
+    values: tuple[TensorRef, ...]
+    what: str  # the expression in the user's words, for errors: "`chunk(...)`", "block `Joint`"
 
 
 @attrs.define
@@ -79,17 +109,25 @@ def header_span(block: ast.BlockDef) -> Span:
 
 
 def load_spec(path_or_text: str | Path, name: str | None = None) -> Spec:
-    """Parse a spec file (or text) and everything it `use`s, rejecting cycles and clashes."""
+    """Parse a spec file (or text) and everything it `use`s, rejecting cycles and clashes; then report every
+    construct not built yet and every unknown name, argument or label of all of them at once."""
     if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and path_or_text.endswith(".arch")
                                           and "\n" not in path_or_text):
-        main = parse_file(path_or_text)
+        main = parse_file(path_or_text, unbuilt=True)
         base = Path(path_or_text).parent
     else:
-        main = parse(str(path_or_text), name or "<spec>")
+        main = parse(str(path_or_text), name or "<spec>", unbuilt=True)
         base = Path(".")
     modules: list[ast.Module] = []
     blocks: dict[str, tuple[ast.BlockDef, ast.Module]] = {}
     _load(main, base, modules, blocks, stack=[str(Path(main.source.name))])
+    errors = Collector()
+    for module in modules:
+        for err in unbuilt(module):
+            errors.add(err)
+    with errors.attempt():
+        check_names(modules, ops.vocabulary())
+    errors.raise_any()
     return Spec(main, modules, blocks)
 
 
@@ -126,7 +164,7 @@ def _load(module, base, modules, blocks, stack) -> None:
             raise SpecError(f'cannot `use "{use.path}"`: {what}{where}', use.span,
                             hint=did_you_mean(target.name, near))
         try:
-            sub = parse_file(target)
+            sub = parse_file(target, unbuilt=True)
         except SpecError as err:
             if err.span is not None:
                 raise
@@ -239,6 +277,17 @@ class _Names:
 
 
 @attrs.define
+class _Shared:
+    """A `shared` label of one body: the module its first call made, and the arguments every call repeats."""
+
+    func: str
+    args: dict[str, Any]  # the call's scalar arguments, defaults filled in
+    owner: str  # the first call's node id (an op) or scope path (a block or built-in)
+    span: Span
+    uses: int = 1
+
+
+@attrs.define
 class _Frame:
     """One block body being lowered."""
 
@@ -247,6 +296,10 @@ class _Frame:
     names: _Names
     labels: dict[str, str]  # label -> node id (for tie=)
     env: dict[str, Any]
+    shared: dict[str, _Shared] = attrs.Factory(dict)  # this body's `as label shared` modules
+    # In the steps of a `repeat` that calls a shared module: its label. Such steps are no modules of their
+    # own (the shared module belongs to the body around the repeat), so they can make none.
+    reusing: str | None = None
 
 
 def snake(name: str) -> str:
@@ -285,6 +338,7 @@ class Lowerer:
                 env[p.name] = TensorRef(node.id)
                 g.scopes[""].inputs.append(node.id)
                 g.scopes[""].arg_names.append(p.name)
+                _bind_dims(p.type, node.id, env)
             else:
                 env[p.name] = self._param_default(p, env)
         self.call_stack.append(model.name)
@@ -316,7 +370,7 @@ class Lowerer:
     def _dims(self, t: ast.TensorType, env) -> tuple:
         dims = []
         for d in t.dims:
-            if isinstance(d, ast.Name) and (d.id not in env or isinstance(env[d.id], TensorRef)):
+            if isinstance(d, ast.Name) and (d.id not in env or isinstance(env[d.id], (TensorRef, Size))):
                 dims.append(d.id)  # a symbol such as B or T
             else:
                 value = evaluate(d, env)
@@ -340,17 +394,20 @@ class Lowerer:
         env = frame.env
         if isinstance(stmt, ast.Assign):
             value = self._expr(stmt.value, frame)
-            if isinstance(value, TensorRef):
-                node = self.graph.node(value.node)
-                if not node.var:
-                    node.var = stmt.target
+            if isinstance(value, Several):
+                names = ", ".join(f"{stmt.target}{i}" for i in range(len(value.values)))
+                raise SpecError(f"{value.what} gives {len(value.values)} values; name each of them", stmt.span,
+                                hint=f"write `{names} = ...` (`_` for a value you do not need)")
+            self._name_value(value, stmt.target)
             env[stmt.target] = value
+        elif isinstance(stmt, ast.Unpack):
+            self._unpack(stmt, frame)
         elif isinstance(stmt, ast.AugAssign):
             old = env.get(stmt.target)
             if old is None:
                 raise SpecError(f"`{stmt.target} += ...` needs `{stmt.target}` to exist first", stmt.span,
                                 hint=did_you_mean(stmt.target, env))
-            update = self._expr(stmt.value, frame)
+            update = self._tensor_or_scalar(stmt.value, frame)
             if isinstance(old, TensorRef) and isinstance(update, TensorRef):
                 node = self.graph.add("add", [old.node, update.node], {}, scope=frame.scope, name="add",
                                       span=stmt.span, var=stmt.target)
@@ -371,8 +428,37 @@ class Lowerer:
                     return self._body(body, frame)
             return self._body(stmt.orelse, frame)
         elif isinstance(stmt, ast.Return):
-            return [(e, self._expr(e, frame)) for e in stmt.values]
+            return [(e, self._tensor_or_scalar(e, frame)) for e in stmt.values]
         return None
+
+    def _unpack(self, stmt: ast.Unpack, frame: _Frame) -> None:
+        """`a, b, c = chunk(m, 3)` (one expression giving several values) or `a, b = b, a` (one each)."""
+        n = len(stmt.targets)
+        if len(stmt.values) == 1:
+            value = self._expr(stmt.values[0], frame)
+            if not isinstance(value, Several):
+                raise SpecError(f"{n} names but the expression gives one value", stmt.values[0].span,
+                                hint="several names take `chunk`, `split`, a block that returns several tensors, "
+                                     "or as many expressions: `a, b = x, y`")
+            if len(value.values) != n:
+                raise SpecError(f"{n} names but {value.what} gives {len(value.values)} values", stmt.span,
+                                hint="`_` stands for a value you do not need")
+            values = list(value.values)
+        else:
+            if len(stmt.values) != n:
+                raise SpecError(f"{n} names but {len(stmt.values)} expressions", stmt.span)
+            values = [self._tensor_or_scalar(e, frame) for e in stmt.values]  # all before any is named
+        for target, value in zip(stmt.targets, values):
+            if target != "_":
+                self._name_value(value, target)
+                frame.env[target] = value
+
+    def _name_value(self, value: Any, name: str) -> None:
+        """The first name a tensor gets is the hint for its variable in generated code."""
+        if isinstance(value, TensorRef):
+            node = self.graph.node(value.node)
+            if not node.var:
+                node.var = name
 
     def _repeat(self, stmt: ast.Repeat, frame: _Frame) -> None:
         start, stop = evaluate(stmt.start, frame.env), evaluate(stmt.stop, frame.env)
@@ -381,16 +467,71 @@ class Lowerer:
                 raise SpecError(f"`repeat` bounds must be ints, got {type_name(bound)}", expr.span)
         if stop - start > 10_000:
             raise SpecError(f"`repeat` of {stop - start} steps is more than the 10000 allowed", stmt.span)
+        reusing = frame.reusing or _shared_label(stmt.body)
+        if reusing:
+            self._repeat_reusing(stmt, frame, reusing, range(start, stop))
+            return
         attr = frame.names.claim(stmt.name or "layers", stmt.name is not None, stmt.span)
         for i in range(start, stop):
             path = f"{frame.scope}.{attr}.{i}" if frame.scope else f"{attr}.{i}"
             with self.step(path, attr, stmt.span):
                 frame.env[stmt.var] = i
-                step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env)
+                step = _Frame(path, frame.module, self.names[path], frame.labels, frame.env, frame.shared)
                 if self._body(stmt.body, step) is not None:
                     raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
                                     hint="return after the loop, from the enclosing block")
         frame.env.pop(stmt.var, None)
+
+    def _repeat_reusing(self, stmt: ast.Repeat, frame: _Frame, reusing: str, steps: range) -> None:
+        """A `repeat` whose steps call a shared module: each step runs in the body around it, calling the one
+        module (ALBERT's layer applied n times) rather than making a list of its own."""
+        if stmt.name is not None:
+            raise SpecError(f"`as {stmt.name}` names the list of a `repeat`'s modules, but these steps reuse the "
+                            f"shared module `{reusing}` and make no list", stmt.span,
+                            hint=f"drop `as {stmt.name}`; the shared module is `{reusing}`")
+        step = _Frame(frame.scope, frame.module, frame.names, frame.labels, frame.env, frame.shared, reusing)
+        for i in steps:
+            frame.env[stmt.var] = i
+            if self._body(stmt.body, step) is not None:
+                raise SpecError("`return` cannot appear inside `repeat`", _first_return(stmt.body) or stmt.span,
+                                hint="return after the loop, from the enclosing block")
+        frame.env.pop(stmt.var, None)
+
+    def _module(self, call: ast.Call, frame: _Frame, default: str, args: dict[str, Any]) -> tuple[str, _Shared | None]:
+        """The attribute name of the module `call` makes in `frame`, and the shared module it calls again
+        instead (None: the call makes its own). `args` are its scalar arguments, which every call of one
+        shared module must repeat."""
+        if call.shared:
+            first = frame.shared.get(call.label)
+            if first is None:
+                return frame.names.claim(call.label, True, call.span), None
+            if first.func != call.func:
+                raise SpecError(f"the shared module `{call.label}` is `{first.func}`, so this call cannot be "
+                                f"`{call.func}`", call.func_span, notes=[(f"`{call.label}` is first made here",
+                                                                          first.span)])
+            for name, value in args.items():
+                if first.args.get(name) != value:
+                    raise SpecError(
+                        f"the shared module `{call.label}` was made with {name}={show(first.args.get(name))}; every "
+                        f"call of it repeats its arguments (but its tensors), and this one gives {name}={show(value)}",
+                        call.span, notes=[(f"`{call.label}` is first made here", first.span)])
+            return call.label, first
+        if frame.reusing:
+            raise SpecError(f"a `repeat` step that calls the shared module `{frame.reusing}` cannot make a module "
+                            f"of its own (this `{call.func}`) yet: the step is no module to hold it", call.span,
+                            hint=f"share it too (`as {call.label or default} shared`), or make it outside the "
+                                 "`repeat`")
+        return frame.names.claim(call.label or default, call.label is not None, call.span), None
+
+    def _remember_shared(self, call: ast.Call, frame: _Frame, args: dict[str, Any], owner: str) -> None:
+        if call.shared and call.label not in frame.shared:
+            frame.shared[call.label] = _Shared(call.func, args, owner, call.span)
+
+    def _shared_scope(self, first: _Shared, cls: str, kind: str, span: Span, **fields) -> Scope:
+        """The scope of a later call of the shared module `first` made: `<its path>#<k>`, owning no weights."""
+        path = f"{first.owner}#{first.uses}"
+        first.uses += 1
+        return Scope(path, cls, kind, span, shares=first.owner, **fields)
 
     @contextmanager
     def step(self, path: str, attr: str, span: Span) -> Iterator[None]:
@@ -434,6 +575,7 @@ class Lowerer:
     # ---- expressions ---------------------------------------------------------
 
     def _expr(self, expr, frame: _Frame) -> Any:
+        """The value of an expression: a tensor (TensorRef), several (Several), a list, a Size, a scalar."""
         if isinstance(expr, ast.Name):
             if expr.id not in frame.env:
                 known = list(frame.env) + list(frame.labels)
@@ -441,34 +583,95 @@ class Lowerer:
             return frame.env[expr.id]
         if isinstance(expr, ast.Call):
             return self._call(expr, frame)
+        if isinstance(expr, ast.ListExpr):
+            return [self._tensor_or_scalar(item, frame) for item in expr.items]
+        if isinstance(expr, ast.Index):
+            return self._index(expr, frame)
         if isinstance(expr, ast.BinOp):
-            left, right = self._expr(expr.left, frame), self._expr(expr.right, frame)
+            left, right = self._tensor_or_scalar(expr.left, frame), self._tensor_or_scalar(expr.right, frame)
             if not isinstance(left, TensorRef) and not isinstance(right, TensorRef):
                 return scalar_op(expr.op, left, right, expr.span)
             return self._tensor_binop(expr, left, right, frame)
         if isinstance(expr, ast.UnaryOp):
-            value = self._expr(expr.operand, frame)
+            value = self._tensor_or_scalar(expr.operand, frame)
             if isinstance(value, TensorRef):
-                if expr.op != "-":
-                    raise SpecError("`not` needs true/false, not a tensor", expr.span)
-                node = self.graph.add("mul", [value.node], {"scalar": -1, "scalar_left": True},
-                                      scope=frame.scope, name="neg", span=expr.span)
-                return TensorRef(node.id)
-        return evaluate(expr, _scalars(frame.env))
+                if expr.op == "-":
+                    return self._node("mul", [value.node], {"scalar": -1, "scalar_left": True}, frame, expr.span,
+                                      name="neg")
+                return self._node("not", [value.node], {}, frame, expr.span)
+        return evaluate(expr, frame.env)
+
+    def _tensor_or_scalar(self, expr, frame: _Frame) -> Any:
+        """`_expr`, where one value is due: several (an unnamed `chunk(...)`) is an error."""
+        value = self._expr(expr, frame)
+        if isinstance(value, Several):
+            raise SpecError(f"{value.what} gives {len(value.values)} values; name them first", expr.span,
+                            hint=f"`{', '.join(chr(97 + i) for i in range(len(value.values)))} = ...`, then use "
+                                 "the one you need")
+        return value
+
+    def _node(self, op: str, tensors: list[str], attrs_: dict[str, Any], frame: _Frame, span: Span, *,
+              name: str | None = None, var: str = "") -> TensorRef:
+        """A node of `op` reading `tensors`, in this frame's scope. The tensors whose sizes its attributes
+        read (`T - 1` in `x[:, :T - 1]`) become further arguments, so the sizes follow the graph."""
+        index: dict[str, int] = {}
+        args = list(tensors)
+        for size in (s for value in attrs_.values() for s in sizes_in(value)):
+            for ref in size.refs():
+                if ref not in index:
+                    index[ref] = args.index(ref) if ref in args else len(args)
+                    if index[ref] == len(args):
+                        args.append(ref)
+        attrs_ = {k: bind_sizes(v, index) for k, v in attrs_.items()}
+        dtype = ops.REGISTRY[op].dtype(attrs_, [self.graph.node(t).dtype for t in tensors], span)
+        node = self.graph.add(op, args, attrs_, scope=frame.scope, name=name or op, span=span, dtype=dtype, var=var)
+        return TensorRef(node.id)
+
+    def _index(self, expr: ast.Index, frame: _Frame) -> Any:
+        """`x[...]`: a tensor indexed and sliced (an `index` node), or a list of numbers picked from."""
+        value = self._tensor_or_scalar(expr.value, frame)
+        if not isinstance(value, TensorRef):
+            return pick(value, expr, frame.env)
+        items: list = []
+        for item in expr.items:
+            if isinstance(item, ast.EllipsisIndex):
+                items.append(["..."])
+            elif isinstance(item, ast.Slice):
+                parts = [None if part is None else self._position(part, frame) for part in
+                         (item.start, item.stop, item.step)]
+                if parts[2] is not None and (not isinstance(parts[2], int) or parts[2] <= 0):
+                    raise SpecError("a slice step must be a positive int", item.step.span)
+                items.append(["slice", *parts])
+            else:
+                items.append(["at", self._position(item, frame)])
+        if sum(1 for item in items if item[0] == "...") > 1:
+            raise SpecError("`...` may appear once in an index", expr.span)
+        return self._node("index", [value.node], {"items": items}, frame, expr.span)
+
+    def _position(self, expr, frame: _Frame) -> Any:
+        value = self._tensor_or_scalar(expr, frame)
+        if isinstance(value, TensorRef):
+            raise SpecError("indexing with a tensor is not built: positions are ints or sizes (`T - 1`)", expr.span,
+                            hint="to pick by a mask use `where(mask, a, b)`")
+        if not isinstance(value, Size) and (not isinstance(value, int) or isinstance(value, bool)):
+            raise SpecError(f"a position must be an int or a size, got {type_name(value)} {show(value)}",
+                            expr.span)
+        return value
 
     def _tensor_binop(self, expr: ast.BinOp, left, right, frame: _Frame) -> TensorRef:
-        op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}.get(expr.op)
+        op = ops.BINARY_OPS.get(expr.op)
         if op is None:
-            raise SpecError(f"`{expr.op}` is not defined for tensors; use + - * /", expr.span)
+            raise SpecError(f"`{expr.op}` is not defined for tensors", expr.span,
+                            hint="tensors take + - * / // % ** & | ^ << >> and comparisons")
         if isinstance(left, TensorRef) and isinstance(right, TensorRef):
-            node = self.graph.add(op, [left.node, right.node], {}, scope=frame.scope, name=op, span=expr.span)
-        else:
-            tensor, scalar = (left, right) if isinstance(left, TensorRef) else (right, left)
-            if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
-                raise SpecError(f"cannot {op} a tensor and a {type_name(scalar)}", expr.span)
-            node = self.graph.add(op, [tensor.node], {"scalar": scalar, "scalar_left": tensor is right},
-                                  scope=frame.scope, name=op, span=expr.span)
-        return TensorRef(node.id)
+            return self._node(op, [left.node, right.node], {}, frame, expr.span)
+        tensor, scalar = (left, right) if isinstance(left, TensorRef) else (right, left)
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            raise SpecError(f"`{expr.op}` cannot combine a tensor and {type_name(scalar)} {show(scalar)}",
+                            expr.span, hint="tensors combine with tensors and numbers" + (
+                                "; a size enters a tensor's shape through reshape, expand or indexing"
+                                if isinstance(scalar, Size) else ""))
+        return self._node(op, [tensor.node], {"scalar": scalar, "scalar_left": tensor is right}, frame, expr.span)
 
     def _call(self, call: ast.Call, frame: _Frame) -> Any:
         if call.func in self.spec.blocks:
@@ -476,45 +679,91 @@ class Lowerer:
         if call.func in ops.COMPOSITES:
             return self._call_composite(ops.COMPOSITES[call.func], call, frame)
         op = ops.REGISTRY.get(call.func)
+        if call.func in BUILTINS:  # `max(a, b)` of numbers; of a tensor it is the reduction
+            first = self._tensor_or_scalar(call.args[0], frame) if call.args and op is not None else None
+            if not isinstance(first, TensorRef):
+                return evaluate(call, frame.env)
+            return self._call_op(op, call, frame, first=first)
         if op is not None and op.user:
             return self._call_op(op, call, frame)
-        if call.func in BUILTINS:
-            return evaluate(call, _scalars(frame.env))
         known = [*self.spec.blocks, *ops.COMPOSITES, *(n for n, o in ops.REGISTRY.items() if o.user), *BUILTINS]
-        raise SpecError(f"unknown op or block `{call.func}`", call.func_span, hint=did_you_mean(call.func, known))
+        raise SpecError(f"unknown op or block `{call.func}`", call.func_span,
+                        hint=did_you_mean(call.func, known, exclude=[self.spec.model.name]))
 
     def _tensor_arg(self, expr: ast.Expr, frame: _Frame, what: str) -> TensorRef:
-        value = self._expr(expr, frame)
+        value = self._tensor_or_scalar(expr, frame)
         if not isinstance(value, TensorRef):
-            raise SpecError(f"{what} must be a tensor, got {type_name(value)} {value!r}", expr.span)
+            raise SpecError(f"{what} must be a tensor, got {type_name(value)} {show(value)}", expr.span)
         return value
 
-    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame) -> TensorRef:
-        bound = ops.bind(call, [*op.inputs, *op.attrs], f"`{op.name}`")
-        args = []
-        for name in op.inputs:
-            if name not in bound:
-                raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
-            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of `{op.name}`").node)
-        scalars = _scalars(frame.env)
+    def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame, first: TensorRef | None = None) -> Any:
+        """Every built-in op the spec calls lowers here: tensors (or a list of them, or a number where the op
+        takes one) become the node's arguments; other arguments its attributes, left as expressions for
+        `fold_params` unless they hold sizes (then resolved here and bound to the tensors they read); an op
+        that gives several values (`chunk`) becomes one node per value."""
+        what = f"`{op.name}`"
+        bound = ops.bind(call, [*op.inputs, *op.attrs], what)
+        tensors: list[str] = []
         attrs_: dict[str, Any] = {}
+        for i, name in enumerate(op.inputs):
+            if name not in bound:
+                if name in op.optional_inputs:
+                    continue
+                raise SpecError(f"{what} needs its `{name}` argument", call.span)
+            # `first`: the first argument, already lowered (to tell `max` of a tensor from `max` of numbers)
+            value = first if i == 0 and first is not None else self._tensor_or_scalar(bound[name], frame)
+            if name == op.list_input:
+                if not isinstance(value, list) or not value or not all(isinstance(v, TensorRef) for v in value):
+                    raise SpecError(f"`{name}` of {what} is a list of tensors, as in `[a, b]`", bound[name].span)
+                tensors += [v.node for v in value]
+                attrs_["count"] = len(value)
+            elif isinstance(value, TensorRef):
+                tensors.append(value.node)
+            elif name in op.number_inputs and isinstance(value, (int, float)) and not isinstance(value, bool):
+                attrs_[name] = value
+            else:
+                raise SpecError(f"`{name}` of {what} must be a tensor"
+                                + (" or a number" if name in op.number_inputs else "")
+                                + f", got {type_name(value)} {show(value)}", bound[name].span)
+        given: dict[str, Any] = {}  # every attribute's value, for sharing and for ops that give several
         for name, spec in op.attrs.items():
             if name == "tie" and name in bound:
-                attrs_[name] = self._tie_target(bound[name], frame)
+                attrs_[name] = given[name] = self._tie_target(bound[name], frame)
             elif name in bound:
-                attrs_[name] = Unfolded(bound[name], scalars)
+                value = given[name] = evaluate(bound[name], frame.env)
+                if sizes_in(value):  # resolved once shapes are known; checked now
+                    problem = spec.check(name, value)
+                    if problem:
+                        raise SpecError(f"{what}: {problem}", bound[name].span)
+                    attrs_[name] = value
+                else:
+                    attrs_[name] = Unfolded(bound[name], _scalars(frame.env))
             elif spec.default is ops.REQUIRED:
-                raise SpecError(f"`{op.name}` needs its `{name}` argument", call.span)
-            elif name == "bias" and "tie" in bound:
-                attrs_[name] = False  # a tied linear borrows the embedding's weight and has no bias
+                raise SpecError(f"{what} needs its `{name}` argument", call.span)
             else:
-                attrs_[name] = spec.default
-        name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if not op.pure \
-            else (call.label or op.name)
-        node = self.graph.add(op.name, args, attrs_, scope=frame.scope, name=name, span=call.span)
+                attrs_[name] = given[name] = op.default(name, bound)
+        first = None
+        if op.pure or op.random:
+            if call.shared:
+                raise SpecError(f"`{op.name}` makes no module, so `shared` has nothing to share", call.span,
+                                hint=f"drop `shared`; a label on `{op.name}` only names its value")
+            name = frame.names.claim(call.label or op.name, call.label is not None, call.span) if op.random \
+                else (call.label or op.name)
+        else:
+            name, first = self._module(call, frame, op.name, given)
+        parts = op.parts(given, call)
+        if parts is not None:
+            refs = [self._node(op.name, tensors, {**attrs_, "index": i}, frame, call.span, name=name)
+                    for i in range(parts)]
+            return Several(tuple(refs), f"`{op.name}(...)`")
+        ref = self._node(op.name, tensors, attrs_, frame, call.span, name=name)
+        if first is not None:
+            self.graph.node(ref.node).shares = first.owner
+        elif not (op.pure or op.random):
+            self._remember_shared(call, frame, given, ref.node)
         if call.label:
-            frame.labels[call.label] = node.id
-        return TensorRef(node.id)
+            frame.labels.setdefault(call.label, ref.node)
+        return ref
 
     def _tie_target(self, expr: ast.Expr, frame: _Frame) -> str:
         how = "label the embedding, e.g. `embedding(tokens, vocab, d) as wte`, and write `tie=wte`"
@@ -531,17 +780,27 @@ class Lowerer:
 
     def _call_composite(self, comp: ops.Composite, call: ast.Call, frame: _Frame) -> TensorRef:
         what = f"`{comp.name}`"
-        bound = ops.bind(call, [*comp.inputs, *comp.attrs], what)
-        args = []
-        for name in comp.inputs:
+        bound = ops.bind(call, [*comp.inputs, *comp.attrs, *comp.optional], what)
+        args: list[str | None] = []
+        for name in (*comp.inputs, *comp.optional):
             if name not in bound:
+                if name in comp.optional:
+                    args.append(None)
+                    continue
                 raise SpecError(f"{what} needs its `{name}` argument", call.span)
             args.append(self._tensor_arg(bound[name], frame, f"`{name}` of {what}").node)
         values = attr_values(call, bound, comp.attrs, _scalars(frame.env), what)
-        attr = frame.names.claim(call.label or comp.default_name, call.label is not None, call.span)
-        path = f"{frame.scope}.{attr}" if frame.scope else attr
-        scope = Scope(path, comp.cls, "composite", call.span, inputs=list(args), arg_names=list(comp.inputs),
-                      builtin=comp.name)
+        attr, first = self._module(call, frame, comp.default_name, values)
+        given = [(arg, name) for arg, name in zip(args, (*comp.inputs, *comp.optional)) if arg is not None]
+        fields = {"inputs": [a for a, _n in given], "arg_names": [n for _a, n in given], "builtin": comp.name,
+                  "call": call.span}
+        if first is not None:
+            scope = self._shared_scope(first, comp.cls, "composite", call.span, **fields)
+        else:
+            scope = Scope(f"{frame.scope}.{attr}" if frame.scope else attr, comp.cls, "composite", call.span,
+                          **fields)
+            self._remember_shared(call, frame, values, scope.path)
+        path = scope.path
         self.graph.scopes[path] = scope
         self.names[path] = _Names()
         scope.outputs = [comp.lower(ops.LowerContext(self, frame, path, call.span, bound), args, values)]
@@ -565,18 +824,16 @@ class Lowerer:
             raise SpecError(f"block `{call.func}` calls itself: {chain}", call.func_span)
         bound = ops.bind(call, [p.name for p in block.params], f"block `{block.name}`")
         env = dict(self.module_env[id(module)])
-        attr = frame.names.claim(call.label or snake(block.name), call.label is not None, call.span)
-        path = f"{frame.scope}.{attr}" if frame.scope else attr
-        scope = Scope(path, block.name, "block", block.span)
         caller_scalars = _scalars(frame.env)
+        inputs, arg_names = [], []
         for p in block.params:
             if isinstance(p.type, ast.TensorType):
                 if p.name not in bound:
                     raise SpecError(f"block `{block.name}` needs its tensor argument `{p.name}`", call.span)
                 ref = self._tensor_arg(bound[p.name], frame, f"`{p.name}` of `{block.name}`")
                 env[p.name] = ref
-                scope.inputs.append(ref.node)
-                scope.arg_names.append(p.name)
+                inputs.append(ref.node)
+                arg_names.append(p.name)
                 continue
             check_type(p.type)
             if p.name in bound:
@@ -586,12 +843,25 @@ class Lowerer:
                 env[p.name] = coerce(evaluate(p.default, env), p.type.name, p.default.span, f"`{p.name}`")
             else:
                 raise SpecError(f"block `{block.name}` needs its argument `{p.name}`", call.span)
+        attr, first = self._module(call, frame, snake(block.name), {p.name: env[p.name] for p in block.params
+                                                                    if not isinstance(p.type, ast.TensorType)})
+        fields = {"inputs": inputs, "arg_names": arg_names, "call": call.span}
+        if first is not None:
+            scope = self._shared_scope(first, block.name, "block", block.span, **fields)
+        else:
+            scope = Scope(f"{frame.scope}.{attr}" if frame.scope else attr, block.name, "block", block.span, **fields)
+            self._remember_shared(call, frame, {p.name: env[p.name] for p in block.params
+                                                if not isinstance(p.type, ast.TensorType)}, scope.path)
+        path = scope.path
         for p in block.params:
             if isinstance(p.type, ast.TensorType):
                 if p.type.kind not in TENSOR_KINDS:
                     raise SpecError(f"unknown tensor type `{p.type.kind}`", p.type.span,
                                     hint=did_you_mean(p.type.kind, TENSOR_KINDS))
                 scope.expected.append((env[p.name].node, self._dims(p.type, env), p.type.span))
+        for p in block.params:
+            if isinstance(p.type, ast.TensorType):
+                _bind_dims(p.type, env[p.name].node, env)
         self.graph.scopes[path] = scope
         self.names[path] = _Names()
         self.call_stack.append(block.name)
@@ -599,12 +869,38 @@ class Lowerer:
         self.call_stack.pop()
         if not returned:
             raise SpecError(f"block `{block.name}` returns nothing; end it with `return x`", header_span(block))
-        if len(returned) != 1 or not isinstance(returned[0][1], TensorRef):
-            raise SpecError("a block returns one tensor", returned[0][0].span)
-        expr, value = returned[0]
-        scope.outputs = [value.node]
-        scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out"]
-        return value
+        for expr, value in returned:
+            if not isinstance(value, TensorRef):
+                raise SpecError(f"a block returns tensors, and this is {type_name(value)} {show(value)}", expr.span)
+            node = self.graph.node(value.node)
+            if not node.var:  # named inside the block, not after whatever its caller calls the result
+                node.var = node.name if not ops.REGISTRY[node.op].pure else "out"
+        scope.outputs = [value.node for _expr, value in returned]
+        scope.output_names = [expr.id if isinstance(expr, ast.Name) else "out" for expr, _value in returned]
+        if len(returned) == 1:
+            return returned[0][1]
+        return Several(tuple(value for _expr, value in returned), f"block `{block.name}`")
+
+
+def _bind_dims(t: ast.TensorType, node: str, env: dict[str, Any]) -> None:
+    """The symbols of a tensor's declared type (`B`, `T`) are values of the body: the sizes of its axes."""
+    for i, d in enumerate(t.dims):
+        if isinstance(d, ast.Name) and d.id not in env:
+            env[d.id] = Size.axis(node, i)
+
+
+def _shared_label(stmts) -> str | None:
+    """The first `as label shared` label called in `stmts` (looking into `if` and `repeat`, not into blocks)."""
+    for stmt in stmts:
+        for expr in ast.expressions(stmt):
+            for node in ast.subexpressions(expr):
+                if isinstance(node, ast.Call) and node.shared:
+                    return node.label
+        for body in ast.bodies(stmt):
+            found = _shared_label(body)
+            if found:
+                return found
+    return None
 
 
 def _first_return(stmts) -> Span | None:

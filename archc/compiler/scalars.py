@@ -3,6 +3,9 @@
 `evaluate` computes an expression over an environment of scalar values; it
 never runs user text as code. `Unfolded` is an op attribute that lowering
 leaves as an expression for the `fold_params` pass to evaluate and check.
+Besides numbers, flags, strings and lists, a value may be a `Size` (the size
+of a symbolic dim such as `T`, and arithmetic on it: `T - 1`, `N + L`) or an
+`InitRule` (`normal(0.02)`, the value of `init=`).
 """
 
 from __future__ import annotations
@@ -14,20 +17,38 @@ from typing import Any
 
 import attrs
 
+from archc.compiler.dims import Size
 from archc.dsl import ast
 from archc.dsl.diagnostics import SpecError, did_you_mean
+from archc.dsl.resolve import INIT_RULES
 
-Scalar = int | float | bool | str | list
+Scalar = int | float | bool | str | list | Size
 
 _ARITH = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
     "//": operator.floordiv, "%": operator.mod, "**": operator.pow,
 }
+_BITS = {"&": operator.and_, "|": operator.or_, "^": operator.xor, "<<": operator.lshift, ">>": operator.rshift}
 _COMPARE = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
 BUILTINS = {"min": min, "max": max}
 MAX_INT_BITS = 1000  # larger ints are surely mistakes, and every int this size converts to a float
+
+
+@attrs.frozen
+class InitRule:
+    """An initialisation rule as the spec writes it (`normal(0.02)`): its name and its arguments by name."""
+
+    rule: str
+    args: tuple[tuple[str, float], ...]
+
+    def __repr__(self) -> str:
+        return f"{self.rule}({', '.join(f'{k}={v!r}' for k, v in self.args)})"
+
+
+# Arguments an init rule needs (the others default as GRAMMAR.md says).
+_INIT_REQUIRED = {"constant": ("value",), "normal": ("std",), "trunc_normal": ("std",), "uniform": ("low", "high")}
 
 
 @attrs.frozen(eq=False)
@@ -56,7 +77,8 @@ def show(value: Any) -> str:
 def type_name(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
-    return {int: "int", float: "float", str: "str", list: "list"}.get(type(value), "tensor")
+    return {int: "int", float: "float", str: "str", list: "list", Size: "size", InitRule: "init rule"}.get(
+        type(value), "tensor")
 
 
 def scalar_op(op: str, a: Any, b: Any, span) -> Any:
@@ -75,6 +97,15 @@ def scalar_op(op: str, a: Any, b: Any, span) -> Any:
             raise SpecError(f"cannot compare {type_name(a)} with {type_name(b)}", span,
                             hint="`<`, `<=`, `>` and `>=` compare two numbers or two strings")
         return _COMPARE[op](a, b)
+    if isinstance(a, Size) or isinstance(b, Size):
+        return _size_op(op, a, b, span)
+    if op in _BITS:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
+            raise SpecError(f"`{op}` takes ints, got {type_name(a)} and {type_name(b)}", span)
+        if op in ("<<", ">>") and not 0 <= b <= 64:
+            raise SpecError(f"a shift by {show(b) if abs(b) < 10**6 else '(a huge number)'} is out of range: 0 to 64",
+                            span)
+        return check_size(_BITS[op](a, b), span)
     numeric = (int, float)
     if op == "+" and isinstance(a, str) and isinstance(b, str):
         return a + b
@@ -94,6 +125,51 @@ def scalar_op(op: str, a: Any, b: Any, span) -> Any:
     if isinstance(result, complex):
         raise SpecError(f"`{op}` gives a complex number here; a negative base needs a whole exponent", span)
     return check_size(result, span)
+
+
+def _size_op(op: str, a: Any, b: Any, span) -> Size:
+    """Arithmetic on the size of a symbolic dim: `+ - *` with ints or sizes, `//` by them (exactly)."""
+    for value in (a, b):
+        if not isinstance(value, Size) and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise SpecError(f"cannot apply `{op}` to a size and {type_name(value)} {show(value)}", span,
+                            hint="sizes of symbolic dims combine with ints: `T - 1`, `N + L`, `2 * T`")
+    if op not in ("+", "-", "*", "//"):
+        raise SpecError(f"`{op}` is not defined on the size of a symbolic dim (known only when the model runs)",
+                        span, hint="sizes take `+`, `-`, `*` and `//`" + (
+                            "; an `if` on a dim's size cannot be decided when compiling" if op in _COMPARE else ""))
+    return Size.lift(a).combine(op, b)
+
+
+def init_rule(call: ast.Call, env: dict[str, Any]) -> InitRule:
+    """`normal(0.02, mean=0.0)` and the like, as a value (each argument a number)."""
+    names = INIT_RULES[call.func]
+    if len(call.args) > len(names):
+        raise SpecError(f"the init rule `{call.func}` takes at most {len(names)} arguments"
+                        + (f" ({', '.join(names)})" if names else ""), call.args[len(names)].span)
+    given = dict(zip(names, call.args))
+    for kw in call.kwargs:
+        if kw.name not in names:
+            raise SpecError(f"the init rule `{call.func}` has no argument `{kw.name}`", kw.span,
+                            hint=did_you_mean(kw.name, names) or f"its arguments are: {', '.join(names) or 'none'}")
+        given[kw.name] = kw.value
+    args = []
+    for name in names:
+        if name not in given:
+            if name in _INIT_REQUIRED.get(call.func, ()):
+                raise SpecError(f"the init rule `{call.func}` needs its `{name}`", call.span)
+            continue
+        value = evaluate(given[name], env)
+        if not _is_number(value):
+            raise SpecError(f"`{name}` of `{call.func}` must be a number, got {type_name(value)}", given[name].span)
+        args.append((name, float(value)))
+    rule = InitRule(call.func, tuple(args))
+    values = dict(args)
+    if call.func in ("normal", "trunc_normal") and values["std"] <= 0:
+        raise SpecError(f"`std` of `{call.func}` must be positive, got {show(values['std'])}", given["std"].span)
+    if call.func == "uniform" and values["low"] >= values["high"]:
+        raise SpecError(f"`uniform` needs low < high, got low={show(values['low'])}, high={show(values['high'])}",
+                        call.span)
+    return rule
 
 
 def _is_number(value: Any) -> bool:
@@ -123,7 +199,7 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
         if expr.id not in env:
             raise SpecError(f"unknown name `{expr.id}`", expr.span, hint=did_you_mean(expr.id, env))
         value = env[expr.id]
-        if not isinstance(value, (int, float, bool, str, list)):
+        if not isinstance(value, (int, float, bool, str, list, Size)):
             raise SpecError(f"`{expr.id}` is a tensor, but a number or flag is expected here", expr.span)
         return value
     if isinstance(expr, ast.ListExpr):
@@ -133,12 +209,16 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
         if expr.op == "not":
             _want_bool("not", value, expr.span)
             return not value
+        if isinstance(value, Size):
+            return value.combine("*", -1)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise SpecError(f"cannot negate {type_name(value)}", expr.span)
         return -value
     if isinstance(expr, ast.BinOp):
         return scalar_op(expr.op, evaluate(expr.left, env), evaluate(expr.right, env), expr.span)
     if isinstance(expr, ast.Call):
+        if expr.func in INIT_RULES:
+            return init_rule(expr, env)
         if expr.func in BUILTINS:
             if expr.kwargs:
                 raise SpecError(f"`{expr.func}` takes no keyword arguments", expr.kwargs[0].span)
@@ -151,7 +231,23 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
             return BUILTINS[expr.func](values)
         raise SpecError(f"a number or flag is expected here, but `{expr.func}(...)` is a call that makes a tensor",
                         expr.func_span, hint=did_you_mean(expr.func, BUILTINS))
+    if isinstance(expr, ast.Index):
+        return pick(evaluate(expr.value, env), expr, env)
     raise SpecError("unsupported expression", getattr(expr, "span", None))  # pragma: no cover
+
+
+def pick(value: Any, expr: ast.Index, env: dict[str, Any]) -> Any:
+    """`xs[i]` of a list, decided when compiling."""
+    if not isinstance(value, list):
+        raise SpecError(f"only tensors and lists can be indexed, not {type_name(value)}", expr.value.span)
+    if len(expr.items) != 1 or isinstance(expr.items[0], (ast.Slice, ast.EllipsisIndex)):
+        raise SpecError("a list takes one position, as in `xs[i]`", expr.span)
+    i = evaluate(expr.items[0], env)
+    if not isinstance(i, int) or isinstance(i, bool):
+        raise SpecError(f"a list position must be an int, got {type_name(i)}", expr.items[0].span)
+    if not -len(value) <= i < len(value):
+        raise SpecError(f"position {i} is outside a list of {len(value)}", expr.items[0].span)
+    return value[i]
 
 
 def coerce(value: Any, type_: str, span, what: str) -> Any:

@@ -32,6 +32,24 @@ def verify(graph: Graph, *, folded: bool = False, shaped: bool = False) -> None:
             raise IRError(f"node %{node.id} ({node.op}) still has unfolded attributes after fold_params")
         if shaped and node.shape is None:
             raise IRError(f"node %{node.id} ({node.op}) has no shape after infer_shapes")
+    _check_modules_are_runs(graph)
     for name, node_id in graph.outputs:
         if node_id not in graph.g:
             raise IRError(f"output {name!r} refers to removed node %{node_id}")
+
+
+def _check_modules_are_runs(graph: Graph) -> None:
+    """Every module's nodes (its own and its children's) are one run in program order: code generation
+    calls a module once, where its first node stands."""
+    closed: set[str] = set()
+    open_: list[str] = []  # the enclosing scopes of the previous node, outermost first
+    for node in graph.nodes():
+        parts = node.scope.split(".") if node.scope else []
+        chain = [p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in graph.scopes]
+        for path in chain:
+            if path in closed:
+                raise IRError(f"node %{node.id} ({node.op}) in {node.scope!r} comes after nodes outside module "
+                              f"{path!r} that follow its earlier nodes; a pass that inserts nodes must keep each "
+                              "module's nodes together in program order")
+        closed.update(p for p in open_ if p not in chain)
+        open_ = chain

@@ -6,8 +6,6 @@ Frozen attrs classes, built at the parse boundary (parser.py) so that no
 
 from __future__ import annotations
 
-from typing import Union
-
 import attrs
 
 
@@ -75,7 +73,7 @@ class ListExpr:
 
 @attrs.frozen
 class BinOp:
-    op: str  # one of + - * / // % ** == != < <= > >= in and or
+    op: str  # one of + - * / // % ** & | ^ << >> == != < <= > >= in and or
     left: Expr
     right: Expr
     span: Span
@@ -103,9 +101,37 @@ class Call:
     label: str | None  # `op(...) as label` names the module in generated code
     span: Span
     func_span: Span
+    # `op(...) as label shared`: every call so labelled in one body is one module
+    shared: bool = False
 
 
-Expr = Union[Num, Str, Bool, Name, ListExpr, BinOp, UnaryOp, Call]
+@attrs.frozen
+class Slice:
+    """`a:b:c` inside `x[...]`; a missing part is None (`:` is the whole axis)."""
+
+    start: Expr | None
+    stop: Expr | None
+    step: Expr | None
+    span: Span
+
+
+@attrs.frozen
+class EllipsisIndex:
+    """`...` inside `x[...]`: as many whole axes as the other items leave."""
+
+    span: Span
+
+
+@attrs.frozen
+class Index:
+    """`x[i, a:b, ...]`: each item an expression (one position), a Slice or `...`."""
+
+    value: Expr
+    items: tuple[Expr | Slice | EllipsisIndex, ...]
+    span: Span
+
+
+Expr = Num | Str | Bool | Name | ListExpr | BinOp | UnaryOp | Call | Index
 
 
 # ---- types -------------------------------------------------------------------
@@ -144,6 +170,19 @@ class AugAssign:
 
 
 @attrs.frozen
+class Unpack:
+    """`a, b = f(x)` (one value holding as many parts) or `a, b = b, a` (one value per name).
+
+    A target `_` discards its part.
+    """
+
+    targets: tuple[str, ...]
+    target_spans: tuple[Span, ...]
+    values: tuple[Expr, ...]
+    span: Span
+
+
+@attrs.frozen
 class Repeat:
     var: str
     start: Expr
@@ -166,7 +205,53 @@ class Return:
     span: Span
 
 
-Stmt = Union[Assign, AugAssign, Repeat, If, Return]
+Stmt = Assign | AugAssign | Unpack | Repeat | If | Return
+
+
+def expressions(stmt: Stmt):
+    """The expressions a statement evaluates itself (not those of the statements it holds)."""
+    if isinstance(stmt, (Assign, AugAssign)):
+        return (stmt.value,)
+    if isinstance(stmt, Unpack):
+        return stmt.values
+    if isinstance(stmt, Repeat):
+        return (stmt.start, stmt.stop)
+    if isinstance(stmt, If):
+        return tuple(cond for cond, _body in stmt.branches)
+    if isinstance(stmt, Return):
+        return stmt.values
+    return ()
+
+
+def bodies(stmt: Stmt) -> tuple[tuple[Stmt, ...], ...]:
+    """The statement lists a statement holds: a repeat's body, an if's branches."""
+    if isinstance(stmt, Repeat):
+        return (stmt.body,)
+    if isinstance(stmt, If):
+        return (*(body for _cond, body in stmt.branches), stmt.orelse)
+    return ()
+
+
+def subexpressions(expr):
+    """`expr` and every expression inside it, outermost first (kwargs as their values)."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        yield node
+        if isinstance(node, ListExpr):
+            stack.extend(reversed(node.items))
+        elif isinstance(node, BinOp):
+            stack.extend((node.right, node.left))
+        elif isinstance(node, UnaryOp):
+            stack.append(node.operand)
+        elif isinstance(node, Call):
+            stack.extend(reversed([*node.args, *(kw.value for kw in node.kwargs)]))
+        elif isinstance(node, Index):
+            stack.extend(reversed([node.value, *node.items]))
+        elif isinstance(node, Slice):
+            stack.extend((node.step, node.stop, node.start))
 
 
 # ---- top level ---------------------------------------------------------------

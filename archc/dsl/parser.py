@@ -12,12 +12,27 @@ from lark import Token, Transformer, v_args
 
 from archc.dsl import ast
 from archc.dsl.ast import SourceFile, Span
-from archc.dsl.diagnostics import SpecError, end_of, expected_words
+from archc.dsl.diagnostics import Collector, SpecError, end_of, expected_words
+from archc.dsl.planned import unbuilt as unbuilt_constructs
+from archc.dsl.resolve import label_errors
 
 KEYWORDS = {
     "use", "param", "block", "model", "repeat", "in", "as", "if", "elif", "else",
-    "return", "true", "false", "and", "or", "not",
+    "return", "true", "false", "and", "or", "not", "shared",
 }
+# Keywords that begin a statement or a definition: met where an expression was due,
+# the expression is missing (`y =` then `return y`), not misnamed.
+STATEMENT_KEYWORDS = {"use", "param", "block", "model", "repeat", "if", "elif", "else", "return"}
+# Reserved words that may still name a keyword argument (`experts(..., shared=1)`).
+ARGUMENT_NAMES = {"shared"}
+
+
+def _keyword(tok: Token) -> Token:
+    # The contextual lexer reads a keyword as a NAME where no keyword fits (`y = return`);
+    # give it back its own type so the error is about the keyword, where it stands.
+    if tok.value in KEYWORDS and tok.value not in ARGUMENT_NAMES:
+        return Token.new_borrow_pos(tok.value.upper(), tok.value, tok)
+    return tok
 
 
 @functools.cache
@@ -28,11 +43,18 @@ def _lark() -> lark.Lark:
         parser="lalr",
         propagate_positions=True,
         maybe_placeholders=True,
+        lexer_callbacks={"NAME": _keyword},
     )
 
 
-def parse(text: str, name: str = "<spec>") -> ast.Module:
-    """Parse spec text; `name` is what diagnostics call the file."""
+def parse(text: str, name: str = "<spec>", *, unbuilt: bool = False) -> ast.Module:
+    """Parse spec text; `name` is what diagnostics call the file.
+
+    Besides the syntax, this checks what one file alone can show: labels that
+    cannot take effect, and (unless `unbuilt`) constructs that are planned
+    but not built yet (planned.py), every one of them in one error. Tools that
+    only read the AST pass `unbuilt=True`.
+    """
     source = SourceFile(name, text)
     try:
         tree = _lark().parse(text)
@@ -40,14 +62,22 @@ def parse(text: str, name: str = "<spec>") -> ast.Module:
         raise _syntax_error(err, source) from None
     _check_depth(tree, source)
     try:
-        return _ToAst(source).transform(tree)
+        module = _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as err:  # unwrap, so no Lark frames reach users
         if isinstance(err.orig_exc, SpecError):
             raise err.orig_exc from None
         raise
+    errors = Collector()
+    for err in label_errors(module, {block.name: block for block in module.blocks}):
+        errors.add(err)
+    if not unbuilt:
+        for err in unbuilt_constructs(module):
+            errors.add(err)
+    errors.raise_any()
+    return module
 
 
-def parse_file(path: str | Path) -> ast.Module:
+def parse_file(path: str | Path, *, unbuilt: bool = False) -> ast.Module:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # editors may write a byte-order mark
@@ -55,7 +85,7 @@ def parse_file(path: str | Path) -> ast.Module:
         raise SpecError(f"no such spec file: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"cannot read spec file {path}: {err}") from None
-    return parse(text, str(path))
+    return parse(text, str(path), unbuilt=unbuilt)
 
 
 # Nesting deeper than this would exhaust Python's stack in the recursive passes
@@ -109,7 +139,8 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
         return SpecError(f"the file ended early; expected {expected_words(expected)}", span)
     width = len(str(token)) or 1
     span = Span(source, line, column, line, column + width)
-    if token.value in KEYWORDS and "NAME" in expected:
+    starts_a_statement = token.value in STATEMENT_KEYWORDS and "NUMBER" in expected
+    if token.value in KEYWORDS and "NAME" in expected and not starts_a_statement:
         return SpecError(f"`{token}` is a reserved word and cannot be used as a name", span)
     previous = (getattr(err, "token_history", None) or [None])[-1]
     if previous is not None and previous.value in KEYWORDS and token.type in ("EQUAL", "PLUS_EQUAL", "COLON"):
@@ -121,7 +152,8 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
     if token.type == "EQUAL" and "EQUAL" not in expected:
         hint = "a statement is `name = expression`; to compare values use `==`"
     elif expected >= {"EQUAL", "PLUS_EQUAL"}:
-        hint = "statements are assignments (`x = f(x)`), residual updates (`x += f(x)`), `repeat`, `if` or `return`"
+        hint = ("statements are assignments (`x = f(x)`, `a, b = f(x)`), residual updates (`x += f(x)`), "
+                "`repeat`, `if` or `return`")
     elif "COLON" in expected:
         hint = "parameters need a type, as in `d_model: int = 512` or `x: Tensor[B, T, d_model]`"
     elif expected == {"EQUAL"}:
@@ -216,7 +248,8 @@ class _ToAst(Transformer):
         return ast.UnaryOp("not", c[1], self._s(meta))
 
     def kwarg(self, meta, c):
-        return ast.Kwarg(self._check_name(c[0]), c[2], self._s(meta))
+        name = str(c[0]) if str(c[0]) in ARGUMENT_NAMES else self._check_name(c[0])
+        return ast.Kwarg(name, c[2], self._s(meta))
 
     def args(self, meta, c):
         return [x for x in c if not isinstance(x, Token)]
@@ -244,8 +277,30 @@ class _ToAst(Transformer):
         )
 
     def labelled(self, meta, c):
-        call, _as, label = c
-        return ast.Call(call.func, call.args, call.kwargs, self._check_name(label), self._s(meta), call.func_span)
+        call, _as, label, shared = c
+        return ast.Call(call.func, call.args, call.kwargs, self._check_name(label), self._s(meta), call.func_span,
+                        shared=shared is not None)
+
+    def index(self, meta, c):
+        value, _lsqb, items, _rsqb = c
+        return ast.Index(value, items, self._s(meta))
+
+    def subscripts(self, meta, c):
+        return tuple(x for x in c if not isinstance(x, Token))
+
+    def ellipsis(self, meta, c):
+        return ast.EllipsisIndex(self._s(meta))
+
+    def slice(self, meta, c):
+        # [start] ":" [stop] [":" [step]]: the parts between the colons, None where left out
+        parts: list = [None]
+        for child in c:
+            if isinstance(child, Token) and child.type == "COLON":
+                parts.append(None)
+            elif child is not None:
+                parts[-1] = child
+        start, stop, step = (parts + [None, None])[:3]
+        return ast.Slice(start, stop, step, self._s(meta))
 
     # types
     def scalar_type(self, meta, c):
@@ -263,6 +318,20 @@ class _ToAst(Transformer):
 
     def aug_assign(self, meta, c):
         return ast.AugAssign(self._check_name(c[0]), c[2], self._s(meta))
+
+    def unpack(self, meta, c):
+        equal = next(i for i, x in enumerate(c) if isinstance(x, Token) and x.type == "EQUAL")
+        names = [t for t in c[:equal] if t.type == "NAME"]
+        seen: dict[str, Token] = {}
+        for tok in names:
+            name = self._check_name(tok)
+            if name in seen and name != "_":
+                raise SpecError(f"`{name}` is assigned twice in one statement", _tok_span(self.source, tok),
+                                hint="use `_` for a part you do not need")
+            seen[name] = tok
+        values = tuple(x for x in c[equal + 1:] if not isinstance(x, Token))
+        return ast.Unpack(tuple(str(t) for t in names), tuple(_tok_span(self.source, t) for t in names), values,
+                          self._s(meta))
 
     def body(self, meta, c):
         return tuple(x for x in c if not isinstance(x, Token))
@@ -332,4 +401,5 @@ class _ToAst(Transformer):
 
 
 def _is_expr(x) -> bool:
-    return isinstance(x, (ast.Num, ast.Str, ast.Bool, ast.Name, ast.ListExpr, ast.BinOp, ast.UnaryOp, ast.Call))
+    return isinstance(x, (ast.Num, ast.Str, ast.Bool, ast.Name, ast.ListExpr, ast.BinOp, ast.UnaryOp, ast.Call,
+                          ast.Index))

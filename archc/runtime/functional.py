@@ -11,10 +11,12 @@ from archc.kernels.attention import (  # noqa: F401
     attention_math,
     attention_sdpa_mask,
 )
+from archc.runtime.attention_bias import score_bias  # noqa: F401
 from archc.runtime.decoding import KVCache, LearnedPositions  # noqa: F401
 from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401
 from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
 from archc.runtime.nsa import NSACore  # noqa: F401
+from archc.runtime.params import Bias, Init, chosen, initialised, learned  # noqa: F401
 from archc.runtime.position_bias import ALiBi, RelativePositionBias  # noqa: F401
 from archc.runtime.rope import (  # noqa: F401
     InterleavedRotaryEmbedding,
@@ -24,11 +26,13 @@ from archc.runtime.rope import (  # noqa: F401
     apply_rope,
     rotate_half,
 )
+from archc.runtime.tensors import shift  # noqa: F401
 
 
 def init_weights(module: nn.Module) -> None:
-    """GPT-2 style initialisation: N(0, 0.02) weights for linears, embeddings and stacked experts, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)):
+    """GPT-2 style initialisation: N(0, 0.02) weights for linears, embeddings and stacked experts, zero biases;
+    tensors the spec gave an `init=` keep theirs."""
+    if isinstance(module, (nn.Linear, nn.Embedding, GroupedLinear)) and not chosen(module.weight):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
+    if isinstance(module, nn.Linear) and module.bias is not None and not chosen(module.bias):
         nn.init.zeros_(module.bias)

@@ -81,6 +81,16 @@ class RelativePositionBias(nn.Module):
                                  max_distance=self.max_distance)
         return self.weight[bucket, h]
 
+    def scores(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The whole bias [1, heads, T, S] for queries as long as `x` and keys as long as `memory`: what a spec's
+        `relative_position_bias(x, memory)` computes once and passes to every layer (T5 shares it)."""
+        t, s = x.shape[1], memory.shape[1]
+        q_pos = torch.arange(t, device=x.device)[:, None]
+        k_pos = torch.arange(s, device=x.device)[None, :]
+        bucket = relative_bucket(k_pos - q_pos, bidirectional=self.bidirectional, buckets=self.buckets,
+                                 max_distance=self.max_distance)
+        return self.weight[bucket].permute(2, 0, 1).unsqueeze(0)
+
     def extra_repr(self) -> str:
         way = "bidirectional" if self.bidirectional else "causal"
         return f"buckets={self.buckets}, heads={self.weight.shape[1]}, max_distance={self.max_distance}, {way}"

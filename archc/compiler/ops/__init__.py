@@ -5,7 +5,18 @@ checks) added to it, a runtime module for what its generated code calls, kernels
 and docs.
 """
 
-from archc.compiler.ops import attention, basic, mixers, mla, moe, nsa  # noqa: F401  (each registers its ops)
+from archc.compiler.ops import (  # noqa: F401  (each registers its ops)
+    attention,
+    basic,
+    elementwise,
+    losses,
+    mixers,
+    mla,
+    moe,
+    nsa,
+    params,
+    tensor,
+)
 from archc.compiler.ops.base import (
     COMPOSITES,
     REGISTRY,
@@ -20,7 +31,9 @@ from archc.compiler.ops.base import (
     dim_value,
     fmt_shape,
     numel,
+    vocabulary,
 )
+from archc.compiler.ops.elementwise import BINARY_OPS
 
-__all__ = ["A", "COMPOSITES", "Composite", "LowerContext", "OpDef", "REGISTRY", "REQUIRED", "Width", "bind",
-           "dim_symbols", "dim_value", "fmt_shape", "numel"]
+__all__ = ["A", "BINARY_OPS", "COMPOSITES", "Composite", "LowerContext", "OpDef", "REGISTRY", "REQUIRED", "Width",
+           "bind", "dim_symbols", "dim_value", "fmt_shape", "numel", "vocabulary"]

@@ -6,10 +6,16 @@
                                      soft-capped, position-biased (ALiBi / T5), masked; softmax; · v
     y = y · sigmoid(gate(x))         with gate=true (Qwen3-Next's output gate, one per element)
     out = o(y)
+
+Attention also takes tensors from the spec: a key padding mask (`mask=`, [B, S], true = a real token)
+and a position bias added to the scores (`position_bias=`, [1 or B, heads, T, S], e.g. from
+`relative_position_bias`); with either, it runs through SDPA with one additive float mask
+(archc.runtime.attention_bias.score_bias).
 """
 
 from __future__ import annotations
 
+from archc.compiler import dims
 from archc.compiler.ops.base import A, OpDef, Width, composite, dim_value, fmt_shape, need_width, numel, register
 from archc.compiler.pytext import comment
 from archc.dsl.diagnostics import SpecError, did_you_mean
@@ -69,6 +75,8 @@ class AttentionCore(OpDef):
         "relative_buckets": A(int, 0),
         "relative_max_distance": A(int, 128, positive=True),
         "dropout": A(float, 0.0, unit=True),
+        "padding_mask": A(bool, False),  # a 4th argument: the key padding mask [B, S]
+        "position_bias": A(bool, False),  # a last argument: the bias added to the scores
         "kernel": A((str, type(None)), None),  # chosen by choose_kernels
         "kernel_reason": A((str, type(None)), None),
     }
@@ -80,7 +88,7 @@ class AttentionCore(OpDef):
 
     def infer(self, node, ins, graph):
         a = node.attrs
-        q, k, v = ins
+        q, k, v = ins[:3]
         if len(q) != 3:
             raise SpecError(f"attention expects a [B, T, D] stream, got {fmt_shape(q)}", node.span)
         if len(k) != 3 or k[:2] != v[:2] or k[0] != q[0]:
@@ -118,7 +126,30 @@ class AttentionCore(OpDef):
         if a["rope_dim"] is not None and a["rope_dim"] > hd:
             raise SpecError(f"rope_dim={a['rope_dim']} is more than head_dim={hd}: RoPE turns the first rope_dim "
                             "dims of each head", node.span)
+        mask, bias = self.extras(node, ins)
+        if mask is not None and (len(mask) != 2 or not dims.same(mask[0], q[0]) or not dims.same(mask[1], k[1])):
+            raise SpecError(f"`mask=` is a key padding mask [B, S] for keys {fmt_shape(k[:2])}, got {fmt_shape(mask)}",
+                            node.span)
+        if bias is not None:
+            want = ("1 or " + str(q[0]), a["heads"], q[1], k[1])
+            if len(bias) != 4 or not (bias[0] == 1 or dims.same(bias[0], q[0])) or bias[1] != a["heads"] or \
+                    not dims.same(bias[2], q[1]) or not dims.same(bias[3], k[1]):
+                raise SpecError(f"`position_bias=` is added to the scores [{', '.join(map(str, want))}], got "
+                                f"{fmt_shape(bias)}", node.span)
         return q
+
+    @staticmethod
+    def extras(node, items):
+        """The padding mask and the position bias among the node's arguments (or their shapes), or None."""
+        rest = list(items[3:])
+        mask = rest.pop(0) if node.attrs.get("padding_mask") else None
+        bias = rest.pop(0) if node.attrs.get("position_bias") else None
+        return mask, bias
+
+    @staticmethod
+    def scored(node) -> bool:
+        """A padding mask or a position bias: the scores take an additive float mask."""
+        return bool(node.attrs.get("padding_mask") or node.attrs.get("position_bias"))
 
     @staticmethod
     def _check_mask(node) -> None:
@@ -172,6 +203,11 @@ class AttentionCore(OpDef):
         """Why `kernel` cannot compute this attention, or None. Soft-capping needs a kernel that modifies
         scores (math, flex); a position bias one that adds to them (math, flex, sdpa_mask's float mask)."""
         a = node.attrs
+        if self.scored(node):
+            if a["softcap"] is not None:
+                return "a padding mask or position bias runs through SDPA, which cannot soft-cap scores"
+            return None if kernel == "sdpa" else (f"`{kernel}` takes no padding mask or position bias; SDPA with an "
+                                                  "additive mask does")
         capped, biased = a["softcap"] is not None, self.biased(node)
         if kernel in ("sdpa", "local", "sdpa_mask") and capped:
             return f"`{kernel}` cannot soft-cap scores (softcap={a['softcap']}): math or flex can"
@@ -189,7 +225,12 @@ class AttentionCore(OpDef):
         return None
 
     def choose_kernel(self, node, graph) -> tuple[str, str]:
-        """SDPA for a plain causal mask or none; `auto` (decided at run time) for everything else."""
+        """SDPA for a plain causal mask or none, or with a padding mask or position bias (one additive mask);
+        `auto` (decided at run time) for everything else."""
+        if self.scored(node):
+            what = " and ".join(w for w, on in (("padding mask", node.attrs["padding_mask"]),
+                                               ("position bias", node.attrs["position_bias"])) if on)
+            return "sdpa", f"{what}: SDPA with one additive mask (AF.score_bias)"
         a = node.attrs
         if self.unfit(node, "sdpa", graph) is None:
             if a["causal"]:
@@ -261,17 +302,19 @@ class AttentionCore(OpDef):
             text += f", scaling=AF.{cls}({fields})"
         return text
 
-    @staticmethod
-    def decodes(node, ins) -> bool:
-        """Causal self-attention (keys as long as queries) decodes token by token from a KV cache."""
-        return node.attrs["causal"] and ins[0][1] == ins[1][1]
+    def decodes(self, node, ins) -> bool:
+        """Causal self-attention (keys as long as queries) decodes token by token from a KV cache (not yet with a
+        padding mask or position bias given as tensors, which would need their cached part too)."""
+        return node.attrs["causal"] and ins[0][1] == ins[1][1] and not self.scored(node)
 
     def cannot_decode(self, node, ins):
-        return None if self.decodes(node, ins) else "not causal self-attention"
+        if self.decodes(node, ins):
+            return None
+        return "a padding mask or position bias" if self.scored(node) else "not causal self-attention"
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
-        q, k, v = args
+        q, k, v = args[:3]
         h, kv, hd = a["heads"], a["kv_heads"], a["head_dim"]
         s = "T" if ins[0][1] == ins[1][1] else "S"  # the keys' length, in the local names
         lines = [
@@ -292,6 +335,17 @@ class AttentionCore(OpDef):
         scores = "".join(f", {name}={a[name]!r}" for name in ("scale", "softcap") if a[name] is not None)
         if self.biased(node):
             scores += f", position_bias=self.{'alibi' if a['alibi'] else 'relative_bias'}"
+        if self.scored(node):
+            padding, bias = self.extras(node, args)
+            extra = "".join(f", {name}={value}" for name, value in (("mask", padding), ("bias", bias)) if value)
+            gqa = ", enable_gqa=True" if kv != h else ""
+            scale = f", scale={a['scale']!r}" if a["scale"] is not None else ""
+            lines += [comment(f"kernel: {a['kernel']} — {a['kernel_reason']}"),
+                      f"scores_bias = AF.score_bias({qh}, {kh}, causal={a['causal']!r}{mask}{extra})",
+                      f"{out} = F.scaled_dot_product_attention({qh}, {kh}, {vh}, "
+                      f"attn_mask=scores_bias{drop}{scale}{gqa})",
+                      f"{out} = {out}.transpose(1, 2).reshape(B, T, {h * hd!r})"]
+            return lines
         if a["kernel"] == "sdpa":
             gqa = ", enable_gqa=True" if kv != h else ""
             call = f"F.scaled_dot_product_attention({qh}, {kh}, {vh}, is_causal={a['causal']!r}{drop}{scores}{gqa})"
@@ -320,7 +374,7 @@ class AttentionCore(OpDef):
         # Two batched products per head (q kᵀ and p v). Without a window every key is
         # counted, even when causal, as FlopCounterMode does for SDPA; with one, the
         # band a query reaches is counted in full, so the cost grows linearly in T.
-        q, k, _v = ins
+        q, k = ins[:2]
         b_t = numel(q[:-1], sizes)
         s = round(dim_value(k[-2], sizes))
         return 4 * b_t * self.keys_per_query(node, s) * node.attrs["heads"] * node.attrs["head_dim"]
@@ -370,8 +424,14 @@ def _check(ctx, v) -> None:
                         ctx.where("relative_buckets"))
 
 
-def _attention(ctx, x: str, memory: str, v) -> str:
+def _attention(ctx, x: str, memory: str, v, mask: str | None, bias: str | None) -> str:
     """Queries from `x`, keys and values from `memory` (`x` itself for self-attention), core, gate, output."""
+    if mask is not None and ctx.graph.node(mask).dtype != "bool":
+        raise SpecError("`mask=` takes a key padding mask (true/false: a `Mask[B, S]` input or a comparison), not a "
+                        f"{ctx.graph.node(mask).dtype} tensor", ctx.where("mask"))
+    if bias is not None and (v["alibi"] or v.get("relative_buckets")):
+        raise SpecError("`position_bias=` and a built-in position bias (alibi / relative_buckets) are two position "
+                        "biases: choose one", ctx.where("position_bias"))
     heads = v["heads"]
     kv_heads = v["kv_heads"] or heads
     hd = v["head_dim"]
@@ -390,8 +450,9 @@ def _attention(ctx, x: str, memory: str, v) -> str:
         q, k = ctx.rms_norm(q, v["norm_eps"], "q_norm"), ctx.rms_norm(k, v["norm_eps"], "k_norm")
     defaults = AttentionCore.attrs
     options = {name: v[name] if name in v else defaults[name].default for name in _CORE_OPTIONS}
-    core = ctx.core("attention_core", [q, k, val], {
-        **options, "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "qk_norm": bool(v["qk_norm"]) and not full})
+    core = ctx.core("attention_core", [q, k, val, *(t for t in (mask, bias) if t is not None)], {
+        **options, "heads": heads, "kv_heads": kv_heads, "head_dim": hd, "qk_norm": bool(v["qk_norm"]) and not full,
+        "padding_mask": mask is not None, "position_bias": bias is not None})
     if v["gate"]:  # Qwen3-Next: y · sigmoid(x W_g), one gate per element of the heads' output
         gate = ctx.act("sigmoid", ctx.linear(x, q_out, "gate"), var="gate")
         core = ctx.add("mul", [core, gate], name="mul", var="y")
@@ -431,14 +492,55 @@ def _attention_attrs(causal: bool) -> dict[str, A]:
     }
 
 
-@composite("attention", cls="Attention", default_name="attn", attrs=_attention_attrs(causal=True))
+@composite("attention", cls="Attention", default_name="attn", attrs=_attention_attrs(causal=True),
+           optional=("mask", "position_bias"))
 def lower_attention(ctx, args, v) -> str:
-    (x,) = args
-    return _attention(ctx, x, x, v)
+    x, mask, bias = args
+    return _attention(ctx, x, x, v, mask, bias)
 
 
 @composite("cross_attention", cls="CrossAttention", default_name="cross_attn", inputs=("x", "memory"),
-           attrs=_attention_attrs(causal=False))
+           attrs=_attention_attrs(causal=False), optional=("mask", "position_bias"))
 def lower_cross_attention(ctx, args, v) -> str:
-    x, memory = args
-    return _attention(ctx, x, memory, v)
+    x, memory, mask, bias = args
+    return _attention(ctx, x, memory, v, mask, bias)
+
+
+@register
+class RelativePositionBias(OpDef):
+    """T5's learned position bias: a [buckets, heads] table read at the bucketed distance of each key of
+    `memory` from each query of `x`, as [1, heads, T, S]; made once and passed to every layer of a stack."""
+
+    name = "relative_position_bias"
+    inputs = ("x", "memory")
+    attrs = {"heads": A(int, positive=True), "buckets": A(int, 32, positive=True),
+             "max_distance": A(int, 128, positive=True), "bidirectional": A(bool, True)}
+    pure = False
+
+    def infer(self, node, ins, graph):
+        x, memory = ins
+        a = node.attrs
+        if len(x) < 2 or len(memory) < 2:
+            raise SpecError(f"relative_position_bias reads the lengths of two sequences [B, T, ...] and [B, S, ...], "
+                            f"got {fmt_shape(x)} and {fmt_shape(memory)}", node.span)
+        exact = (a["buckets"] // 2 if a["bidirectional"] else a["buckets"]) // 2
+        if exact < 1 or a["max_distance"] <= exact:
+            raise SpecError(f"relative_position_bias: {a['buckets']} buckets"
+                            + (" (half each way)" if a["bidirectional"] else "")
+                            + f" keep {exact} exact distances, so max_distance must exceed {exact} and buckets be at "
+                              f"least {4 if a['bidirectional'] else 2}", node.span)
+        return (1, a["heads"], x[1], memory[1])
+
+    def weights(self, node, ins):
+        return {"weight": (node.attrs["buckets"], node.attrs["heads"])}
+
+    def roles(self, node):
+        return {"weight": "embedding"}
+
+    def init(self, node, ins):
+        a = node.attrs
+        return (f"AF.RelativePositionBias({a['heads']!r}, {a['buckets']!r}, max_distance={a['max_distance']!r}, "
+                f"bidirectional={a['bidirectional']!r})")
+
+    def forward(self, node, args, out, mod, ins):
+        return [f"{out} = {mod}.scores({args[0]}, {args[1]})"]

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import attrs
 
+from archc.compiler.dims import Poly, Size
+from archc.compiler.dims import same as dims_same
 from archc.compiler.ir import Graph, Node, Shape
-from archc.compiler.scalars import evaluate
+from archc.compiler.scalars import InitRule, evaluate
 from archc.dsl import ast
 from archc.dsl.ast import Span
 from archc.dsl.diagnostics import SpecError, closest, did_you_mean
+from archc.dsl.resolve import Vocabulary
 
 REQUIRED = object()
 
@@ -68,14 +70,14 @@ class A:
         return None
 
     def coerce(self, value: Any) -> Any:
-        """An int where a float is accepted becomes that float."""
-        if float in self.types and isinstance(value, int) and not isinstance(value, bool):
+        """An int where a float (and no int) is accepted becomes that float."""
+        if float in self.types and int not in self.types and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         return value
 
 
 _TYPE_WORDS = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string",
-               type(None): "nothing"}
+               type(None): "nothing", list: "a list", Size: "a size", InitRule: "an init rule such as normal(0.02)"}
 
 
 def _quote(value: Any) -> str:
@@ -100,21 +102,38 @@ def fmt_shape(shape: Shape) -> str:
 
 
 def dim_value(dim, sizes: dict[str, int]) -> float:
-    """The size of a dim: a number, a symbol, or a product/quotient of them such as `B*T*2/8`."""
-    if isinstance(dim, int):
-        return dim
-    value, op = 1.0, "*"
-    for part in re.split(r"([*/])", dim):
-        if part in ("*", "/"):
-            op = part
-            continue
-        factor = float(part) if part.isdigit() else sizes[part]
-        value = value * factor if op == "*" else value / factor
-    return value
+    """The size of a dim: a number, a symbol, or an expression of them such as `B*T*2/8` or `N + L`."""
+    return dim if isinstance(dim, int) else Poly.parse(dim).value(sizes)
 
 
 def dim_symbols(dim) -> list[str]:
-    return [] if isinstance(dim, int) else [p for p in re.split(r"[*/]", dim) if not p.isdigit()]
+    return [] if isinstance(dim, int) else Poly.parse(dim).symbols()
+
+
+def dim_arg(default: Any = REQUIRED) -> A:
+    """An axis argument: a number (negative from the end) or a named dim (`dim=T`: the one axis of size T)."""
+    return A((int, Size), default)
+
+
+def axis_of(node: Node, shape: Shape, dim: Any, ins: list[Shape], *, code: bool = False, extra: int = 0):
+    """The axis `dim` names in `shape` as a non-negative index (`extra`: axes the op adds, as unsqueeze's
+    one); with `code`, how generated code writes it (the number as the spec gave it, else the index)."""
+    rank = len(shape) + extra
+    if isinstance(dim, Size):
+        if extra:
+            raise SpecError(f"{node.op}: a new axis is named by its position, not by a dim", node.span)
+        size = dim.dim(ins)
+        axes = [i for i, d in enumerate(shape) if dims_same(d, size)]
+        if len(axes) != 1:
+            why = "no axis" if not axes else f"{len(axes)} axes"
+            raise SpecError(f"{node.op}: dim={size} names an axis by its size, but {why} of {fmt_shape(shape)} "
+                            f"{'has' if len(axes) < 2 else 'have'} that size", node.span,
+                            hint="name the axis by its position (dim=1, or dim=-1 for the last)")
+        return str(axes[0]) if code else axes[0]
+    if not -rank <= dim < rank:
+        raise SpecError(f"{node.op}: dim={dim} is out of range for {fmt_shape(shape)} ({len(shape)} axes"
+                        + (f", {extra} added" if extra else "") + ")", node.span)
+    return repr(dim) if code else dim % rank
 
 
 def numel(shape: Shape, sizes: dict[str, int]) -> int:
@@ -149,6 +168,28 @@ class Width:
         return base if (self.num, self.den) == (1, 1) else f"{base}*{self.num}/{self.den}"
 
 
+# ----------------------------------------------------------------------------- initialisation
+
+
+ZEROS = InitRule("zeros", ())
+
+
+def init_arg() -> A:
+    """`init=` / `bias_init=`: an initialisation rule (`normal(0.02)`), or none for the default."""
+    return A((InitRule, type(None)), None)
+
+
+def init_code(rule: InitRule) -> str:
+    """A rule as generated code writes it: `AF.Init.normal(std=0.02)` (names from a fixed set, numbers)."""
+    return f"AF.Init.{rule.rule}({', '.join(f'{k}={v!r}' for k, v in rule.args)})"
+
+
+def initialised(ctor: str, weight: InitRule | None = None, bias: InitRule | None = None) -> str:
+    """A module constructor, wrapped to initialise its weight and bias by the spec's rules when it gives any."""
+    rules = [f"{name}={init_code(rule)}" for name, rule in (("weight", weight), ("bias", bias)) if rule is not None]
+    return f"AF.initialised({ctor}, {', '.join(rules)})" if rules else ctor
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -158,7 +199,11 @@ class OpDef:
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]] = ("x",)  # tensor arguments, in order
     attrs: ClassVar[dict[str, A]] = {}  # scalar attributes, in positional order
+    list_input: ClassVar[str | None] = None  # the input that is a list of tensors (`concat([a, b])`)
+    number_inputs: ClassVar[frozenset[str]] = frozenset()  # inputs that may be a number (kept as attributes)
+    optional_inputs: ClassVar[frozenset[str]] = frozenset()
     pure: ClassVar[bool] = True  # no weights, no randomness: safe to CSE
+    random: ClassVar[bool] = False  # impure only for its randomness: it makes no module with weights
     user: ClassVar[bool] = True  # callable from a spec
     # The kernel family (archc.kernels.registry) whose face the `kernel` attribute names, and the
     # words `--kernel` patterns may use for this op ("attention", or "mixers" and the mixer's name).
@@ -173,6 +218,20 @@ class OpDef:
 
     def infer(self, node: Node, ins: list[Shape], graph: Graph) -> Shape:
         return ins[0]
+
+    def dtype(self, attrs: dict[str, Any], dtypes: list[str], span: Span) -> str:
+        """The dtype of this op's value (`float`, `long` or `bool`) from its tensor inputs'; a located error
+        where they cannot combine."""
+        return "float"
+
+    def default(self, name: str, given: dict[str, ast.Expr]) -> Any:
+        """The value of attribute `name` when a call leaves it out (some follow other arguments)."""
+        return self.attrs[name].default
+
+    def parts(self, values: dict[str, Any], call: ast.Call) -> int | None:
+        """How many values a call gives, for an op that gives several (`chunk`: one node per value);
+        None for one."""
+        return None
 
     def weights(self, node: Node, ins: list[Shape]) -> dict[str, Shape]:
         return {}
@@ -211,6 +270,11 @@ class OpDef:
     def describe_node(self, node: Node) -> str:
         """A few words on what this node is, for error messages (`causal, window=64`)."""
         return node.op
+
+    def warnings(self, node: Node, graph: Graph) -> list:
+        """SpecWarnings about this node in the whole model: a spec that compiles but likely does not mean what it
+        says (a next-token loss over bidirectional attention)."""
+        return []
 
     def after_lowering(self, graph: Graph) -> None:
         """Whole-graph work once a spec using this op is lowered (e.g. adding auxiliary losses)."""
@@ -254,20 +318,31 @@ class Composite:
     default_name: str  # attribute name unless labelled with `as`
     inputs: tuple[str, ...]
     attrs: dict[str, A]
-    lower: Lower  # (ctx, input node ids, attribute values) -> output node id
+    lower: Lower  # (ctx, input node ids (None for an optional one left out), attribute values) -> output node id
+    optional: tuple[str, ...] = ()  # tensor inputs that may be left out (`mask=`), after `attrs` in position
 
 
 COMPOSITES: dict[str, Composite] = {}
 
 
+def vocabulary() -> Vocabulary:
+    """What a spec may call besides its blocks, with each op's argument names in positional order: the
+    `Vocabulary` the front end's name resolver (archc.dsl.resolve) checks a whole spec against."""
+    return Vocabulary({
+        **{name: (*op.inputs, *op.attrs) for name, op in REGISTRY.items() if op.user},
+        **{name: (*comp.inputs, *comp.attrs, *comp.optional) for name, comp in COMPOSITES.items()},
+    }, block_arguments=frozenset((name, arg) for name, comp in COMPOSITES.items()
+                                 for arg, spec in comp.attrs.items() if spec.type is BlockName))
+
+
 def composite(name: str, *, cls: str, default_name: str, attrs: dict[str, A],
-              inputs: tuple[str, ...] = ("x",)) -> Callable[[Lower], Lower]:
+              inputs: tuple[str, ...] = ("x",), optional: tuple[str, ...] = ()) -> Callable[[Lower], Lower]:
     """Function decorator: `name(...)` in a spec lowers through the decorated function."""
 
     def wrap(fn: Lower) -> Lower:
         if name in COMPOSITES:
             raise ValueError(f"built-in {name!r} is registered twice")
-        COMPOSITES[name] = Composite(name, cls, default_name, inputs, attrs, fn)
+        COMPOSITES[name] = Composite(name, cls, default_name, inputs, attrs, fn, optional)
         return fn
 
     return wrap
@@ -376,7 +451,8 @@ class LowerContext:
         """The spec's block `name`, given as argument `arg`; else a located error saying `why`."""
         blocks = self._lowerer.spec.blocks
         if name not in blocks:
-            raise SpecError(why, self.where(arg), hint=did_you_mean(name or "?", blocks))
+            raise SpecError(why, self.where(arg), hint=did_you_mean(name or "?", [b for b, (d, _m) in blocks.items()
+                                                                                  if not d.is_model]))
         return blocks[name][0]
 
     def call(self, func: str, tensors: list[str], kwargs: dict[str, Any] | None = None,

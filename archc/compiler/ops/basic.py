@@ -1,18 +1,21 @@
 """The basic ops: inputs, embeddings, positions, linear maps (and their fused form), norms,
-activations, dropout, elementwise arithmetic, the next-token loss; and the built-ins `mlp` and
-`swiglu` that lower to them."""
+activations, dropout; and the built-ins `mlp` and `swiglu` that lower to them."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+from archc.compiler import dims
 from archc.compiler.ops.base import (
     REGISTRY,
+    ZEROS,
     A,
     OpDef,
     Width,
     composite,
     fmt_shape,
+    init_arg,
+    initialised,
     need_width,
     numel,
     register,
@@ -38,8 +41,14 @@ class Input(OpDef):
 class Embedding(OpDef):
     name = "embedding"
     inputs = ("tokens",)
-    attrs = {"num": A(int, positive=True), "dim": A(int, positive=True)}
+    attrs = {"num": A(int, positive=True), "dim": A(int, positive=True), "init": init_arg()}
     pure = False
+
+    def dtype(self, attrs, dtypes, span):
+        if dtypes[0] != "long":
+            raise SpecError("`embedding` looks up integer ids (`Tokens`), but this tensor holds "
+                            + ("true/false" if dtypes[0] == "bool" else "floats"), span)
+        return "float"
 
     def infer(self, node, ins, graph):
         return (*ins[0], node.attrs["dim"])
@@ -51,7 +60,7 @@ class Embedding(OpDef):
         return {"weight": "embedding"}
 
     def init(self, node, ins):
-        return f"nn.Embedding({node.attrs['num']!r}, {node.attrs['dim']!r})"
+        return initialised(f"nn.Embedding({node.attrs['num']!r}, {node.attrs['dim']!r})", node.attrs.get("init"))
 
     def forward(self, node, args, out, mod, ins):
         return [f"{out} = {mod}({args[0]})"]
@@ -89,9 +98,15 @@ class PosEmbedding(OpDef):
 @register
 class Linear(OpDef):
     name = "linear"
-    attrs = {"out": A((int, Width)), "bias": A(bool, True), "tie": A((str, type(None)), None)}
+    attrs = {"out": A((int, Width)), "bias": A(bool, True), "tie": A((str, type(None)), None), "init": init_arg(),
+             "bias_init": init_arg()}
     pure = False
     is_linear_map = True
+
+    def default(self, name, given):
+        if name == "bias" and "tie" in given:
+            return False  # a tied linear borrows the embedding's weight; a bias of its own is asked for
+        return super().default(name, given)
 
     def infer(self, node, ins, graph):
         width = need_width(node, ins[0], "input")
@@ -105,9 +120,11 @@ class Linear(OpDef):
         if out <= 0:
             raise SpecError(f"`linear`: `out` must be positive, got {out}", node.span)
         tie = node.attrs.get("tie")
-        if tie is not None and node.attrs["bias"]:
-            raise SpecError("a tied linear reuses the embedding's weight and has no bias of its own", node.span,
-                            hint="write `bias=false` with `tie=`")
+        if tie is not None and node.attrs.get("init") is not None:
+            raise SpecError("a tied linear reuses the embedding's weight: its `init=` goes on the embedding",
+                            node.span)
+        if node.attrs.get("bias_init") is not None and not node.attrs["bias"]:
+            raise SpecError("`bias_init=` on a linear without a bias", node.span, hint="drop it, or give bias=true")
         if tie is not None:
             target = graph.node(tie)
             want = (out, width)
@@ -130,14 +147,67 @@ class Linear(OpDef):
         return 2 * numel(ins[0], sizes) * node.attrs["out"]
 
     def init(self, node, ins):
-        if node.attrs.get("tie"):
-            return None  # uses the tied module's weight
-        return f"nn.Linear({ins[0][-1]!r}, {node.attrs['out']!r}, bias={node.attrs['bias']!r})"
+        a = node.attrs
+        bias_init = a.get("bias_init") or (ZEROS if a.get("init") else None)  # zeros when init= is given
+        if a.get("tie"):  # uses the tied module's weight; a bias of its own lives in a small module
+            return initialised(f"AF.Bias({a['out']!r})", bias=bias_init) if a["bias"] else None
+        return initialised(f"nn.Linear({ins[0][-1]!r}, {a['out']!r}, bias={a['bias']!r})", a.get("init"),
+                           bias_init if a["bias"] else None)
 
     def forward(self, node, args, out, mod, ins):
         tie = node.attrs.get("tie")
         if tie:
-            return [f"{out} = F.linear({args[0]}, {node.attrs['tie_ref']})"]
+            bias = f", {mod}.bias" if node.attrs["bias"] else ""
+            return [f"{out} = F.linear({args[0]}, {node.attrs['tie_ref']}{bias})"]
+        return [f"{out} = {mod}({args[0]})"]
+
+
+@register
+class Conv2d(OpDef):
+    """2-D convolution of [B, C, H, W] to [B, out, H', W'], H' = (H + 2·padding − kernel) // stride + 1."""
+
+    name = "conv2d"
+    attrs = {"out": A(int, positive=True), "kernel": A(int, positive=True), "stride": A(int, 1, positive=True),
+             "padding": A(int, 0), "bias": A(bool, True)}
+    pure = False
+
+    def infer(self, node, ins, graph):
+        a, x = node.attrs, ins[0]
+        if len(x) != 4:
+            raise SpecError(f"conv2d expects an image [B, C, H, W], got {fmt_shape(x)}", node.span)
+        need_width(node, x[:2], "input's channel dim")
+        spatial = []
+        for d in x[2:]:
+            size = dims.add(d, 2 * a["padding"] - a["kernel"])
+            if isinstance(size, int) and size < 0:
+                raise SpecError(f"conv2d: kernel {a['kernel']} is larger than the padded image side {d} + "
+                                f"2·{a['padding']}", node.span)
+            steps = dims.div(size, a["stride"])
+            if steps is None:
+                if not isinstance(size, int):
+                    raise SpecError(f"conv2d: the stride {a['stride']} does not divide the symbolic side {size}; "
+                                    "give the image a known size", node.span)
+                steps = size // a["stride"]
+            spatial.append(dims.add(steps, 1))
+        return (x[0], a["out"], *spatial)
+
+    def weights(self, node, ins):
+        a = node.attrs
+        w = {"weight": (a["out"], ins[0][1], a["kernel"], a["kernel"])}
+        if a["bias"]:
+            w["bias"] = (a["out"],)
+        return w
+
+    def flops(self, node, ins, out, sizes):
+        a = node.attrs
+        return 2 * numel(out, sizes) * ins[0][1] * a["kernel"] * a["kernel"]
+
+    def init(self, node, ins):
+        a = node.attrs
+        return (f"nn.Conv2d({ins[0][1]!r}, {a['out']!r}, kernel_size={a['kernel']!r}, stride={a['stride']!r}, "
+                f"padding={a['padding']!r}, bias={a['bias']!r})")
+
+    def forward(self, node, args, out, mod, ins):
         return [f"{out} = {mod}({args[0]})"]
 
 
@@ -192,15 +262,21 @@ class SplitPart(OpDef):
 
 @register
 class LayerNorm(OpDef):
+    """`affine=false`: no weight and no bias (DiT's adaLN supplies its own scale and shift)."""
+
     name = "layer_norm"
-    attrs = {"eps": A(float, 1e-5, positive=True), "bias": A(bool, True)}
+    attrs = {"eps": A(float, 1e-5, positive=True), "bias": A(bool, True), "affine": A(bool, True)}
     pure = False
 
     def weights(self, node, ins):
         d = need_width(node, ins[0], "input")
+        if not node.attrs.get("affine", True):
+            return {}
         return {"weight": (d,), "bias": (d,)} if node.attrs["bias"] else {"weight": (d,)}
 
     def init(self, node, ins):
+        if not node.attrs.get("affine", True):
+            return f"nn.LayerNorm({ins[0][-1]!r}, eps={node.attrs['eps']!r}, elementwise_affine=False)"
         return f"nn.LayerNorm({ins[0][-1]!r}, eps={node.attrs['eps']!r}, bias={node.attrs['bias']!r})"
 
     def forward(self, node, args, out, mod, ins):
@@ -250,89 +326,10 @@ class Dropout(OpDef):
     name = "dropout"
     attrs = {"p": A(float, unit=True)}
     pure = False  # random: two dropouts of one input are not the same value
+    random = True
 
     def forward(self, node, args, out, mod, ins):
         return [f"{out} = F.dropout({args[0]}, p={node.attrs['p']!r}, training=self.training)"]
-
-
-# ---- elementwise arithmetic --------------------------------------------------
-
-
-def broadcast(node, a, b, verb: str):
-    out = []
-    for i in range(1, max(len(a), len(b)) + 1):
-        da = a[-i] if i <= len(a) else 1
-        db = b[-i] if i <= len(b) else 1
-        if da == db or db == 1:
-            out.append(da)
-        elif da == 1:
-            out.append(db)
-        else:
-            raise SpecError(
-                f"cannot {verb} tensors of shapes {fmt_shape(a)} and {fmt_shape(b)}: "
-                f"dim {-i} differs ({da} vs {db})",
-                node.span,
-            )
-    return tuple(reversed(out))
-
-
-class Binary(OpDef):
-    """`a op b` of two tensors, or of a tensor and the number `scalar` (attr)."""
-
-    symbol: ClassVar[str]
-    verb: ClassVar[str]
-    user = False
-    attrs = {"scalar": A((int, float, type(None)), None), "scalar_left": A(bool, False)}
-
-    def infer(self, node, ins, graph):
-        if len(ins) == 1:
-            return ins[0]
-        return broadcast(node, ins[0], ins[1], self.verb)
-
-    def forward(self, node, args, out, mod, ins):
-        if len(args) == 1:
-            scalar = repr(node.attrs["scalar"])
-            lhs, rhs = (scalar, args[0]) if node.attrs["scalar_left"] else (args[0], scalar)
-        else:
-            lhs, rhs = args
-        return [f"{out} = {lhs} {self.symbol} {rhs}"]
-
-
-BINARY_OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}  # the spec's operator -> its op
-for _name, _sym, _verb in (("add", "+", "add"), ("sub", "-", "subtract"), ("mul", "*", "multiply"),
-                           ("div", "/", "divide")):
-    register(type(f"Binary_{_name}", (Binary,), {"name": _name, "symbol": _sym, "verb": _verb}))
-
-
-# ---- objectives --------------------------------------------------------------
-
-
-@register
-class NextTokenLoss(OpDef):
-    """Mean cross-entropy of logits[:, :-1] against tokens[:, 1:]."""
-
-    name = "next_token_loss"
-    inputs = ("logits", "tokens")
-    attrs = {}
-    is_loss = True
-
-    def infer(self, node, ins, graph):
-        logits, tokens = ins
-        if len(logits) != 3 or len(tokens) != 2 or logits[:2] != tokens:
-            raise SpecError(
-                f"next_token_loss expects logits [B, T, V] and tokens [B, T], got {fmt_shape(logits)} and "
-                f"{fmt_shape(tokens)}",
-                node.span,
-            )
-        return ()
-
-    def forward(self, node, args, out, mod, ins):
-        logits, tokens = args
-        return [
-            f"{out} = F.cross_entropy(",
-            f"    {logits}[:, :-1].reshape(-1, {logits}.shape[-1]).float(), {tokens}[:, 1:].reshape(-1)",
-            ")",
-        ]
 
 
 # ---- built-ins: feed-forward blocks -------------------------------------------

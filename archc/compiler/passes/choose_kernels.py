@@ -102,4 +102,6 @@ def choose_kernels(graph: Graph, options=None) -> Graph:
 
 
 def _matches(pattern: str, node: Node) -> bool:
-    return pattern == "*" or pattern in _op(node).kernel_groups or fnmatch.fnmatch(node.scope, pattern)
+    # a shared module's later calls (`layer#2.attention`) run the first call's module: one choice for all
+    return pattern == "*" or pattern in _op(node).kernel_groups or fnmatch.fnmatch(Graph.module_path(node.scope),
+                                                                                    pattern)

@@ -26,7 +26,52 @@ def infer_shapes(graph: Graph, options=None) -> Graph:
                     span,
                     notes=[("the argument comes from here", graph.node(node_id).span)],
                 )
+    _check_shared_weights(graph)
     return graph
+
+
+def _weights(graph: Graph, nodes, prefix: str) -> dict[str, tuple]:
+    """Weight name relative to `prefix` -> shape, of `nodes`, as if each owned its weights."""
+    out = {}
+    for node in nodes:
+        op = ops.REGISTRY[node.op]
+        base = node.scope if op.weights_at_scope else node.path
+        base = base[len(prefix):].lstrip(".") if prefix else base
+        for key, shape in op.weights(node, [graph.node(a).shape for a in graph.args(node.id)]).items():
+            out[".".join(p for p in (base, key) if p)] = tuple(shape)
+    return out
+
+
+def _check_shared_weights(graph: Graph) -> None:
+    """Every call of a shared module (`as label shared`) needs weights of the shapes its first call made."""
+    calls = [(graph.node(n.shares), n, [graph.node(n.shares)], [n], "", "") for n in graph.nodes() if n.shares]
+    for path, scope in graph.scopes.items():
+        if scope.shares:
+            first = [n for n in graph.nodes() if n.scope == scope.shares or n.scope.startswith(scope.shares + ".")]
+            here = [n for n in graph.nodes() if n.scope == path or n.scope.startswith(path + ".")]
+            if first and here:
+                calls.append((first[0], here[0], first, here, scope.shares, path))
+    for first, node, first_nodes, nodes, first_prefix, prefix in calls:
+        want, have = _weights(graph, first_nodes, first_prefix), _weights(graph, nodes, prefix)
+        for key in sorted(set(want) | set(have)):
+            if want.get(key) != have.get(key):
+                raise SpecError(
+                    f"this call of the shared module `{first.name if not prefix else first_prefix.rsplit('.', 1)[-1]}` "
+                    f"needs its weight {key} as {_fmt(have.get(key))}, but the first call made it "
+                    f"{_fmt(want.get(key))}", _call_span(graph, node, prefix),
+                    notes=[("the shared module is first made here", _call_span(graph, first, first_prefix))],
+                    hint="every call of a shared module takes inputs of the widths its first call did")
+
+
+def _fmt(shape) -> str:
+    return "absent" if shape is None else ops.fmt_shape(shape)
+
+
+def _call_span(graph: Graph, node, prefix: str):
+    """Where the call of a module is written: the node's own span, or the span of the call that made its scope."""
+    if not prefix:
+        return node.span
+    return graph.scopes[prefix].call or node.span
 
 
 def _matches(actual: tuple, expected: tuple) -> bool:

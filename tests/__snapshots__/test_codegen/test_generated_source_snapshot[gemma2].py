@@ -92,8 +92,8 @@ class DecoderLayer(nn.Module):
         post_attn_norm = self.post_attn_norm(h)
         x = x + post_attn_norm
         pre_mlp_norm = self.pre_mlp_norm(x)
-        mlp = self.mlp(pre_mlp_norm)
-        post_mlp_norm = self.post_mlp_norm(mlp)
+        down = self.mlp(pre_mlp_norm)
+        post_mlp_norm = self.post_mlp_norm(down)
         x = x + post_mlp_norm
         return x
 
@@ -143,8 +143,8 @@ class DecoderLayer2(nn.Module):
         post_attn_norm = self.post_attn_norm(h)
         x = x + post_attn_norm
         pre_mlp_norm = self.pre_mlp_norm(x)
-        mlp = self.mlp(pre_mlp_norm)
-        post_mlp_norm = self.post_mlp_norm(mlp)
+        down = self.mlp(pre_mlp_norm)
+        post_mlp_norm = self.post_mlp_norm(down)
         x = x + post_mlp_norm
         return x
 

@@ -84,8 +84,8 @@ class DecoderLayer(nn.Module):
         attn = self.attn(h)
         x = x + attn
         mlp_norm = self.mlp_norm(x)
-        mlp = self.mlp(mlp_norm)
-        x = x + mlp
+        down = self.mlp(mlp_norm)
+        x = x + down
         return x
 
 

@@ -106,8 +106,8 @@ class MoE(nn.Module):
         routing = self.router(x.reshape(-1, x.shape[-1]), seq_len=x.shape[1])
         x_R = AF.dispatch_rows(x.reshape(-1, x.shape[-1]), routing)
         y_R = self.experts(x_R, routing)
-        shared = self.shared(x)
         y = AF.combine_rows(y_R, routing).view_as(x)
+        shared = self.shared(x)
         shared_gate = self.shared_gate(x)
         shared_gate = torch.sigmoid(shared_gate)
         shared = shared_gate * shared

@@ -1,0 +1,18 @@
+"""Tensor helpers generated code calls where PyTorch has no one-call form."""
+
+from __future__ import annotations
+
+import torch
+
+
+def shift(x: torch.Tensor, n: int, dim: int = 1, fill: float = 0) -> torch.Tensor:
+    """`x` with its positions along `dim` moved n later (earlier for n < 0), the n vacated ones set to `fill`:
+    `shift(tokens, 1)[:, t]` is `tokens[:, t - 1]`, and `fill` at t = 0."""
+    if n == 0:
+        return x
+    size = x.shape[dim]
+    n = max(-size, min(size, n))
+    filler = torch.full_like(x.narrow(dim, 0, abs(n)), fill)
+    if n > 0:
+        return torch.cat([filler, x.narrow(dim, 0, size - n)], dim=dim)
+    return torch.cat([x.narrow(dim, -n, size + n), filler], dim=dim)
