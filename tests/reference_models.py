@@ -5,7 +5,7 @@ benchmarked against, so they favour being obviously correct over being clever.
 
 Design choices:
   * Semantics follow Hugging Face `transformers` exactly (checked in
-    tests/test_reference_models.py against GPT2LMHeadModel / LlamaForCausalLM
+    tests/runtime/test_reference_models.py against GPT2LMHeadModel / LlamaForCausalLM
     with random weights, attn_implementation="eager").
   * `state_dict()` keys (and their order) are exactly the HF keys, so an HF
     state dict loads with `strict=True`. GPT-2 keeps HF's Conv1D layout:

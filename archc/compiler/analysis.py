@@ -284,7 +284,7 @@ def chunked_floats(graph: Graph, node: Node, sizes: dict[str, int]) -> float:
     """Floats the chunked PyTorch form of Gated DeltaNet materialises and keeps for the backward pass
     (the inputs it saves included): per token and head, 7 rows of C-wide intra-chunk matrices, about 12 K-
     and 12 V-sized tensors (convolutions, normalisations, fp32 chunk copies, the WY factors) and the K x V
-    state entering each chunk, twice (tests/test_plan.py counts them with saved_tensors_hooks). 0 for
+    state entering each chunk, twice (tests/compiler/test_plan.py counts them with saved_tensors_hooks). 0 for
     other ops, and for mixers whose chunked form is not counted yet (KDA, linear attention, SSD)."""
     if node.op != "gated_deltanet_core":
         return 0.0

@@ -163,6 +163,8 @@ def _load(module, base, modules, blocks, stack) -> None:
             near = [p.name for p in target.parent.glob("*.arch")] if target.parent.is_dir() else []
             raise SpecError(f'cannot `use "{use.path}"`: {what}{where}', use.span,
                             hint=did_you_mean(target.name, near))
+        if target.suffix != ".arch":  # parse errors quote lines: never show those of a file that is not a spec
+            raise SpecError(f'cannot `use "{use.path}"`: only .arch spec files can be used', use.span)
         try:
             sub = parse_file(target, unbuilt=True)
         except SpecError as err:
@@ -465,6 +467,9 @@ class Lowerer:
         for bound, expr in ((start, stmt.start), (stop, stmt.stop)):
             if not isinstance(bound, int) or isinstance(bound, bool):
                 raise SpecError(f"`repeat` bounds must be ints, got {type_name(bound)}", expr.span)
+        if stop < start:
+            raise SpecError(f"`repeat` from {start} to {stop} has a negative number of steps ({stop - start})",
+                            stmt.span, hint="a count that goes here (such as n_layers) must be 0 or more")
         if stop - start > 10_000:
             raise SpecError(f"`repeat` of {stop - start} steps is more than the 10000 allowed", stmt.span)
         reusing = frame.reusing or _shared_label(stmt.body)

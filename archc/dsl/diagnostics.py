@@ -246,7 +246,8 @@ def closest(name: str, choices: Iterable[str], *fallbacks: Iterable[str], exclud
     no choice is close. A name is close when few edits apart for its length
     (`lineer` -> `linear`, never `softmax` -> `max` or `cross_entropy` ->
     `cross_attention`), or equal but for case and underscores
-    (`LayerNorm` -> `layer_norm`). Names in `exclude` (say, the model's own
+    (`LayerNorm` -> `layer_norm`), or the only one that adds or drops an underscored word
+    (`match_rms` -> `match_rms_adamw`). Names in `exclude` (say, the model's own
     name) are never suggested.
     """
     skip = set(exclude) | {name}
@@ -256,6 +257,10 @@ def closest(name: str, choices: Iterable[str], *fallbacks: Iterable[str], exclud
         same = [c for c in known if c.replace("_", "").lower() == squashed]
         if same:
             return same[0]
+        # a word left off or added at an underscore (`match_rms` -> `match_rms_adamw`), when only one fits
+        words = [c for c in known if c.startswith(name + "_") or name.startswith(c + "_")]
+        if len(words) == 1:
+            return words[0]
         scored = sorted((edit_distance(name.lower(), c.lower()), c[:1] != name[:1], c) for c in known)
         if scored and scored[0][0] <= _allowed(name):
             return scored[0][2]

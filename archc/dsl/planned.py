@@ -6,7 +6,7 @@ lowering. Until a construct is built, `parse()` refuses it with a located
 error that names it and its issue ("`lanes` is planned (issue: residual
 lanes) and not built yet") rather than letting it reach a compiler that
 would misread it or call it an unknown name. Building a construct deletes its
-entry here; `tests/test_planned.py` fails while a built op is still listed.
+entry here; `tests/dsl/test_planned.py` fails while a built op is still listed.
 """
 
 from __future__ import annotations

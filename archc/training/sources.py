@@ -48,10 +48,15 @@ class TextSource:
                 raise TrainError(f"the tokenizer has {needed} tokens but the embedding `{node.path}` has "
                                  f"{node.attrs['num']}; set -D vocab={needed}")
         data_mod.check_val(dataset)
-        self.dataset, self.config, self.input = dataset, config, _token_input(compiled)
+        self.dataset, self.config, self.input = dataset, config, token_input(compiled)
         self.max_context = compiled.params.get("max_len")
         self.batches = data_mod.Batches(dataset.train, config.batch_size, config.seq_len, config.seed)
         self.items_per_batch = config.batch_size * config.seq_len
+
+    @staticmethod
+    def check(compiled) -> None:
+        """Refuse, by name, a spec whose inputs this source cannot feed."""
+        token_input(compiled)
 
     @classmethod
     def open(cls, config: TrainConfig, compile_with: Callable[[dict], object], overrides: dict,
@@ -60,8 +65,7 @@ class TextSource:
 
         A BPE tokenizer is trained on a fresh run and written to `tokenizer_file` (None: not written); a
         resumed run reads it back, so it tokenizes exactly as before."""
-        compiled = compile_with(overrides)
-        _token_input(compiled)  # fail on the spec before spending time on data
+        compiled = compile_with(overrides)  # compile_with calls `check` before spending time on data
         if resume and tokenizer_file is not None and tokenizer_file.exists():
             tokenizer, save = str(tokenizer_file), None
         else:
@@ -100,7 +104,7 @@ class TextSource:
         self.batches.load_state_dict(state)
 
 
-def _token_input(compiled) -> str:
+def token_input(compiled) -> str:
     inputs = [n for n in compiled.ir.nodes() if n.op == "input"]
     if len(inputs) != 1 or inputs[0].dtype != "long":
         raise TrainError("archc train needs a model with exactly one Tokens[B, T] input")

@@ -1,7 +1,7 @@
 """Shared weights: `as label shared` makes every call so labelled in one body one module.
 
 Regression for issue "A language, not a menu": `x = Layer(x) as shared_layer` inside `repeat` was accepted
-and ignored, building a layer per step. Now the label alone is an error (tests/test_resolve.py) and
+and ignored, building a layer per step. Now the label alone is an error (tests/dsl/test_resolve.py) and
 `as layer shared` builds one layer that every step calls.
 """
 

@@ -19,7 +19,7 @@ from archc.runtime.decoding import KVCache
 from archc.runtime.mixers import generate_recurrent, recurrent
 from archc.runtime.rope import InterleavedRotaryEmbedding, RotaryEmbedding
 
-SPECS = Path(__file__).parent.parent / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 CASES = {
     "llama": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),

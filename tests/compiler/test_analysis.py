@@ -32,7 +32,7 @@ import archc
 from archc.compiler import analysis
 from archc.runtime.functional import RotaryEmbedding
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 # (spec, overrides, batch, seq): MHA / GQA / MQA, tied / untied, odd and even lengths.
 CASES = [

@@ -54,7 +54,7 @@ triton_runtime = pytest.mark.skipif(
 @pytest.mark.skipif(INTERPRET, reason="already the interpreted run")
 def test_triton_suite_interpreted(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     report = tmp_path / "junit.xml"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-p", "no:cacheprovider",

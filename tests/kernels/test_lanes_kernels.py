@@ -36,7 +36,7 @@ import torch
 
 from archc.kernels import lanes as L
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 

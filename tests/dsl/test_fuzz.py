@@ -30,7 +30,7 @@ import archc
 from archc.dsl.parser import _lark, parse
 from archc.dsl.resolve import check_names
 
-SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).parent.parent / "specs").glob("*.arch"))}
+SPECS = {p.name: p.read_text(encoding="utf-8") for p in sorted((Path(__file__).resolve().parents[2] / "specs").glob("*.arch"))}
 TERMINALS = {t.name for t in _lark().terminals} | {"$END"}
 LARK_NAME = re.compile(r"\b(__ANON\w*|[A-Z_]{3,})\b")
 

@@ -1,7 +1,7 @@
 """The Triton selection kernel of NSA against plain references, under the Triton interpreter.
 
 As in test_delta_rule_triton.py: TRITON_INTERPRET must be set before triton is imported and must not
-leak into other test modules, so every case runs in one subprocess (`python tests/test_nsa_triton.py`
+leak into other test modules, so every case runs in one subprocess (`python tests/kernels/test_nsa_triton.py`
 with the variable in the child's environment only), which prints JSON; the tests assert on it.
 
 Checked per case: the kernel's selection output and log-sum-exp against attention over an explicit
@@ -26,7 +26,7 @@ import pytest
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # name: (B, T, HQ, H, K, V, block, stride, select_block, top_n, window, dtype)
 CASES = {

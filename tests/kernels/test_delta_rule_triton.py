@@ -2,7 +2,7 @@
 
 The kernels run on the CPU through Triton's interpreter. TRITON_INTERPRET must be set before
 triton is first imported and must not leak into other test modules, so every check runs in
-one subprocess: pytest starts `python tests/test_delta_rule_triton.py` with the variable set
+one subprocess: pytest starts `python tests/kernels/test_delta_rule_triton.py` with the variable set
 in the child's environment only; the child runs all cases and prints JSON; the tests below
 assert on those numbers. This module imports neither triton nor the kernel module itself.
 
@@ -27,7 +27,7 @@ import pytest
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # name: (per_head, T, chunk, H, K, V, initial_state, output_final_state, dtype, g_min[, g_const])
 # g = logsigmoid(randn) clamped to g_min, or g_const for every token when given.

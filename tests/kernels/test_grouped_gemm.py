@@ -5,7 +5,7 @@ the reference loop run in float64 on the same (rounded) inputs.  Tolerances:
 fp32 rtol 1e-5 / atol 1e-4 (K <= 48: accumulation-order noise is ~1e-6);
 bf16 rtol 1.6e-2 / atol 1e-2 (one bf16 rounding of an fp32-accumulated
 result is <= 2**-9 relative).  The Triton face runs in
-tests/test_grouped_gemm_triton.py (interpreter subprocess / CUDA); the cases
+tests/kernels/test_grouped_gemm_triton.py (interpreter subprocess / CUDA); the cases
 and helpers below are shared with it.
 """
 

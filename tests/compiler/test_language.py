@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import archc
-from archc.runtime.attention_bias import relative_position_bucket
+from archc.runtime.position_bias import relative_bucket as relative_position_bucket
 from archc.runtime.tensors import shift
 
 

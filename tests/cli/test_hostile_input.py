@@ -171,8 +171,6 @@ def test_eval_flags_are_refused(capsys, trained, case, flags, message):
     assert out == ""
 
 
-@pytest.mark.xfail(strict=True, reason="a negative `repeat` count is the lowering's to refuse (lower.py _repeat, "
-                                       "the language helper's file); reported, not fixed here")
 def test_negative_layer_count_is_a_located_error(capsys):
     code, out, err = run(capsys, ["check", SPEC, "-D", "n_layers=-2"])
     assert_refused(code, out, err, 1, r"repeat|n_layers")
@@ -400,8 +398,6 @@ def test_memory_estimate_parts_and_override(capsys, tmp_path, monkeypatch):
     assert code == 0 and out.startswith("trained 1 steps"), err
 
 
-@pytest.mark.xfail(strict=True, reason="`use` of a file that is not a spec quotes its first line: the loader's "
-                                       "(lower.py load_spec, the language helper's file); reported, not fixed here")
 def test_use_of_a_foreign_file_does_not_quote_it(capsys, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("password=hunter2\n")

@@ -26,7 +26,7 @@ from archc.interop.weights import load_canonical
 
 transformers = pytest.importorskip("transformers")
 
-SPECS = Path(__file__).resolve().parents[1] / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 ATOL = RTOL = 1e-4
 
 BERT_KEYS = [
