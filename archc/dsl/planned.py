@@ -18,7 +18,6 @@ from archc.dsl.diagnostics import SpecError
 
 # Issues, by the words their titles use.
 GATED = "gated paths"
-LANES = "residual lanes"
 ENGRAM = "Engram memory"
 PATCHING = "byte patching"
 DIFFUSION = "diffusion"
@@ -26,7 +25,6 @@ DIFFUSION = "diffusion"
 # Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
     "gated": GATED,
-    "lanes": LANES, "merge_lanes": LANES,
     "engram": ENGRAM,
     "hash_ngrams": PATCHING, "patch": PATCHING, "unpatch": PATCHING,
     **dict.fromkeys(["add_noise", "patchify", "unpatchify", "drop_condition", "timestep_embedding",

@@ -1,0 +1,76 @@
+"""`lanes(...)` … `merge_lanes(x)` in the language: specs/mhc.arch against the plain Llama it widens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import archc
+from archc.dsl.diagnostics import SpecError
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 48, "vocab": 64}
+
+
+def _pair(**lanes):
+    """A fresh lanes model and a plain Llama carrying the same weights (the lanes' own weights stay at init)."""
+    torch.manual_seed(0)
+    plain = archc.compile(SPECS / "llama.arch", SMALL).build().double()
+    widened = archc.compile(SPECS / "mhc.arch", {**SMALL, **lanes}).build().double()
+    missing, unexpected = widened.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".lanes" in key for key in missing), (missing, unexpected)
+    return plain, widened
+
+
+def _logits(model, tokens):
+    return model(tokens=tokens)["logits"]
+
+
+def test_one_plain_lane_is_the_plain_model():
+    plain, widened = _pair(n_lanes=1, lane_rule="plain")
+    assert sum(p.numel() for p in widened.parameters()) == sum(p.numel() for p in plain.parameters())
+    tokens = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(_logits(widened, tokens), _logits(plain, tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("rule", "n"), [("mhc", 4), ("hc_static", 4), ("hc_dynamic", 3), ("mhc", 2)])
+def test_a_fresh_laned_model_equals_its_plain_counterpart(rule, n):
+    plain, widened = _pair(n_lanes=n, lane_rule=rule)
+    assert sum(p.numel() for p in widened.parameters()) > sum(p.numel() for p in plain.parameters())
+    tokens = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(_logits(widened, tokens), _logits(plain, tokens), rtol=1e-9, atol=1e-9)
+
+
+def test_laned_model_trains_and_its_lane_weights_move():
+    torch.manual_seed(0)
+    model = archc.compile(SPECS / "mhc.arch", SMALL).build()
+    phi = model.layers[0].lanes.phi
+    assert phi.abs().sum() == 0
+    loss = model(tokens=torch.randint(0, 64, (2, 9)))["loss"]
+    loss.backward()
+    assert phi.grad is not None and phi.grad.abs().sum() > 0  # the dynamic mixing gets a gradient
+
+
+def test_each_residual_site_gets_its_own_lanes_module_reading_lane_site_mod_n():
+    compiled = archc.compile(SPECS / "mhc.arch", {**SMALL, "n_layers": 3})
+    model = compiled.build()
+    sites = [m for m in model.modules() if type(m).__name__ == "Lanes"]
+    assert [s.site for s in sites] == [0, 1, 2, 3, 0, 1]  # attn and mlp of each layer, k mod n
+    assert "u, mix = self.lanes.read(x)" in compiled.source
+    assert "x = self.lanes.write(x, attn, mix)" in compiled.source
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ('n=4, rule="plain"', 'rule "plain" is the ordinary residual and takes n=1'),
+    ('n=1, rule="mhc"', 'rule "mhc" needs n >= 2'),
+    ('n=4, rule="mch"', 'did you mean "mhc"'),
+])
+def test_bad_lane_settings_are_located_errors(args, message):
+    spec = ("model M(tokens: Tokens[B, T]) {\n    x = embedding(tokens, 16, 8)\n"
+            f"    x = lanes(x, {args})\n    x += linear(x, 8)\n    x = merge_lanes(x)\n    return x\n}}\n")
+    with pytest.raises(SpecError) as info:
+        archc.compile(spec, name="bad.arch")
+    err = info.value.errors[0] if hasattr(info.value, "errors") and info.value.errors else info.value
+    assert message in err.message and err.span.line == 3, err.message
