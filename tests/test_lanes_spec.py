@@ -53,6 +53,19 @@ def test_laned_model_trains_and_its_lane_weights_move():
     assert phi.grad is not None and phi.grad.abs().sum() > 0  # the dynamic mixing gets a gradient
 
 
+def test_recompute_gives_the_same_gradients():
+    tokens = torch.randint(0, 64, (2, 9))
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = archc.compile(SPECS / "mhc.arch", {**SMALL, "lane_recompute": recompute}).build().double()
+        model(tokens=tokens)["loss"].backward()
+        assert model.layers[0].lanes.recompute is recompute
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][key], grad, rtol=1e-10, atol=1e-12)
+
+
 def test_each_residual_site_gets_its_own_lanes_module_reading_lane_site_mod_n():
     compiled = archc.compile(SPECS / "mhc.arch", {**SMALL, "n_layers": 3})
     model = compiled.build()
@@ -74,3 +87,15 @@ def test_bad_lane_settings_are_located_errors(args, message):
         archc.compile(spec, name="bad.arch")
     err = info.value.errors[0] if hasattr(info.value, "errors") and info.value.errors else info.value
     assert message in err.message and err.span.line == 3, err.message
+
+
+@pytest.mark.parametrize(("body", "line", "message"), [
+    ("y = merge_lanes(x)", 3, "merge_lanes needs the lanes"),
+    ("y = lanes(x, n=2)\n    y = lanes(y, n=2)", 4, "lanes do not nest"),
+])
+def test_misplaced_lanes_are_located_errors(body, line, message):
+    spec = f"model M(x: Tensor[B, T, 8]) {{\n    x = linear(x, 8)\n    {body}\n    return y\n}}\n"
+    with pytest.raises(SpecError) as info:
+        archc.compile(spec, name="bad.arch")
+    err = info.value.errors[0] if hasattr(info.value, "errors") and info.value.errors else info.value
+    assert message in err.message and err.span.line == line, err.message

@@ -59,6 +59,9 @@ class Lanes(OpDef):
             raise SpecError("lanes: rule \"mhc\" needs n >= 2", node.span, hint='for one lane use rule="plain"')
         if a["rule"] == "mhc" and not a["init_eps"] < 1 / a["n"]:
             raise SpecError(f"lanes: init_eps must be below 1/n = {1 / a['n']:g}, got {a['init_eps']!r}", node.span)
+        if graph.node(graph.args(node.id)[0]).op in LANED:
+            raise SpecError("lanes: the stream is already lanes here; lanes do not nest", node.span,
+                            hint="close the region first with `x = merge_lanes(x)`")
         x = ins[0]
         need_width(node, x, "input")
         return (*x[:-1], a["n"], x[-1])
@@ -75,6 +78,10 @@ class MergeLanes(OpDef):
     attrs = {"how": A(str, "mean", choices=MERGES)}
 
     def infer(self, node, ins, graph):
+        if graph.node(graph.args(node.id)[0]).op not in LANED:
+            raise SpecError("merge_lanes needs the lanes that `lanes(...)` opened (or a residual update inside "
+                            "them wrote), but its input is not that stream", node.span,
+                            hint="open the region with `x = lanes(x, n=4)` and pass its stream here")
         h = _lanes_shape(node, ins[0], "input")
         return (*h[:-2], h[-1])
 
@@ -88,7 +95,7 @@ class LanesRead(OpDef):
     """A site's read, as two values: index 0 the branch input u [..., d], index 1 the mix it writes with."""
 
     name = "lanes_read"
-    attrs = {name: A(object) for name in (*REGION, "site", "index")}
+    attrs = {**{name: Lanes.attrs[name] for name in REGION}, "site": A(int), "index": A(int)}
     pure = False
     user = False
     several = True  # codegen binds both values in one line
@@ -160,7 +167,7 @@ class LanesWrite(OpDef):
 
     name = "lanes_write"
     inputs = ("h", "y", "mix")
-    attrs = {name: A(object) for name in (*REGION, "sites")}
+    attrs = {**{name: Lanes.attrs[name] for name in REGION}, "sites": A(int)}
     pure = False
     user = False
 
@@ -186,7 +193,7 @@ def is_lanes(graph: Graph, node_id: str) -> bool:
 
 def keeps_lanes(op: str) -> bool:
     """Whether op `op` takes the lanes themselves rather than a site's branch input."""
-    return op == "merge_lanes"
+    return op in ("lanes", "merge_lanes")
 
 
 def _region(graph: Graph, h: str) -> dict:
