@@ -116,3 +116,15 @@ def test_token_by_token_decoding_inside_lanes_equals_the_full_sequence(rule):
     with torch.no_grad():
         full = model(tokens=tokens[:, :-1])["logits"]
     torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["mhc", "hc_static", "hc_dynamic"])
+def test_summary_counts_the_lanes_extra_parameters_as_the_built_model_has_them(rule):
+    widened = archc.compile(SPECS / "mhc.arch", {**SMALL, "lane_rule": rule})
+    plain = archc.compile(SPECS / "llama.arch", SMALL)
+    built = sum(p.numel() for p in widened.build().parameters())
+    assert widened.num_params() == built
+    extra = built - sum(p.numel() for p in plain.build().parameters())
+    line = widened.summary().splitlines()[-1]
+    assert line.startswith(f"residual lanes      4 lanes, {rule}"), line
+    assert f"4 residual sites: +{extra:,} parameters" in line and "stream activations x4 (128 floats" in line
