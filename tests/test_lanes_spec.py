@@ -128,3 +128,14 @@ def test_summary_counts_the_lanes_extra_parameters_as_the_built_model_has_them(r
     line = widened.summary().splitlines()[-1]
     assert line.startswith(f"residual lanes      4 lanes, {rule}"), line
     assert f"4 residual sites: +{extra:,} parameters" in line and "stream activations x4 (128 floats" in line
+
+
+def test_archc_train_runs_the_mhc_spec(tmp_path, capsys):
+    from archc.cli import main
+
+    argv = ["train", str(SPECS / "mhc.arch"), "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+            "--eval-batches", "1", "--no-progress", "--sample-tokens", "4", "--out-dir", str(tmp_path / "run"),
+            "-D", "n_layers=1", "-D", "d_model=32", "-D", "n_heads=2", "-D", "n_kv_heads=1", "-D", "d_ff=48"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "val perplexity" in out
