@@ -8,6 +8,10 @@ operator and index on tensors, becomes nodes through one path (`_call_op` and
 `fold_params` pass, unless they hold sizes (`T - 1`: dims.Size), which are bound
 to the tensors that carry them; shapes are left to `infer_shapes`.
 
+Inside residual lanes (`lanes(...)` … `merge_lanes(...)`, ops/lanes.py) the stream is n
+lanes: an op reading it reads the open residual site's branch input, and `x += y`
+writes y back through that site.
+
 Values are tensors (`TensorRef`), several tensors at once (`Several`: `chunk`,
 `split`, a block that returns several, named by `a, b = ...`), lists, sizes
 and scalars. A module labelled `as name shared` is made by its first call and
