@@ -100,6 +100,11 @@ stage "sliding window bf16 T2k-32k" 40 $PY benchmarks/sliding_window.py --device
 stage "plan vs measured fp32 d1024 L8 B8 T2048" 50 $PY benchmarks/plan_vs_measured.py --device cuda --threads 0 \
     --d-model 1024 --layers 8 --batch 8 --seq 2048 --rounds 6 --warmup 2 --budget 25
 
+# 11. Residual lanes: training steps of Llama with mHC n=4 (specs/mhc.arch) over the same Llama without lanes, bf16,
+#     d_model 1024, 8 layers, 8k tokens/step (the mHC paper: 1.067x with fused kernels).
+stage "lanes mhc n4 vs none bf16 d1024 L8" 40 $PY benchmarks/lanes.py --device cuda --dtype bf16 --threads 0 \
+    --d-model 1024 --layers 8 --batch 8 --seq 1024 --steps 10 --warmup 2
+
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"
 exit $status

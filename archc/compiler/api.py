@@ -60,7 +60,8 @@ class Compiled:
         raise KeyError(pass_name)
 
     def summary(self, batch: int = 1, seq: int = 128, depth: int = 1, dims: dict[str, int] | None = None) -> str:
-        return analysis.table(self.ir, batch, seq, depth, dims) + _attention_summary(self.ir, batch, seq, dims)
+        return (analysis.table(self.ir, batch, seq, depth, dims) + _attention_summary(self.ir, batch, seq, dims)
+                + _lanes_summary(self.ir, batch, seq, dims))
 
     def num_params(self) -> int:
         return analysis.total_params(self.ir)
@@ -251,6 +252,38 @@ def _attention_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] 
     lines.append(f"attention FLOPs     {', '.join(steps)}; {windowed} windowed (linear in T), "
                  f"{len(nodes) - windowed} full (quadratic in T)")
     return "\n".join(lines) + "\n"
+
+
+def _lanes_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None) -> str:
+    """Summary footer for residual lanes: per region its lanes and rule, the residual sites, the parameters
+    and FLOPs the mixing adds, and the lane state each site keeps (n times the plain stream's)."""
+    regions = [n for n in graph.nodes() if n.op == "lanes"]
+    if not regions:
+        return ""
+    sizes = analysis.sizes_for(graph, batch, seq, dims)
+    sites = [n for n in graph.nodes() if n.op == "lanes_read" and n.attrs["index"] == 0]
+    lines = []
+    for region in regions:
+        a = region.attrs
+        mine = [n for n in sites if _region_of(graph, n.id) == region.id]
+        params = sum(analysis.node_cost(graph, n, sizes)[0] for n in mine)
+        flops = sum(analysis.node_cost(graph, n, sizes)[1] for n in mine)
+        n, d = a["n"], region.shape[-1]
+        rule = a["rule"] + (f" (Sinkhorn {a['iters']} iterations)" if a["rule"] == "mhc" else "")
+        kept = (f"; recompute keeps 1 in {a['segment']} sites' lane states, rebuilding the others in the backward"
+                if a["recompute"] else "")
+        lines.append(f"residual lanes      {n} lanes, {rule}, {len(mine)} residual sites: "
+                     f"+{params:,} parameters, mixing {analysis.human(flops)} FLOPs at B={batch}, T={seq}; "
+                     f"stream activations x{n} ({n * d} floats per token per site instead of {d}){kept}")
+    return "\n".join(lines) + "\n"
+
+
+def _region_of(graph: Graph, node_id: str) -> str:
+    """The `lanes` node that opened the region a lane site reads."""
+    node = graph.node(node_id)
+    while node.op != "lanes":
+        node = graph.node(graph.args(node.id)[0])
+    return node.id
 
 
 def print_stage(stream=sys.stderr, which: str = "all") -> Callable[[str, Graph], None]:

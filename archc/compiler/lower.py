@@ -8,6 +8,10 @@ operator and index on tensors, becomes nodes through one path (`_call_op` and
 `fold_params` pass, unless they hold sizes (`T - 1`: dims.Size), which are bound
 to the tensors that carry them; shapes are left to `infer_shapes`.
 
+Inside residual lanes (`lanes(...)` … `merge_lanes(...)`, ops/lanes.py) the stream is n
+lanes: an op reading it reads the open residual site's branch input, and `x += y`
+writes y back through that site.
+
 Values are tensors (`TensorRef`), several tensors at once (`Several`: `chunk`,
 `split`, a block that returns several, named by `a, b = ...`), lists, sizes
 and scalars. A module labelled `as name shared` is made by its first call and
@@ -32,6 +36,7 @@ import attrs
 from archc.compiler import ops
 from archc.compiler.dims import Size, bind_sizes, sizes_in
 from archc.compiler.ir import Graph, Scope
+from archc.compiler.ops import lanes
 from archc.compiler.ops.base import attr_values
 from archc.compiler.scalars import (
     BUILTINS,
@@ -410,7 +415,10 @@ class Lowerer:
                 raise SpecError(f"`{stmt.target} += ...` needs `{stmt.target}` to exist first", stmt.span,
                                 hint=did_you_mean(stmt.target, env))
             update = self._tensor_or_scalar(stmt.value, frame)
-            if isinstance(old, TensorRef) and isinstance(update, TensorRef):
+            if isinstance(old, TensorRef) and isinstance(update, TensorRef) and lanes.is_lanes(self.graph, old.node):
+                env[stmt.target] = TensorRef(lanes.write(self._context(frame, stmt.span), old.node, update.node,
+                                                         stmt.target))
+            elif isinstance(old, TensorRef) and isinstance(update, TensorRef):
                 node = self.graph.add("add", [old.node, update.node], {}, scope=frame.scope, name="add",
                                       span=stmt.span, var=stmt.target)
                 env[stmt.target] = TensorRef(node.id)
@@ -701,6 +709,15 @@ class Lowerer:
             raise SpecError(f"{what} must be a tensor, got {type_name(value)} {show(value)}", expr.span)
         return value
 
+    def _context(self, frame: _Frame, span: Span) -> ops.LowerContext:
+        return ops.LowerContext(self, frame, frame.scope, span, {})
+
+    def _stream(self, ref: TensorRef, frame: _Frame, span: Span, op: str) -> TensorRef:
+        """What op `op` reads of `ref`: inside residual lanes, the open residual site's branch input."""
+        if not lanes.is_lanes(self.graph, ref.node) or lanes.keeps_lanes(op):
+            return ref
+        return TensorRef(lanes.branch_input(self._context(frame, span), ref.node))
+
     def _call_op(self, op: ops.OpDef, call: ast.Call, frame: _Frame, first: TensorRef | None = None) -> Any:
         """Every built-in op the spec calls lowers here: tensors (or a list of them, or a number where the op
         takes one) become the node's arguments; other arguments its attributes, left as expressions for
@@ -723,7 +740,7 @@ class Lowerer:
                 tensors += [v.node for v in value]
                 attrs_["count"] = len(value)
             elif isinstance(value, TensorRef):
-                tensors.append(value.node)
+                tensors.append(self._stream(value, frame, call.span, op.name).node)
             elif name in op.number_inputs and isinstance(value, (int, float)) and not isinstance(value, bool):
                 attrs_[name] = value
             else:
@@ -793,7 +810,8 @@ class Lowerer:
                     args.append(None)
                     continue
                 raise SpecError(f"{what} needs its `{name}` argument", call.span)
-            args.append(self._tensor_arg(bound[name], frame, f"`{name}` of {what}").node)
+            args.append(self._stream(self._tensor_arg(bound[name], frame, f"`{name}` of {what}"), frame, call.span,
+                                     comp.name).node)
         values = attr_values(call, bound, comp.attrs, _scalars(frame.env), what)
         attr, first = self._module(call, frame, comp.default_name, values)
         given = [(arg, name) for arg, name in zip(args, (*comp.inputs, *comp.optional)) if arg is not None]
@@ -863,7 +881,8 @@ class Lowerer:
                 if p.type.kind not in TENSOR_KINDS:
                     raise SpecError(f"unknown tensor type `{p.type.kind}`", p.type.span,
                                     hint=did_you_mean(p.type.kind, TENSOR_KINDS))
-                scope.expected.append((env[p.name].node, self._dims(p.type, env), p.type.span))
+                node = env[p.name].node
+                scope.expected.append((node, lanes.block_dims(self.graph, node, self._dims(p.type, env)), p.type.span))
         for p in block.params:
             if isinstance(p.type, ast.TensorType):
                 _bind_dims(p.type, env[p.name].node, env)

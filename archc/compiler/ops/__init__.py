@@ -9,6 +9,7 @@ from archc.compiler.ops import (  # noqa: F401  (each registers its ops)
     attention,
     basic,
     elementwise,
+    lanes,
     losses,
     mixers,
     mla,
