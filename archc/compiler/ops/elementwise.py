@@ -147,7 +147,10 @@ class Abs(OpDef):
     name = "abs"
 
     def dtype(self, attrs, dtypes, span):
-        return dtypes[0] if dtypes[0] != "bool" else "float"
+        if dtypes[0] == "bool":  # torch has no abs of booleans; a mask is already its own magnitude
+            raise SpecError("`abs` takes numbers, and this tensor holds true/false", span,
+                            hint="a mask needs no abs; for 0/1 numbers write `where(mask, 1.0, 0.0)`")
+        return dtypes[0]
 
     def forward(self, node, args, out, mod, ins):
         return [f"{out} = torch.abs({args[0]})"]
