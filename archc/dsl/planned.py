@@ -21,7 +21,6 @@ GATED = "gated paths"
 LANES = "residual lanes"
 ENGRAM = "Engram memory"
 PATCHING = "byte patching"
-DIFFUSION = "diffusion"
 
 # Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
@@ -29,8 +28,6 @@ PLANNED_OPS: dict[str, str] = {
     "lanes": LANES, "merge_lanes": LANES,
     "engram": ENGRAM,
     "hash_ngrams": PATCHING, "patch": PATCHING, "unpatch": PATCHING,
-    **dict.fromkeys(["add_noise", "patchify", "unpatchify", "drop_condition", "timestep_embedding",
-                     "diffusion_loss"], DIFFUSION),
 }
 
 # Arguments of built ops that are designed but not built: (op, argument) -> issue.

@@ -29,6 +29,7 @@ docs/diffusion.md states every formula with its paper; in short:
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -278,6 +279,12 @@ def diffusion_loss(prediction: torch.Tensor, noised: Noised, objective: Objectiv
     if prediction.shape != target.shape:
         raise ValueError(f"the prediction has shape {tuple(prediction.shape)} but the {objective.prediction} "
                          f"target has {tuple(target.shape)}; the network must output one value per input value")
+    return mean_flat_loss(prediction, target, weight)
+
+
+def mean_flat_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error of `prediction` against `target` ([B, ...]) in fp32: each sample's mean, then the batch's
+    (weighted by `weight` [B] when given). The language's `diffusion_loss(pred, target)`."""
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if weight is None:
         return per_sample.mean()
@@ -285,6 +292,22 @@ def diffusion_loss(prediction: torch.Tensor, noised: Noised, objective: Objectiv
         raise ValueError(f"weight must have one value per sample, shape {tuple(per_sample.shape)}, "
                          f"got {tuple(weight.shape)}")
     return (weight.to(per_sample) * per_sample).mean()
+
+
+@functools.cache
+def named_objective(name: str, schedule: str = "linear", num_timesteps: int = 1000,
+                    timestep_sampling: str = "logit_normal", shift: float = 1.0) -> Objective:
+    """One objective object per setting, shared by every call (generated code names its objective by value)."""
+    if name == "flow":
+        return make_objective(name, timestep_sampling=timestep_sampling, shift=shift)
+    return make_objective(name, schedule=schedule, num_timesteps=num_timesteps)
+
+
+def noise_for_training(x0: torch.Tensor, objective: Objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The language's `noisy, t, target = add_noise(image, ...)`: x_t, the time the network is given
+    (`objective.model_time`, float [B]) and the regression target of the objective."""
+    noised = add_noise(x0, objective)
+    return noised.x_t, objective.model_time(noised.t), objective.target(noised.x0, noised.noise, noised.t)
 
 
 # --- classifier-free guidance: condition dropout ------------------------------------
