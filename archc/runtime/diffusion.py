@@ -28,10 +28,12 @@ docs/diffusion.md states every formula with its paper; in short:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -303,9 +305,42 @@ def named_objective(name: str, schedule: str = "linear", num_timesteps: int = 10
     return make_objective(name, schedule=schedule, num_timesteps=num_timesteps)
 
 
+_GIVEN_NOISE: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = contextvars.ContextVar(
+    "archc_given_noise", default=None)
+
+
+@contextlib.contextmanager
+def given_noise(x_t: torch.Tensor, time: torch.Tensor) -> Iterator[None]:
+    """Within it, a model's `add_noise` gives `x_t` and `time` (what the network is fed) instead of drawing
+    them, and `x_t` as its target: how a sampler calls a model whose spec noises its own input."""
+    token = _GIVEN_NOISE.set((x_t, time))
+    try:
+        yield
+    finally:
+        _GIVEN_NOISE.reset(token)
+
+
+def denoiser(model: torch.nn.Module, image: str, condition: str | None = None,
+             output: str = "pred") -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A compiled model whose spec noises its input `image` as a sampler's `model(x_t, time, condition)`:
+    the model's `output` for x_t at `time`, with `condition` as its input of that name."""
+
+    def predict(x_t: torch.Tensor, time: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        inputs = {image: x_t} if condition is None else {image: x_t, condition: cond}
+        with given_noise(x_t, time.to(x_t.dtype)):
+            return model(**inputs)[output]
+
+    return predict
+
+
 def noise_for_training(x0: torch.Tensor, objective: Objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The language's `noisy, t, target = add_noise(image, ...)`: x_t, the time the network is given
-    (`objective.model_time`, float [B]) and the regression target of the objective."""
+    (`objective.model_time`, float [B]) and the regression target of the objective (under `given_noise`,
+    the given x_t and time)."""
+    given = _GIVEN_NOISE.get()
+    if given is not None:
+        x_t, time = given
+        return x_t, time, x_t
     noised = add_noise(x0, objective)
     return noised.x_t, objective.model_time(noised.t), objective.target(noised.x0, noised.noise, noised.t)
 
