@@ -1,4 +1,5 @@
-"""The `archc` command line: compile | check | summary | graph | inspect | train | sweep | eval | convert.
+"""The `archc` command line: compile | check | summary | graph | inspect | train | sweep | eval | convert |
+sample.
 
 Exit codes: 0 success, 1 a problem in a spec, an override or an input file,
 2 bad usage, 3 an internal error (a bug: rerun with ARCHC_DEBUG=1 for the traceback).
@@ -128,9 +129,13 @@ def cmd_train(args) -> int:
         return 0
     start = f"{result.initial_val_perplexity:.2f} -> " if result.initial_val_perplexity else ""
     val = f"val perplexity {start}{result.val_perplexity:.2f}, " if result.val_perplexity is not None else ""
+    if not val and result.val_loss is not None:  # an objective without perplexity (diffusion)
+        val = f"val loss {result.val_loss:.4f}, "
+    images = (result.out_dir / "samples.png").exists()
     print(f"trained {result.steps} steps: train loss {result.final_loss:.4f}, {val}"
-          f"{result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.0%}")
-    print(f"wrote {result.out_dir}/metrics.jsonl, loss.png, sample.txt, checkpoints/")
+          f"{result.tokens_per_second:,.0f} {'images' if images else 'tokens'}/s, MFU {result.mfu:.0%}")
+    shown = "samples.png" if images else "sample.txt"
+    print(f"wrote {result.out_dir}/metrics.jsonl, loss.png, {shown}, checkpoints/")
     if result.sample:
         print("sample:\n" + result.sample)
     return 0
@@ -288,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     from archc.cli.plan import register as register_plan
 
     register_plan(sub, common)
+    from archc.cli.sample import register as register_sample
+
+    register_sample(sub, common)
     return parser
 
 

@@ -20,15 +20,12 @@ from archc.dsl.diagnostics import SpecError
 GATED = "gated paths"
 ENGRAM = "Engram memory"
 PATCHING = "byte patching"
-DIFFUSION = "diffusion"
 
 # Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
     "gated": GATED,
     "engram": ENGRAM,
     "hash_ngrams": PATCHING, "patch": PATCHING, "unpatch": PATCHING,
-    **dict.fromkeys(["add_noise", "patchify", "unpatchify", "drop_condition", "timestep_embedding",
-                     "diffusion_loss"], DIFFUSION),
 }
 
 # Arguments of built ops that are designed but not built: (op, argument) -> issue.

@@ -28,9 +28,12 @@ docs/diffusion.md states every formula with its paper; in short:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -278,6 +281,12 @@ def diffusion_loss(prediction: torch.Tensor, noised: Noised, objective: Objectiv
     if prediction.shape != target.shape:
         raise ValueError(f"the prediction has shape {tuple(prediction.shape)} but the {objective.prediction} "
                          f"target has {tuple(target.shape)}; the network must output one value per input value")
+    return mean_flat_loss(prediction, target, weight)
+
+
+def mean_flat_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error of `prediction` against `target` ([B, ...]) in fp32: each sample's mean, then the batch's
+    (weighted by `weight` [B] when given). The language's `diffusion_loss(pred, target)`."""
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if weight is None:
         return per_sample.mean()
@@ -285,6 +294,55 @@ def diffusion_loss(prediction: torch.Tensor, noised: Noised, objective: Objectiv
         raise ValueError(f"weight must have one value per sample, shape {tuple(per_sample.shape)}, "
                          f"got {tuple(weight.shape)}")
     return (weight.to(per_sample) * per_sample).mean()
+
+
+@functools.cache
+def named_objective(name: str, schedule: str = "linear", num_timesteps: int = 1000,
+                    timestep_sampling: str = "logit_normal", shift: float = 1.0) -> Objective:
+    """One objective object per setting, shared by every call (generated code names its objective by value)."""
+    if name == "flow":
+        return make_objective(name, timestep_sampling=timestep_sampling, shift=shift)
+    return make_objective(name, schedule=schedule, num_timesteps=num_timesteps)
+
+
+_GIVEN_NOISE: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = contextvars.ContextVar(
+    "archc_given_noise", default=None)
+
+
+@contextlib.contextmanager
+def given_noise(x_t: torch.Tensor, time: torch.Tensor) -> Iterator[None]:
+    """Within it, a model's `add_noise` gives `x_t` and `time` (what the network is fed) instead of drawing
+    them, and `x_t` as its target: how a sampler calls a model whose spec noises its own input."""
+    token = _GIVEN_NOISE.set((x_t, time))
+    try:
+        yield
+    finally:
+        _GIVEN_NOISE.reset(token)
+
+
+def denoiser(model: torch.nn.Module, image: str, condition: str | None = None,
+             output: str = "pred") -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A compiled model whose spec noises its input `image` as a sampler's `model(x_t, time, condition)`:
+    the model's `output` for x_t at `time`, with `condition` as its input of that name."""
+
+    def predict(x_t: torch.Tensor, time: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        inputs = {image: x_t} if condition is None else {image: x_t, condition: cond}
+        with given_noise(x_t, time.to(x_t.dtype)):
+            return model(**inputs)[output]
+
+    return predict
+
+
+def noise_for_training(x0: torch.Tensor, objective: Objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The language's `noisy, t, target = add_noise(image, ...)`: x_t, the time the network is given
+    (`objective.model_time`, float [B]) and the regression target of the objective (under `given_noise`,
+    the given x_t and time)."""
+    given = _GIVEN_NOISE.get()
+    if given is not None:
+        x_t, time = given
+        return x_t, time, x_t
+    noised = add_noise(x0, objective)
+    return noised.x_t, objective.model_time(noised.t), objective.target(noised.x0, noised.noise, noised.t)
 
 
 # --- classifier-free guidance: condition dropout ------------------------------------

@@ -13,6 +13,16 @@ from archc.kernels.attention import (  # noqa: F401
 )
 from archc.runtime.attention_bias import score_bias  # noqa: F401
 from archc.runtime.decoding import KVCache, LearnedPositions  # noqa: F401
+from archc.runtime.diffusion import (  # noqa: F401
+    drop_condition,
+    mean_flat_loss,
+    named_objective,
+    noise_for_training,
+    patchify,
+    sincos_2d_position_embedding,
+    timestep_embedding,
+    unpatchify,
+)
 from archc.runtime.lanes import Lanes, expand_lanes, merge_lanes  # noqa: F401
 from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401
 from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401

@@ -41,6 +41,7 @@ import torch
 from archc.runtime.moe import load_stats, routers, update_expert_biases
 from archc.training.checkpoint import remove_leftovers
 from archc.training.config import RunResult, TrainConfig, TrainError, check_resumable
+from archc.training.image_source import ImageSource, diffusion_spec, write_grid
 from archc.training.memory import check_training_memory
 from archc.training.run_dir import MetricsLog, write_atomic
 from archc.training.sources import TextSource
@@ -85,7 +86,16 @@ class Trainer:
             return compiled
 
         tokenizer_file = self.out_dir / "tokenizer.json" if cfg.tokenizer.startswith("bpe:") else None
-        self.compiled, self.source = TextSource.open(cfg, compile_with, self.overrides, tokenizer_file, self.resume)
+        first = compile_with(self.overrides)
+        if diffusion_spec(first) is not None:  # a spec that noises its own images trains on image data
+            tokenizer_file = None
+            self.compiled, self.source = first, ImageSource.open(cfg, first)
+        else:
+            def compile_text(overrides: dict):
+                return first if overrides == self.overrides else compile_with(overrides)
+
+            self.compiled, self.source = TextSource.open(cfg, compile_text, self.overrides, tokenizer_file,
+                                                         self.resume)
         self.model = self.compiled.build(device=self.device, check_memory=cfg.memory_check)
         if cfg.init_from is not None and not self.resume:  # a resumed run takes its weights from its checkpoint
             from archc.interop.hf import load_hf_into
@@ -233,7 +243,9 @@ class Trainer:
         if s.evaluates:
             with s.eval_context():
                 sample = self.source.sample(self.model, self.device, self.config.seed)
-        if s.lead and self.config.sample_tokens:
+        if s.lead and isinstance(self.source, ImageSource) and self.source.grid is not None:
+            write_grid(self.source.grid, self.out_dir / "samples.png")
+        elif s.lead and self.config.sample_tokens:
             write_atomic(self.out_dir / "sample.txt", sample)
         s.finish(self)
         if s.lead:

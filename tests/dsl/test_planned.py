@@ -43,8 +43,8 @@ model M(x: Tensor[B, T, d], tokens: Tokens[B, T]) {
     h = gated(x, n=4) as gate
     h = engram(h, tokens, orders=[2, 3], slots=64) + engram(h, tokens, orders=[4], slots=64)
     h = unpatch(h)
-    noisy = add_noise(h, schedule="cosine")
-    return noisy
+    patches = patch(h, by="entropy")
+    return patches
 }
 """
 
@@ -57,7 +57,7 @@ def test_every_planned_construct_is_named_once_at_its_first_use():
         (4, 9, "`gated` is planned (issue: gated paths) and not built yet"),
         (5, 9, "`engram` is planned (issue: Engram memory) and not built yet"),
         (6, 9, "`unpatch` is planned (issue: byte patching) and not built yet"),
-        (7, 13, "`add_noise` is planned (issue: diffusion) and not built yet"),
+        (7, 15, "`patch` is planned (issue: byte patching) and not built yet"),
     ]
     engram = next(e for e in info.value.errors if "`engram`" in e.message)
     assert [(n, s.line, s.column) for n, s in engram.notes] == [("also used here", 5, 54)]

@@ -8,6 +8,7 @@ and docs.
 from archc.compiler.ops import (  # noqa: F401  (each registers its ops)
     attention,
     basic,
+    diffusion,
     elementwise,
     lanes,
     losses,
