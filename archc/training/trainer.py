@@ -80,7 +80,8 @@ class Trainer:
             if "loss" not in [name for name, _ in compiled.ir.outputs]:
                 raise TrainError(f"{compiled.ir.meta.get('source', 'the spec')} returns no `loss`: end the model "
                                  "with `loss = next_token_loss(logits, tokens)` and `return logits, loss`")
-            TextSource.check(compiled)  # a spec the source cannot feed is refused by name before any estimate
+            if diffusion_spec(compiled) is None:  # (diffusion_spec checks an image spec's inputs itself)
+                TextSource.check(compiled)  # a spec the source cannot feed is refused by name before any estimate
             if cfg.memory_check:  # before the data is read and anything is allocated
                 check_training_memory(compiled, cfg, self.device, **s.memory(cfg))
             return compiled
