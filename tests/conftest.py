@@ -47,3 +47,11 @@ def hf_checkpoints(tmp_path_factory):
     from hf_checkpoints import Checkpoints
 
     return Checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A small text corpus for training tests (the trainer's own source, three times), one per test module."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text((ROOT / "archc" / "training" / "trainer.py").read_text() * 3)
+    return str(path)

@@ -18,13 +18,6 @@ TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 SPEC = str(SPECS / "llama.arch")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "archc" / "training" / "trainer.py").read_text() * 3)
-    return str(path)
-
-
 def common(corpus, out, steps, batch=2):
     return ["train", SPEC, *sum((["-D", f"{k}={v}"] for k, v in TINY.items()), []), "--data", corpus,
             "--batch-size", str(batch), "--seq-len", "32", "--steps", str(steps), "--eval-every", str(steps),

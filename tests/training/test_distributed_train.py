@@ -18,13 +18,6 @@ TINY = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48)
 SPEC = str(SPECS / "llama.arch")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "archc" / "training" / "trainer.py").read_text() * 3)
-    return str(path)
-
-
 def config(tmp_path, corpus, name, **kw):
     base = dict(data=corpus, batch_size=4, seq_len=32, steps=4, eval_every=2, eval_batches=2, checkpoint_every=100,
                 sample_tokens=0, progress=False, out_dir=str(tmp_path / name), lr=3e-3)

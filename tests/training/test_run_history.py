@@ -28,13 +28,6 @@ TINY = {"n_layers": 1, "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "d_ff": 48}
 DEFINES = [arg for k, v in TINY.items() for arg in ("-D", f"{k}={v}")]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((ROOT / "README.md").read_text())
-    return str(path)
-
-
 def config(tmp_path, corpus, name="run", **kw):
     base = {"data": corpus, "batch_size": 2, "seq_len": 32, "steps": 4, "eval_every": 2, "eval_batches": 2,
             "checkpoint_every": 2, "sample_tokens": 0, "progress": False, "out_dir": str(tmp_path / name), "lr": 3e-3}

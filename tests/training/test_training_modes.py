@@ -22,13 +22,6 @@ MOE = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "n_experts": 8, "
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((SPECS.parent / "README.md").read_text())
-    return str(path)
-
-
 def config(tmp_path, corpus, name, **kw):
     base = {"data": corpus, "batch_size": 4, "seq_len": 32, "steps": STEPS, "eval_every": STEPS, "eval_batches": 2,
             "checkpoint_every": STEPS, "sample_tokens": 0, "progress": False, "out_dir": str(tmp_path / name),
