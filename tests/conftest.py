@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +58,17 @@ def corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text((ROOT / "archc" / "training" / "trainer.py").read_text() * 3)
     return str(path)
+
+
+def interpreted_results(test_file: str, timeout: int = 600) -> dict:
+    """Run `test_file` as a script with TRITON_INTERPRET=1 (the variable must not leak into this process's
+    other tests) and return the JSON it prints on its `RESULTS ` line; a failed run fails the test."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, test_file], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULTS "):])

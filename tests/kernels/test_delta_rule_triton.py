@@ -19,11 +19,11 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import interpreted_results
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -144,15 +144,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 @functools.cache
 def _results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interpreted_results(__file__, timeout=600)
 
 
 _ENV_AT_IMPORT = os.environ.get("TRITON_INTERPRET")

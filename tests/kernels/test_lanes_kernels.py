@@ -27,12 +27,12 @@ import importlib.util
 import itertools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import interpreted_results
 
 from archc.kernels import lanes as L
 
@@ -231,12 +231,7 @@ _ENV_AT_IMPORT = os.environ.get("TRITON_INTERPRET")
 
 @functools.cache
 def _triton_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreted Triton run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return interpreted_results(__file__, timeout=900)
 
 
 @needs_triton
