@@ -11,7 +11,8 @@ runs a map file it was not given: a spec cannot pull one in.
 
 Key patterns: "{}" stands for an index (a layer, then an expert), in order;
 targets are archc's canonical names (`archc inspect SPEC weights`) with the
-same indices. What one checkpoint tensor becomes:
+same indices. A number written in a pattern matches only itself (T5 numbers
+its sub-layers and keeps its position table in block 0). What one checkpoint tensor becomes:
 
     "name"                          the tensor itself, renamed
     Rename(name, *values)           the same, through value transforms

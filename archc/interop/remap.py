@@ -10,6 +10,7 @@ is the layout written, so a map that accepts two layouts writes the first.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -109,13 +110,29 @@ def to_archc(wmap: WeightMap, state: Mapping[str, torch.Tensor], expect: Shapes 
 
 def _pattern(key: str, wmap: WeightMap, rules: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
     """The key pattern of `key` and its indices ("h.3.ln_1.weight" -> "h.{}.ln_1.weight", (3,);
-    "model.layers.1.mlp.experts.7.w1.weight" -> "model.layers.{}.mlp.experts.{}.w1.weight", (1, 7))."""
-    index = tuple(int(i) for i in _INDEX.findall(key))
-    pattern = _INDEX.sub("{}", key)
+    "model.layers.1.mlp.experts.7.w1.weight" -> "model.layers.{}.mlp.experts.{}.w1.weight", (1, 7)).
+    A map may write some numbers literally ("encoder.block.{}.layer.0...."): the pattern with the
+    fewest literal numbers the map knows wins."""
+    spans = [m.span() for m in _INDEX.finditer(key)]
     known = rules.keys() | set(wmap.ignored)
-    if pattern not in known and wmap.base_prefix + pattern in known:
-        pattern = wmap.base_prefix + pattern
-    return pattern, index
+    for n_literal in range(len(spans) + 1):
+        for literal in itertools.combinations(range(len(spans)), n_literal):
+            pattern, index = _with_placeholders(key, spans, literal)
+            for candidate in (pattern, wmap.base_prefix + pattern):
+                if candidate in known:
+                    return candidate, index
+    return _with_placeholders(key, spans, ())
+
+
+def _with_placeholders(key: str, spans: list[tuple[int, int]], literal: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    parts, index, at = [], [], 0
+    for i, (start, end) in enumerate(spans):
+        if i in literal:
+            continue
+        parts += [key[at:start], "{}"]
+        index.append(int(key[start:end]))
+        at = end
+    return "".join(parts) + key[at:], tuple(index)
 
 
 def _forward(rule, key: str, tensor: torch.Tensor, index: tuple[int, ...], expect: Shapes | None,

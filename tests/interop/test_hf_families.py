@@ -20,8 +20,12 @@ from archc.interop.hf import load_hf, save_hf
 transformers = pytest.importorskip("transformers")
 
 
+# Encoders and encoder-decoders take other inputs than tokens -> logits: test_reference_parity.py tests them.
+NOT_CAUSAL = {"bert", "albert", "vit", "t5"}
+
+
 def test_every_built_in_map_is_tested():
-    assert {family.model_type(name) for name, family in FAMILIES.items()} == set(BUILTIN)
+    assert {family.model_type(name) for name, family in FAMILIES.items()} | NOT_CAUSAL == set(BUILTIN)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

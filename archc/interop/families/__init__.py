@@ -3,6 +3,8 @@ vocabulary as a user's map (archc/interop/maps.py)."""
 
 from __future__ import annotations
 
+from archc.interop.families.albert import ALBERT
+from archc.interop.families.bert import BERT
 from archc.interop.families.bloom import BLOOM
 from archc.interop.families.deepseek_v3 import DEEPSEEK_V3
 from archc.interop.families.gemma import GEMMA
@@ -16,6 +18,8 @@ from archc.interop.families.olmo2 import OLMO2
 from archc.interop.families.phi3 import PHI3
 from archc.interop.families.qwen import QWEN2, QWEN3
 from archc.interop.families.qwen2_moe import QWEN2_MOE
+from archc.interop.families.t5 import T5
+from archc.interop.families.vit import VIT
 
 BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, QWEN2_MOE, PHI3, GEMMA,
-                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2)}
+                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2, BERT, ALBERT, VIT, T5)}
