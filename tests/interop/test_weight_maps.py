@@ -505,3 +505,22 @@ def test_export_refuses_what_the_family_cannot_say(tmp_path, capsys, family, spe
     with pytest.raises(SpecError, match=message):
         save_hf(compiled, compiled.build(), tmp_path / "out", family)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_numbers_written_in_a_pattern_match_only_themselves():
+    from archc.interop.maps import Config
+    from archc.interop.remap import to_archc, to_hf
+
+    wmap = WeightMap(model_type="toy", architecture="Toy", config=Config(params={}), keys={
+        "enc.block.0.layer.0.table": "table",  # only block 0 stores it
+        "enc.block.{}.layer.0.q": "enc.{}.q",
+        "enc.block.{}.layer.1.wi": "enc.{}.wi",
+        "enc.block.{}.layer.{}.other": "enc.{}.other.{}",  # fewest literal numbers win
+    })
+    state = {"enc.block.0.layer.0.table": torch.ones(2), "enc.block.1.layer.0.q": torch.zeros(1),
+             "enc.block.2.layer.1.wi": torch.full((1,), 2.0), "enc.block.0.layer.1.other": torch.full((1,), 3.0)}
+    out, _ = to_archc(wmap, state)
+    assert sorted(out) == ["enc.0.other.1", "enc.1.q", "enc.2.wi", "table"]
+    with pytest.raises(WeightsError, match="enc.block.1.layer.0.table"):
+        to_archc(wmap, {"enc.block.1.layer.0.table": torch.ones(2)})  # block 1 has no table
+    assert to_hf(wmap, out).keys() == state.keys()
