@@ -107,5 +107,25 @@ class TextSource:
 def token_input(compiled) -> str:
     inputs = [n for n in compiled.ir.nodes() if n.op == "input"]
     if len(inputs) != 1 or inputs[0].dtype != "long":
-        raise TrainError("archc train needs a model with exactly one Tokens[B, T] input")
+        got = ", ".join(f"{n.name}: {n.dtype} {list(n.shape)}" for n in inputs)
+        raise TrainError(f"{compiled.ir.meta.get('source', 'the spec')}: archc train feeds a next-token model "
+                         "(one Tokens[B, T] input), a masked LM (Tokens[B, T] inputs and `labels: Tokens[B, T]`), "
+                         "an image classifier (one Image[B, C, H, W] and one Tokens[B] label) or a diffusion "
+                         f"spec (`add_noise`); this model's inputs are {got}")
     return inputs[0].name
+
+
+def source_kind(compiled) -> str:
+    """Which source feeds a spec: "diffusion", "classify", "masked" or "text"; TrainError when none can."""
+    from archc.training.classify_source import classifier_inputs
+    from archc.training.image_source import diffusion_spec
+    from archc.training.masked_source import masked_lm_inputs
+
+    if diffusion_spec(compiled) is not None:  # (it checks an image spec's inputs itself)
+        return "diffusion"
+    if classifier_inputs(compiled) is not None:
+        return "classify"
+    if masked_lm_inputs(compiled) is not None:
+        return "masked"
+    token_input(compiled)
+    return "text"

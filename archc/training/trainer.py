@@ -40,11 +40,13 @@ import torch
 
 from archc.runtime.moe import load_stats, routers, update_expert_biases
 from archc.training.checkpoint import remove_leftovers
+from archc.training.classify_source import ImageClassSource
 from archc.training.config import RunResult, TrainConfig, TrainError, check_resumable
-from archc.training.image_source import ImageSource, diffusion_spec, write_grid
+from archc.training.image_source import ImageSource, write_grid
+from archc.training.masked_source import MaskedTextSource
 from archc.training.memory import check_training_memory
 from archc.training.run_dir import MetricsLog, write_atomic
-from archc.training.sources import TextSource
+from archc.training.sources import TextSource, source_kind
 from archc.training.strategy import Strategy
 
 
@@ -80,23 +82,24 @@ class Trainer:
             if "loss" not in [name for name, _ in compiled.ir.outputs]:
                 raise TrainError(f"{compiled.ir.meta.get('source', 'the spec')} returns no `loss`: end the model "
                                  "with `loss = next_token_loss(logits, tokens)` and `return logits, loss`")
-            if diffusion_spec(compiled) is None:  # (diffusion_spec checks an image spec's inputs itself)
-                TextSource.check(compiled)  # a spec the source cannot feed is refused by name before any estimate
+            source_kind(compiled)  # a spec no source can feed is refused by name before any estimate
             if cfg.memory_check:  # before the data is read and anything is allocated
                 check_training_memory(compiled, cfg, self.device, **s.memory(cfg))
             return compiled
 
         tokenizer_file = self.out_dir / "tokenizer.json" if cfg.tokenizer.startswith("bpe:") else None
         first = compile_with(self.overrides)
-        if diffusion_spec(first) is not None:  # a spec that noises its own images trains on image data
+        kind = source_kind(first)
+        if kind in ("diffusion", "classify"):  # image data
             tokenizer_file = None
-            self.compiled, self.source = first, ImageSource.open(cfg, first)
+            opened = ImageSource if kind == "diffusion" else ImageClassSource
+            self.compiled, self.source = first, opened.open(cfg, first)
         else:
             def compile_text(overrides: dict):
                 return first if overrides == self.overrides else compile_with(overrides)
 
-            self.compiled, self.source = TextSource.open(cfg, compile_text, self.overrides, tokenizer_file,
-                                                         self.resume)
+            opened = MaskedTextSource if kind == "masked" else TextSource
+            self.compiled, self.source = opened.open(cfg, compile_text, self.overrides, tokenizer_file, self.resume)
         self.model = self.compiled.build(device=self.device, check_memory=cfg.memory_check)
         if cfg.init_from is not None and not self.resume:  # a resumed run takes its weights from its checkpoint
             from archc.interop.hf import load_hf_into
