@@ -672,6 +672,12 @@ class Lowerer:
         return value
 
     def _tensor_binop(self, expr: ast.BinOp, left, right, frame: _Frame) -> TensorRef:
+        if expr.op == "@":
+            if not (isinstance(left, TensorRef) and isinstance(right, TensorRef)):
+                scalar = right if isinstance(left, TensorRef) else left
+                raise SpecError(f"`@` multiplies two tensors, not a tensor and {type_name(scalar)} {show(scalar)}",
+                                expr.span, hint="scale with `*`")
+            return self._node("matmul", [left.node, right.node], {}, frame, expr.span)
         op = ops.BINARY_OPS.get(expr.op)
         if op is None:
             raise SpecError(f"`{expr.op}` is not defined for tensors", expr.span,
@@ -724,7 +730,7 @@ class Lowerer:
         `fold_params` unless they hold sizes (then resolved here and bound to the tensors they read); an op
         that gives several values (`chunk`) becomes one node per value."""
         what = f"`{op.name}`"
-        bound = ops.bind(call, [*op.inputs, *op.attrs], what)
+        bound = ops.bind(call, op.signature(), what)
         tensors: list[str] = []
         attrs_: dict[str, Any] = {}
         for i, name in enumerate(op.inputs):

@@ -32,7 +32,17 @@ _BITS = {"&": operator.and_, "|": operator.or_, "^": operator.xor, "<<": operato
 _COMPARE = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
 }
-BUILTINS = {"min": min, "max": max}
+def _of_one(name: str, fn):
+    def apply(values: list) -> float:
+        if len(values) != 1:
+            raise ValueError(f"`{name}` of numbers takes one, got {len(values)}")
+        return fn(values[0])
+    return apply
+
+
+# Functions of numbers the spec may call while compiling; of a tensor, the same names are ops.
+BUILTINS = {"min": min, "max": max, "sqrt": _of_one("sqrt", math.sqrt), "exp": _of_one("exp", math.exp),
+            "log": _of_one("log", math.log)}
 MAX_INT_BITS = 1000  # larger ints are surely mistakes, and every int this size converts to a float
 
 
@@ -97,6 +107,8 @@ def scalar_op(op: str, a: Any, b: Any, span) -> Any:
             raise SpecError(f"cannot compare {type_name(a)} with {type_name(b)}", span,
                             hint="`<`, `<=`, `>` and `>=` compare two numbers or two strings")
         return _COMPARE[op](a, b)
+    if op == "@":
+        raise SpecError(f"`@` is the matrix product of tensors, not of {type_name(a)} and {type_name(b)}", span)
     if isinstance(a, Size) or isinstance(b, Size):
         return _size_op(op, a, b, span)
     if op in _BITS:
@@ -228,7 +240,11 @@ def evaluate(expr: ast.Expr, env: dict[str, Any]) -> Any:
             for arg, value in zip(expr.args, values):
                 if not _is_number(value):
                     raise SpecError(f"`{expr.func}` takes numbers, got {type_name(value)}", arg.span)
-            return BUILTINS[expr.func](values)
+            try:
+                return check_size(BUILTINS[expr.func](values), expr.span)
+            except (ValueError, OverflowError) as err:  # sqrt(-1), log(0), exp(1000), sqrt(1, 2)
+                message = str(err) if str(err).startswith("`") else f"`{expr.func}` of {show(values[0])}: {err}"
+                raise SpecError(message, expr.span) from None
         raise SpecError(f"a number or flag is expected here, but `{expr.func}(...)` is a call that makes a tensor",
                         expr.func_span, hint=did_you_mean(expr.func, BUILTINS))
     if isinstance(expr, ast.Index):

@@ -48,7 +48,7 @@ TOKEN_WORDS = {
     "POW": '"**"',
     "COMP_OP": "a comparison (== != < <= > >=)",
     "ADD_OP": '"+" or "-"',
-    "MUL_OP": '"*", "/", "//" or "%"',
+    "MUL_OP": '"*", "/", "//", "%" or "@"',
     "SHIFT_OP": '"<<" or ">>"',
     "AMP": '"&"',
     "BAR": '"|"',

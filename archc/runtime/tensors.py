@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+class Positions(nn.Module):
+    """The positions 0 … n-1 of `arange(n)` for a fixed n, kept as a buffer so they follow the model's device
+    (not saved: they are not weights)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("positions", torch.arange(n), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.positions
 
 
 def shift(x: torch.Tensor, n: int, dim: int = 1, fill: float = 0) -> torch.Tensor:

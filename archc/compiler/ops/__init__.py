@@ -11,6 +11,7 @@ from archc.compiler.ops import (  # noqa: F401  (each registers its ops)
     diffusion,
     elementwise,
     lanes,
+    linalg,
     losses,
     mixers,
     mla,

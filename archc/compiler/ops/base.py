@@ -215,6 +215,12 @@ class OpDef:
     is_loss: ClassVar[bool] = False  # what feeds it directly is the model's head (analysis.param_roles)
     # codegen ends the last forward line with the spec line it came from
     line_comment: ClassVar[bool] = True
+    # the order positional arguments bind in, when not the inputs then the attributes (einsum's equation first)
+    positional: ClassVar[tuple[str, ...] | None] = None
+
+    @classmethod
+    def signature(cls) -> tuple[str, ...]:
+        return cls.positional or (*cls.inputs, *cls.attrs)
 
     def infer(self, node: Node, ins: list[Shape], graph: Graph) -> Shape:
         return ins[0]
@@ -329,7 +335,7 @@ def vocabulary() -> Vocabulary:
     """What a spec may call besides its blocks, with each op's argument names in positional order: the
     `Vocabulary` the front end's name resolver (archc.dsl.resolve) checks a whole spec against."""
     return Vocabulary({
-        **{name: (*op.inputs, *op.attrs) for name, op in REGISTRY.items() if op.user},
+        **{name: op.signature() for name, op in REGISTRY.items() if op.user},
         **{name: (*comp.inputs, *comp.attrs, *comp.optional) for name, comp in COMPOSITES.items()},
     }, block_arguments=frozenset((name, arg) for name, comp in COMPOSITES.items()
                                  for arg, spec in comp.attrs.items() if spec.type is BlockName))
