@@ -454,3 +454,50 @@ def test_shift_moves_positions_either_way():
     x = torch.arange(10).view(2, 5)
     assert shift(x, 2, dim=1, fill=-1).tolist() == [[-1, -1, 0, 1, 2], [-1, -1, 5, 6, 7]]
     assert shift(x, -1, dim=1).tolist() == [[1, 2, 3, 4, 0], [6, 7, 8, 9, 0]]
+
+
+# ---- choosing by value: topk, gather, cumsum ---------------------------------------------------------------
+
+MIXTURE_OF_DEPTHS = """
+param d: int = 16
+param capacity: int = 4
+model MoD(x: Tensor[B, T, d]) {
+    scores = squeeze(linear(x, 1) as router, -1)
+    top, chosen = topk(scores, capacity, dim=1)
+    picked = gather(x, expand(unsqueeze(chosen, -1), [B, capacity, d]), dim=1)
+    counts = cumsum(scores > 0, dim=1)
+    return top, chosen, picked, counts
+}
+"""
+
+
+def test_topk_gather_and_cumsum_are_pytorch_s():
+    c = compiled(MIXTURE_OF_DEPTHS)
+    assert {n.var: n.shape for n in c.ir.nodes() if n.var in ("top", "chosen", "picked", "counts")} == {
+        "top": ("B", 4), "chosen": ("B", 4), "picked": ("B", 4, 16), "counts": ("B", "T")}
+    torch.manual_seed(0)
+    model = c.build()
+    x = torch.randn(2, 7, 16)
+    out = model(x)
+    scores = model.router(x).squeeze(-1)
+    top, chosen = scores.topk(4, dim=1)
+    torch.testing.assert_close(out["top"], top)
+    assert torch.equal(out["chosen"], chosen) and out["chosen"].dtype == torch.long
+    torch.testing.assert_close(out["picked"], torch.stack([x[b, chosen[b]] for b in range(2)]))
+    assert torch.equal(out["counts"], (scores > 0).long().cumsum(1))
+
+
+@pytest.mark.parametrize("body, phrase", [
+    ("a, b = topk(x, 9, dim=1)\n    return a", "topk(9) of axis 1 of [B, 8, 4]: only 8 to choose from"),
+    ("a, b = topk(x > 0, 2)\n    return a", "`topk` ranks numbers, and this tensor holds true/false"),
+    ("return gather(x, x, dim=1)", "the `index` of `gather` holds positions (Tokens)"),
+    ("return gather(x, ids, dim=1)", "gather needs an index of x's rank: x is [B, 8, 4], index [B, 3]"),
+    ("return gather(x, unsqueeze(ids, -1), dim=1)", "the index's other axes must be x's, but axis 2 is 1"),
+])
+def test_bad_choices_are_located_errors(body, phrase):
+    err = error(f"""
+model M(x: Tensor[B, 8, 4], ids: Tokens[B, 3]) {{
+    {body}
+}}""")
+    assert phrase in str(err), str(err)
+    assert err.span.line == 3

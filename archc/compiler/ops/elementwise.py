@@ -219,6 +219,24 @@ for _name, _method in (("mean", "mean"), ("sum", "sum"), ("max", "amax"), ("min"
 
 
 @register
+class CumSum(OpDef):
+    """Running sums along one axis (integers stay integers, a mask counts)."""
+
+    name = "cumsum"
+    attrs = {"dim": dim_arg(-1)}
+
+    def dtype(self, attrs, dtypes, span):
+        return "long" if dtypes[0] == "bool" else dtypes[0]
+
+    def infer(self, node, ins, graph):
+        axis_of(node, ins[0], node.attrs["dim"], ins)
+        return ins[0]
+
+    def forward(self, node, args, out, mod, ins):
+        return [f"{out} = {args[0]}.cumsum(dim={axis_of(node, ins[0], node.attrs['dim'], ins, code=True)})"]
+
+
+@register
 class LogSumExp(Reduction):
     name = "logsumexp"
     method = "logsumexp"

@@ -287,6 +287,67 @@ class Chunk(Part):
         return f"{args[0]}.chunk({node.attrs['chunks']!r}, dim={dim})"
 
 
+@register
+class TopK(Part):
+    """`values, indices = topk(x, k, dim=-1)`: the k largest along `dim`, largest first, and their positions."""
+
+    name = "topk"
+    attrs = {"k": A((int, Size), positive=True), "dim": dim_arg(-1)}
+
+    def parts(self, values, call):
+        return 2
+
+    def dtype(self, attrs, dtypes, span):
+        if dtypes[0] == "bool":
+            raise SpecError("`topk` ranks numbers, and this tensor holds true/false", span)
+        return "long" if attrs.get("index") == 1 else dtypes[0]
+
+    def infer(self, node, ins, graph):
+        shape = ins[0]
+        axis = axis_of(node, shape, node.attrs["dim"], ins)
+        k = resolve(node.attrs["k"], ins)
+        if isinstance(k, int) and isinstance(shape[axis], int) and k > shape[axis]:
+            raise SpecError(f"topk({k}) of axis {axis} of {fmt_shape(shape)}: only {shape[axis]} to choose from",
+                            node.span)
+        return (*shape[:axis], k, *shape[axis + 1:])
+
+    def whole(self, node, args, ins):
+        dim = axis_of(node, ins[0], node.attrs["dim"], ins, code=True)
+        return f"{args[0]}.topk({_size_code(node.attrs['k'], args, ins)}, dim={dim})"
+
+
+@register
+class Gather(OpDef):
+    """torch.gather: out[..., i, ...] = x[..., index[..., i, ...], ...] along `dim`; `index` has x's rank
+    and x's dims on every other axis (expand it first), and the result has index's shape."""
+
+    name = "gather"
+    inputs = ("x", "index")
+    attrs = {"dim": dim_arg(-1)}
+
+    def dtype(self, attrs, dtypes, span):
+        if dtypes[1] != "long":
+            raise SpecError("the `index` of `gather` holds positions (Tokens), as `topk` and `arange` give", span)
+        return dtypes[0]
+
+    def infer(self, node, ins, graph):
+        x, index = ins
+        axis = axis_of(node, x, node.attrs["dim"], ins)
+        if len(index) != len(x):
+            raise SpecError(f"gather needs an index of x's rank: x is {fmt_shape(x)}, index {fmt_shape(index)}",
+                            node.span, hint="add axes with unsqueeze, then expand")
+        for i, (a, b) in enumerate(zip(x, index)):
+            if i != axis and not dims.same(a, b):
+                raise SpecError(f"gather along {axis}: the index's other axes must be x's, but axis {i} is {b} "
+                                f"in the index and {a} in x ({fmt_shape(index)} vs {fmt_shape(x)})", node.span,
+                                hint="expand the index to x's sizes on the other axes")
+        return index
+
+    def forward(self, node, args, out, mod, ins):
+        dim = axis_of(node, ins[0], node.attrs["dim"], ins, code=True)
+        return [f"{out} = torch.gather({args[0]}, {dim}, {args[1]})"]
+
+
 # ---- axes ---------------------------------------------------------------------------
 
 
