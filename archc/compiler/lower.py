@@ -237,7 +237,27 @@ def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
                                     f"parameter `{decl.name}`")
+        if decl.choices is not None:
+            _check_choice(decl, env, overridden=decl.name in overrides)
     return env
+
+
+def _check_choice(decl: ast.ParamDecl, env: dict[str, Any], overridden: bool) -> None:
+    """`param ff: str in ["relu", "gated-gelu"] = "relu"`: a value outside the list is refused, by name."""
+    choices = evaluate(decl.choices, env)
+    if not isinstance(choices, list) or not choices:
+        raise SpecError(f"`in` after `{decl.name}`'s type lists the values it may take, as in `in ['a', 'b']`",
+                        decl.choices.span)
+    value = env[decl.name]
+    if any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
+        return
+    listed = ", ".join(show(c) for c in choices)
+    strings = [c for c in choices if isinstance(c, str)]
+    hint = did_you_mean(value, strings) if isinstance(value, str) and strings else None
+    if overridden:
+        raise SpecError(f"bad override -D {decl.name}={show(value)}: `{decl.name}` is one of {listed}", decl.span,
+                        hint=hint)
+    raise SpecError(f"the default of `{decl.name}` ({show(value)}) is not one of {listed}", decl.default.span)
 
 
 def check_type(t: ast.ScalarType) -> None:

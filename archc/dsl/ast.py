@@ -269,12 +269,13 @@ class Param:
 
 @attrs.frozen
 class ParamDecl:
-    """A spec-level parameter, overridable with `-D name=value`."""
+    """A spec-level parameter, overridable with `-D name=value`; `in [...]` lists the values it may take."""
 
     name: str
     type: ScalarType
     default: Expr
     span: Span
+    choices: Expr | None = None
 
 
 @attrs.frozen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast as pyast
 import functools
+import re
 import warnings
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
     starts_a_statement = token.value in STATEMENT_KEYWORDS and "NUMBER" in expected
     if token.value in KEYWORDS and "NAME" in expected and not starts_a_statement:
         return SpecError(f"`{token}` is a reserved word and cannot be used as a name", span)
-    previous = (getattr(err, "token_history", None) or [None])[-1]
+    previous = (getattr(err, "token_history", None) or [_word_before(source, token)])[-1]
     if previous is not None and previous.value in KEYWORDS and token.type in ("EQUAL", "PLUS_EQUAL", "COLON"):
         # `return = ...`, `in: int`: a keyword where the user meant a name
         return SpecError(f"`{previous}` is a reserved word and cannot be used as a name",
@@ -156,7 +157,7 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, source: SourceFile) -> S
                 "`repeat`, `if` or `return`")
     elif "COLON" in expected:
         hint = "parameters need a type, as in `d_model: int = 512` or `x: Tensor[B, T, d_model]`"
-    elif expected == {"EQUAL"}:
+    elif expected in ({"EQUAL"}, {"IN", "EQUAL"}):
         hint = "a spec parameter needs a default, as in `param d_model: int = 512`"
     elif token.type in _CLOSERS and token.type not in expected:
         hint = f"this `{token}` has no matching `{_CLOSERS[token.type]}`"
@@ -184,6 +185,17 @@ def _char_hint(char: str) -> str | None:
 
 def _span(source: SourceFile, meta) -> Span:
     return Span(source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _word_before(source: SourceFile, token: Token) -> Token | None:
+    """The word just before `token` on its line, where Lark's error does not carry the token history."""
+    line = source.text.splitlines()[token.line - 1] if token.line else ""
+    match = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", line[:token.column - 1])
+    if match is None:
+        return None
+    start = match.start(1) + 1
+    return Token("NAME", match.group(1), line=token.line, column=start, end_line=token.line,
+                 end_column=start + len(match.group(1)))
 
 
 def _tok_span(source: SourceFile, tok: Token) -> Span:
@@ -378,8 +390,8 @@ class _ToAst(Transformer):
         return tuple(x for x in c if not isinstance(x, Token))
 
     def param_decl(self, meta, c):
-        _kw, name, _colon, typ, _eq, default = c
-        return ast.ParamDecl(self._check_name(name), typ, default, self._s(meta))
+        _kw, name, _colon, typ, _in, choices, _eq, default = c
+        return ast.ParamDecl(self._check_name(name), typ, default, self._s(meta), choices)
 
     def use_decl(self, meta, c):
         string = self.string(meta, [c[1]])

@@ -501,3 +501,29 @@ model M(x: Tensor[B, 8, 4], ids: Tokens[B, 3]) {{
 }}""")
     assert phrase in str(err), str(err)
     assert err.span.line == 3
+
+
+# ---- parameters that list their values ---------------------------------------------------------------------
+
+CHOICE = """
+param ff: str in ["relu", "gated-gelu"] = "relu"
+param n: int in [1, 2, 4] = 2
+model M(x: Tensor[B, 4]) {
+    if ff == "relu" {
+        return relu(x)
+    } else {
+        return gelu(x)
+    }
+}
+"""
+
+
+def test_a_parameter_takes_only_the_values_it_lists():
+    assert compiled(CHOICE).params == {"ff": "relu", "n": 2}
+    assert compiled(CHOICE, ff="gated-gelu", n=4).params == {"ff": "gated-gelu", "n": 4}
+    err = error(CHOICE, ff="gelu")
+    assert 'bad override -D ff="gelu": `ff` is one of "relu", "gated-gelu"' in str(err) and at(err) == (2, 1)
+    assert "one of 1, 2, 4" in str(error(CHOICE, n=3))
+    err = error(CHOICE.replace('= "relu"', '= "swish"'))
+    assert 'the default of `ff` ("swish") is not one of "relu", "gated-gelu"' in str(err) and at(err) == (2, 43)
+    assert "lists the values it may take" in str(error(CHOICE.replace('in [1, 2, 4]', 'in 3')))

@@ -50,7 +50,7 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
     "single_quoted_string": (model("x = mlp(x, hidden=256, act='relu')", "return x"), {}, (3, 32), "double quotes"),
     "unterminated_string": (model('x = mlp(x, hidden=256, act="relu)', "return x"), {}, (3, 32), "unterminated"),
     "trailing_garbage": (model("return x") + "}\n", {}, (5, 1), 'unexpected "}"'),
-    "missing_equal_in_param_decl": ("param d_model: int 64\n", {}, (1, 20), 'expected "="'),
+    "missing_equal_in_param_decl": ("param d_model: int 64\n", {}, (1, 20), 'expected "in" or "="'),
     "missing_equal_in_statement": (model("h linear(x, 64)", "return h"), {}, (3, 7), 'expected "=", "+=" or ","'),
     "bad_escape_in_string": (model('x = mlp(x, hidden=256, act="gelu\\d")', "return x"), {}, (3, 32), "bad escape"),
     "semicolon": (model("x = linear(x, 64);", "return x"), {}, (3, 22), "no separator"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import archc
 from archc.interop.hf import load_hf, save_hf
@@ -148,3 +148,52 @@ def test_albert_for_masked_lm_shares_its_layer_as_the_reference_does(tmp_path):
         got = model(tokens, types, labels)
     _close(got["logits"], want.logits)
     _close(got["loss"], want.loss)
+
+
+def _t5_v11(tmp_path):
+    """A T5 v1.1 (gated-gelu) reference as transformers 5 makes it: head tied, decoder output not scaled."""
+    torch.manual_seed(1)
+    config = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+                                   num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                   decoder_start_token_id=0)
+    reference = _eager(transformers.T5ForConditionalGeneration(config))
+    assert reference.config.scale_decoder_outputs is False
+    return reference
+
+
+def _t5_outputs(model, reference, vocab=96):
+    input_ids = torch.randint(1, vocab, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 25:] = False
+    labels = torch.randint(1, vocab, (2, 12))
+    with torch.no_grad():
+        want = reference(input_ids=input_ids, attention_mask=mask.long(), labels=labels)
+        got = model(input_ids, mask, labels)
+    _close(got["logits"], want.logits)
+    _close(got["loss"], want.loss)
+
+
+def test_t5_v1_1_gated_gelu_without_output_scaling(tmp_path):
+    reference = _t5_v11(tmp_path)
+    compiled, model = from_reference(reference, "t5.arch", tmp_path)
+    p = compiled.params
+    assert (p["ff"], p["tie_embeddings"], p["scale_decoder_output"], p["n_decoder_layers"]) == ("gated-gelu", True,
+                                                                                               False, 3)
+    _t5_outputs(model, reference)
+
+
+def test_a_released_flan_t5_layout_has_its_own_head(tmp_path):
+    """Flan-T5's files: `tie_word_embeddings: false`, no `scale_decoder_outputs`, a stored lm_head.weight."""
+    reference = _t5_v11(tmp_path)
+    reference.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    del config["scale_decoder_outputs"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    state["lm_head.weight"] = state["shared.weight"].clone()  # equal values: the reference's logits still hold
+    save_file(state, tmp_path / "hf" / "model.safetensors")
+    compiled, model = load_hf(SPECS / "t5.arch", tmp_path / "hf")
+    assert not compiled.params["tie_embeddings"] and not compiled.params["scale_decoder_output"]
+    assert model.lm_head.weight.data_ptr() != model.shared_embedding.weight.data_ptr()
+    _t5_outputs(model, reference)
