@@ -183,8 +183,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`name=value` from `-D`; the value is read as a literal (never executed)."""
     name, sep, raw = text.partition("=")
     name = name.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise SpecError(f"bad override {text!r}: expected -D name=value, e.g. -D d_model=512")
+    if not sep or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*", name):
+        raise SpecError(f"bad override {text!r}: expected -D name=value, e.g. -D d_model=512 (a used file's "
+                        "parameter: -D file.name=value)")
     raw = raw.strip()
     if raw in ("true", "false"):
         return name, raw == "true"
@@ -198,51 +199,89 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the main spec's parameters in order, applying type-checked overrides."""
-    decls = {p.name: p for p in spec.module.params}
+    """Evaluate the main spec's parameters in order, applying type-checked overrides. An override
+    `stem.name` sets parameter `name` of the used file `stem.arch` (`-D blt_entropy.d_model=768`); the
+    result keeps it under that name, so compiling again with the result gives the same model."""
+    used = used_modules(spec)
     for name in overrides:
-        if name not in decls:
-            near = closest(name, decls)
-            if near:
-                notes = [(f"`{near}` is declared here", decls[near].span)]
-            else:
-                notes = [("the spec's parameters are declared here", p.span) for p in spec.module.params[:1]]
-            known = f"the spec's parameters are: {', '.join(decls) or 'none'}"
-            raise SpecError(f"unknown parameter `{name}` in override", None, notes=notes,
-                            hint=did_you_mean(name, decls) or known)
+        stem, dot, rest = name.rpartition(".")
+        module = used.get(stem) if dot else spec.module
+        if module is None:
+            raise SpecError(f"unknown parameter `{name}` in override: no used file is called `{stem}`", None,
+                            hint=did_you_mean(stem, used) or (f"the used files are: {', '.join(used)}" if used else
+                                                               "this spec uses no other file"))
+        _known_param(module, rest if dot else name, name, "the spec's" if not dot else f"{stem}.arch's")
+    env = module_params(spec.module, overrides)
+    for stem, module in used.items():
+        mine = {name.partition(".")[2]: v for name, v in overrides.items() if name.rpartition(".")[0] == stem}
+        if mine:
+            values = module_params(module, mine, prefix=f"{stem}.")
+            env.update({f"{stem}.{name}": values[name] for name in mine})
+    return env
+
+
+def used_modules(spec: Spec) -> dict[str, ast.Module]:
+    """The files the main spec uses, by stem (`blt_entropy` for "blt_entropy.arch")."""
+    out: dict[str, ast.Module] = {}
+    for module in spec.modules[1:]:
+        stem = Path(module.source.name).stem
+        if stem in out:  # two used files of one name in different folders: their parameters cannot be told apart
+            out[stem] = None
+        else:
+            out[stem] = module
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _known_param(module: ast.Module, name: str, written: str, whose: str) -> None:
+    decls = {p.name: p for p in module.params}
+    if name in decls:
+        return
+    near = closest(name, decls)
+    if near:
+        notes = [(f"`{near}` is declared here", decls[near].span)]
+    else:
+        notes = [(f"{whose} parameters are declared here", p.span) for p in module.params[:1]]
+    known = f"{whose} parameters are: {', '.join(decls) or 'none'}"
+    raise SpecError(f"unknown parameter `{written}` in override", None, notes=notes,
+                    hint=did_you_mean(name, decls) or known)
+
+
+def module_params(module: ast.Module, overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One file's parameters in order: defaults, or the overrides (by unqualified name), each type-checked."""
     env: dict[str, Any] = {}
-    for decl in spec.module.params:
+    for decl in module.params:
         check_type(decl.type)
         if decl.name in env:
             raise SpecError(f"parameter `{decl.name}` is declared twice", decl.span,
                             notes=[("the first declaration is here",
-                                    next(p for p in spec.module.params if p.name == decl.name).span)])
+                                    next(p for p in module.params if p.name == decl.name).span)])
+        flag = f"-D {prefix}{decl.name}"
         if decl.name in overrides:
             value = overrides[decl.name]
             try:
                 check_size(value, decl.span)
             except SpecError:
-                raise SpecError(f"bad override -D {decl.name}=...: the number is too large", decl.span) from None
+                raise SpecError(f"bad override {flag}=...: the number is too large", decl.span) from None
             try:
                 env[decl.name] = coerce(value, decl.type.name, decl.type.span, f"`{decl.name}`")
             except SpecError as err:
                 try:
-                    example = f", e.g. -D {decl.name}={show(evaluate(decl.default, env))}"
+                    example = f", e.g. {flag}={show(evaluate(decl.default, env))}"
                 except SpecError:
                     example = ""
                 article = "an" if decl.type.name[:1] in "aeiou" else "a"
                 raise SpecError(
-                    f"bad override -D {decl.name}={show(value)}: `{decl.name}` is declared {decl.type.name}",
+                    f"bad override {flag}={show(value)}: `{decl.name}` is declared {decl.type.name}",
                     decl.span, hint=err.hint or f"give it {article} {decl.type.name} value{example}") from None
         else:
             env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
                                     f"parameter `{decl.name}`")
         if decl.choices is not None:
-            _check_choice(decl, env, overridden=decl.name in overrides)
+            _check_choice(decl, env, flag if decl.name in overrides else None)
     return env
 
 
-def _check_choice(decl: ast.ParamDecl, env: dict[str, Any], overridden: bool) -> None:
+def _check_choice(decl: ast.ParamDecl, env: dict[str, Any], flag: str | None) -> None:
     """`param ff: str in ["relu", "gated-gelu"] = "relu"`: a value outside the list is refused, by name."""
     choices = evaluate(decl.choices, env)
     if not isinstance(choices, list) or not choices:
@@ -254,8 +293,8 @@ def _check_choice(decl: ast.ParamDecl, env: dict[str, Any], overridden: bool) ->
     listed = ", ".join(show(c) for c in choices)
     strings = [c for c in choices if isinstance(c, str)]
     hint = did_you_mean(value, strings) if isinstance(value, str) and strings else None
-    if overridden:
-        raise SpecError(f"bad override -D {decl.name}={show(value)}: `{decl.name}` is one of {listed}", decl.span,
+    if flag:
+        raise SpecError(f"bad override {flag}={show(value)}: `{decl.name}` is one of {listed}", decl.span,
                         hint=hint)
     raise SpecError(f"the default of `{decl.name}` ({show(value)}) is not one of {listed}", decl.default.span)
 
@@ -268,15 +307,6 @@ def check_type(t: ast.ScalarType) -> None:
         raise SpecError(f"`{t.name}` needs its dims here, e.g. `{t.name}[B, T, 64]`", t.span)
     raise SpecError(f"unknown type `{t.name}`", t.span, hint=did_you_mean(t.name, [*SCALAR_TYPES, *TENSOR_KINDS])
                     or f"use one of {', '.join(SCALAR_TYPES)}")
-
-
-def _module_params(module: ast.Module) -> dict[str, Any]:
-    env: dict[str, Any] = {}
-    for decl in module.params:
-        check_type(decl.type)
-        env[decl.name] = coerce(evaluate(decl.default, env), decl.type.name, decl.default.span,
-                                f"parameter `{decl.name}`")
-    return env
 
 
 class _Names:
@@ -339,8 +369,11 @@ class Lowerer:
         self.graph = Graph(spec.model.name)
         self.graph.params = dict(params)
         self.module_env = {id(spec.module): params}
+        for stem, module in used_modules(spec).items():  # a used file's own parameters, or their overrides
+            mine = {name.partition(".")[2]: v for name, v in params.items() if name.rpartition(".")[0] == stem}
+            self.module_env[id(module)] = module_params(module, mine)
         for module in spec.modules[1:]:
-            self.module_env[id(module)] = _module_params(module)
+            self.module_env.setdefault(id(module), module_params(module, {}))
         self.call_stack: list[str] = []
         self.names: dict[str, _Names] = {}
 

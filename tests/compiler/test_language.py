@@ -7,6 +7,7 @@ symbolic-shape checker among them."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -527,3 +528,20 @@ def test_a_parameter_takes_only_the_values_it_lists():
     err = error(CHOICE.replace('= "relu"', '= "swish"'))
     assert 'the default of `ff` ("swish") is not one of "relu", "gated-gelu"' in str(err) and at(err) == (2, 43)
     assert "lists the values it may take" in str(error(CHOICE.replace('in [1, 2, 4]', 'in 3')))
+
+
+def test_a_used_file_s_parameters_take_qualified_overrides(tmp_path):
+    (tmp_path / "lib.arch").write_text('param width: int = 8\nparam act: str in ["relu", "gelu"] = "relu"\n'
+                                       "block Proj(x: Tensor[B, 4]) {\n    return linear(x, width) as proj\n}\n")
+    (tmp_path / "main.arch").write_text('use "lib.arch"\nmodel M(x: Tensor[B, 4]) {\n    return Proj(x)\n}\n')
+    main = tmp_path / "main.arch"
+    assert archc.compile(main).build().proj.proj.out_features == 8
+    wide = archc.compile(main, {"lib.width": 16})
+    assert wide.build().proj.proj.out_features == 16 and wide.params == {"lib.width": 16}
+    assert archc.compile(main, wide.params).source == wide.source  # the params compile the same model again
+    for overrides, phrase in [({"lib.widht": 1}, "unknown parameter `lib.widht` in override"),
+                              ({"lob.width": 1}, "no used file is called `lob`"),
+                              ({"lib.width": "x"}, "bad override -D lib.width=\"x\": `width` is declared int"),
+                              ({"lib.act": "tanh"}, 'bad override -D lib.act="tanh": `act` is one of')]:
+        with pytest.raises(archc.SpecError, match=re.escape(phrase)):
+            archc.compile(main, overrides)
