@@ -102,7 +102,7 @@ def test_t5_shares_its_embedding_between_encoder_decoder_and_head():
     compiled = archc.compile(SPECS / "t5.arch")
     names = list(compiled.build().state_dict())
     assert [n for n in names if "embedding" in n] == ["shared_embedding.weight"]
-    assert "logits = F.linear(mul, self.shared_embedding.weight)" in compiled.source
+    assert "logits = F.linear(y, self.shared_embedding.weight)" in compiled.source
     # the decoder reads the labels shifted right, -100 read as the pad id
     model = compiled.build()
     seen = {}
