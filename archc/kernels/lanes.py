@@ -68,7 +68,8 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ACTS", "IMPLS", "TRITON_MAX_LANES", "coefficient_count", "lanes_coefficients_reference", "lanes_post",
-    "lanes_post_reference", "lanes_pre", "lanes_pre_reference", "sinkhorn", "sinkhorn_reference", "split_logits",
+    "lanes_post_reference", "lanes_pre", "lanes_pre_projected", "lanes_pre_reference", "projected_logits_reference",
+    "sinkhorn", "sinkhorn_reference", "split_logits",
 ]
 
 ACTS = ("mhc", "identity")
@@ -142,12 +143,25 @@ def lanes_post_reference(h: torch.Tensor, y: torch.Tensor, post: torch.Tensor, r
     return (mixed + post.to(acc)[..., :, None] * y.to(acc)[..., None, :]).to(h.dtype)
 
 
+def projected_logits_reference(h: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                               norm_eps: float = 1e-6) -> torch.Tensor:
+    """mHC's logits from the lanes: scale ⊙ (RMSNorm(vec h) weight) + bias, [..., n, d] -> [..., C].
+
+    weight [n·d, C] (the norm's gain folded in), scale and bias [C]. As the paper's fused form: the
+    matmul runs on the raw vec h (in h's dtype), then is divided by its RMS."""
+    acc = _acc(h, weight)
+    x = h.flatten(-2)
+    rms = torch.sqrt(x.to(acc).square().mean(dim=-1, keepdim=True) + norm_eps)
+    return (x @ weight.to(h.dtype)).to(acc) / rms * scale.to(acc) + bias.to(acc)
+
+
 # ----------------------------------------------------------------------------- torch face
 
 
 def _lanes_first(x: torch.Tensor) -> torch.Tensor:
-    """[..., n, n] -> [n, n, N] contiguous: the torch face's Sinkhorn runs with tokens innermost, so its
-    reductions over i or j are vector adds over tokens (10x faster on CPU than over a middle dim of 4)."""
+    """[..., n, n] -> [n, n, N] contiguous: the torch face's Sinkhorn runs with tokens innermost, so each
+    normalisation over i or j is one vectorised pass over the tokens (10x faster on CPU than over a middle
+    dim of 4)."""
     return x.reshape(-1, *x.shape[-2:]).permute(1, 2, 0).contiguous()
 
 
@@ -160,42 +174,28 @@ def _column_exp(L: torch.Tensor) -> torch.Tensor:
     return torch.exp(L - L.amax(dim=0, keepdim=True))
 
 
-def _scalings(K: torch.Tensor, iters: int):
-    """The scaling form of Sinkhorn–Knopp on K [n, n, N]: final (a, b) and each step's (a^{k-1}, b^k, a^k)."""
-    a = K.new_ones(K.shape[0], K.shape[2])
-    steps = []
-    for _ in range(iters):
-        b = 1.0 / (K * a[:, None, :]).sum(dim=0)  # columns: (Kᵀ a)_j
-        a_next = 1.0 / (K * b[None, :, :]).sum(dim=1)  # rows: (K b)_i
-        steps.append((a, b, a_next))
-        a = a_next
-    return a, b, steps
-
-
 def _sinkhorn_forward(L: torch.Tensor, iters: int) -> torch.Tensor:
-    K = _column_exp(_lanes_first(L))
-    a, b, _ = _scalings(K, iters)
-    return _tokens_first(a[:, None, :] * K * b[None, :, :], L.shape)
+    M = _column_exp(_lanes_first(L))
+    for _ in range(iters):
+        M.div_(M.sum(dim=0, keepdim=True))  # columns
+        M.div_(M.sum(dim=1, keepdim=True))  # rows
+    return _tokens_first(M, L.shape)
 
 
 def _sinkhorn_backward(L: torch.Tensor, G: torch.Tensor, iters: int) -> torch.Tensor:
-    """dL from dM = G, by running the scaling steps backwards (they are recomputed here)."""
+    """dL from dM = G: the iterates M_k and their sums s_k are recomputed, then each step M_k = M_{k-1} / s_k
+    (s_k = M_{k-1} summed over axis k % 2) is run backwards: dM_{k-1} = (dM_k - Σ_axis dM_k ⊙ M_k) / s_k."""
     K = _column_exp(_lanes_first(L))
-    G = _lanes_first(G)
-    a, b, steps = _scalings(K, iters)
-    dK = a[:, None, :] * G * b[None, :, :]
-    GK = G * K
-    da = (GK * b[None, :, :]).sum(dim=1)
-    db = (GK * a[:, None, :]).sum(dim=0)
-    for a_prev, b_k, a_k in reversed(steps):
-        dr = -da * a_k * a_k  # a^k = 1 / r^k, r^k = K b^k
-        dK = dK + dr[:, None, :] * b_k[None, :, :]
-        db = db + (K * dr[:, None, :]).sum(dim=0)
-        ds = -db * b_k * b_k  # b^k = 1 / s^k, s^k = Kᵀ a^{k-1}
-        dK = dK + a_prev[:, None, :] * ds[None, :, :]
-        da = (K * ds[None, :, :]).sum(dim=1)
-        db = torch.zeros_like(db)  # b^{k-1} fed nothing but step k-1's rows
-    return _tokens_first(dK * K, L.shape)  # through K = exp(L - colmax); colmax needs no gradient
+    M, steps = K, []
+    for k in range(2 * iters):
+        s = M.sum(dim=k % 2, keepdim=True)
+        M = M / s
+        steps.append((M, s))
+    grad = _lanes_first(G)
+    for k in reversed(range(2 * iters)):
+        M, s = steps[k]
+        grad = (grad - (grad * M).sum(dim=k % 2, keepdim=True)).div_(s)
+    return _tokens_first(grad * K, L.shape)  # through K = exp(L - colmax); colmax needs no gradient
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -224,7 +224,9 @@ class _TorchFace:
     Every mix is one batched matmul over the tokens with contiguous (or last-two-dims
     transposed) operands: with permuted or stride-0 operands (an einsum's, an expanded
     gradient's) CPU bmm loops over the N tiny matrices one by one, and broadcast
-    multiply-adds would cost n passes over [N, n, d]."""
+    multiply-adds would cost n passes over [N, n, d]. A matrix-vector product per token
+    is written with the vector as the row ([1, d] @ [d, n]): the column form
+    ([n, d] @ [d, 1]) runs 3x slower on CPU."""
 
     @staticmethod
     def pre_forward(h, logits, act, iters):
@@ -243,8 +245,8 @@ class _TorchFace:
         pre_l, post_l, res_l = split_logits(logits.to(acc), n)
         pre = torch.sigmoid(pre_l) if act == "mhc" else pre_l
         g = _dense(du, acc)
-        dh = torch.bmm(_dense(pre, acc).unsqueeze(2), g.unsqueeze(1)).to(h.dtype)  # pre_i du
-        dpre = torch.bmm(_dense(h, acc), g.unsqueeze(2)).squeeze(2)  # <h_i, du>
+        dh = (pre.to(acc).unsqueeze(2) * g.unsqueeze(1)).to(h.dtype)  # pre_i du: an outer product, not a bmm
+        dpre = torch.bmm(g.unsqueeze(1), _dense(h, acc).transpose(1, 2)).squeeze(1)  # <h_i, du>, du as the row
         dpost, dres = dpost.to(acc), dres.to(acc)
         if act == "mhc":
             s_pre, s_post = torch.sigmoid(pre_l), torch.sigmoid(post_l)
@@ -267,7 +269,7 @@ class _TorchFace:
         g = _dense(dout, acc)
         dh = torch.bmm(_dense(res, acc).transpose(1, 2), g)  # dh_j = Σ_i res_ij g_i
         dy = torch.bmm(_dense(post, acc).unsqueeze(1), g).squeeze(1)
-        dpost = torch.bmm(g, _dense(y, acc).unsqueeze(2)).squeeze(2)
+        dpost = torch.bmm(_dense(y, acc).unsqueeze(1), g.transpose(1, 2)).squeeze(1)  # <g_i, y>, y as the row
         dres = torch.bmm(g, _dense(h, acc).transpose(1, 2))  # <g_i, h_j>
         return dh.to(h.dtype), dy.to(y.dtype), dpost.to(post.dtype), dres.to(res.dtype)
 
@@ -419,6 +421,50 @@ class _LanesPost(torch.autograd.Function):
         return (*ctx.face.post_backward(h, y, post, res, dout), None)
 
 
+class _LanesPreProjected(torch.autograd.Function):
+    """The torch face of `lanes_pre_projected`: the logits' projection and norm, the coefficients and the
+    read in one Function. Its backward writes dh once (pre ⊗ du, then the projection's and the norm's
+    terms added in place) where autograd would sum three [N, n, d] gradients, and the logits' small ops
+    stay out of the graph. Saves h and three [N, C]-sized tensors (the projection, the logits, 1/rms)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, scale, bias, norm_eps, iters):
+        N, n, d = h.shape
+        acc = _acc(h, weight)
+        x = h.reshape(N, n * d)
+        raw = torch.mm(x, weight.to(h.dtype)).to(acc)  # vec h · φ, normalised after (the paper's fused form)
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square_() / (n * d)
+                              + norm_eps)
+        logits = torch.addcmul(bias.to(acc), raw, inv_rms * scale.to(acc))
+        u, post, res = _TorchFace.pre_forward(h, logits, "mhc", iters)
+        ctx.save_for_backward(h, weight, scale, raw, logits, inv_rms)
+        ctx.iters = iters
+        ctx.dtypes = (weight.dtype, scale.dtype, bias.dtype)
+        return u, post, res
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, du, dpost, dres):
+        h, weight, scale, raw, logits, inv_rms = ctx.saved_tensors
+        N, n, d = h.shape
+        dh, dlogits = _TorchFace.pre_backward(h, logits, du, dpost, dres, "mhc", ctx.iters)  # dh = pre ⊗ du
+        acc = dlogits.dtype
+        # logits = raw · (inv_rms · scale) + bias
+        dscaled = dlogits * scale.to(acc)
+        draw = dscaled * inv_rms
+        dscale = (dlogits * raw * inv_rms).sum(dim=0)
+        dbias = dlogits.sum(dim=0)
+        # inv_rms = (Σx² / nd + eps)^(-1/2): d inv_rms / dx = -inv_rms³ x / nd
+        dx_coef = (dscaled * raw).sum(dim=-1, keepdim=True) * inv_rms.pow(3) * (-1.0 / (n * d))
+        x = h.reshape(N, n * d)
+        dx = dh.view(N, n * d)  # a fresh tensor: the other two terms are added into it in place
+        dx.addmm_(draw.to(h.dtype), weight.to(h.dtype).t())
+        dx.addcmul_(x, dx_coef.to(h.dtype))
+        dweight = torch.mm(x.t(), draw.to(h.dtype)) if ctx.needs_input_grad[1] else None
+        wd, sd, bd = ctx.dtypes
+        return (dh, None if dweight is None else dweight.to(wd), dscale.to(sd), dbias.to(bd), None, None)
+
+
 def _resolve(impl: str, h: torch.Tensor, n: int) -> str:
     if impl not in IMPLS:
         raise ValueError(f"lanes: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
@@ -453,6 +499,29 @@ def lanes_pre(h: torch.Tensor, logits: torch.Tensor, *, act: str = "mhc", iters:
     split_logits(logits, n)  # shape check
     u, post, res = _LanesPre.apply(_flat_lanes(h), logits, act, iters, _FACES[face])
     return u.view(*lead, h.shape[-1]), post.view(*lead, n), res.view(*lead, n, n)
+
+
+def lanes_pre_projected(h: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *,
+                        norm_eps: float = 1e-6, iters: int = 20, impl: str = "auto"):
+    """mHC's read with its logits projected from the lanes (`projected_logits_reference`): the same outputs as
+    `lanes_pre(h, projected_logits_reference(h, weight, scale, bias, norm_eps), act="mhc", ...)`.
+
+    The torch face runs the projection, the coefficients and the read as one autograd Function;
+    the reference and Triton faces compute the logits with autograd and call `lanes_pre`."""
+    _check_iters(iters)
+    n, d = h.shape[-2], h.shape[-1]
+    if weight.shape != (n * d, coefficient_count(n)) or scale.shape != (coefficient_count(n),) \
+            or bias.shape != (coefficient_count(n),):
+        raise ValueError(f"lanes_pre_projected: h {tuple(h.shape)} wants weight [{n * d}, {coefficient_count(n)}], "
+                         f"scale and bias [{coefficient_count(n)}]; got {tuple(weight.shape)}, "
+                         f"{tuple(scale.shape)}, {tuple(bias.shape)}")
+    face = _resolve(impl, h, n)
+    if face != "torch":
+        return lanes_pre(h, projected_logits_reference(h, weight, scale, bias, norm_eps), act="mhc", iters=iters,
+                         impl=face)
+    lead = h.shape[:-2]
+    u, post, res = _LanesPreProjected.apply(_flat_lanes(h), weight, scale, bias, norm_eps, iters)
+    return u.view(*lead, d), post.view(*lead, n), res.view(*lead, n, n)
 
 
 def lanes_post(h: torch.Tensor, y: torch.Tensor, post: torch.Tensor, res: torch.Tensor, *,

@@ -187,6 +187,57 @@ def test_torch_face_saves_no_sinkhorn_iterates():
     assert saved_bytes("reference") > 2 * (inputs + coefficients)  # every Sinkhorn iterate
 
 
+# name: (leading dims, n, d, iters, dtype)
+PROJECTED_CASES = {
+    "n4_B2T7_d37": ((2, 7), 4, 37, 20, "float32"),
+    "n2_T1_d16": ((1,), 2, 16, 20, "float32"),
+    "n3_T6_d19_iters3": ((6,), 3, 19, 3, "float32"),
+    "n4_T5_bf16": ((5,), 4, 32, 20, "bfloat16"),
+}
+
+
+def run_projected(impl, h, weight, scale, bias, grads, iters, dtype=None):
+    """(u, post, res) of lanes_pre_projected and the gradients of (h, weight, scale, bias) under `impl`."""
+    leaves = [(x if dtype is None else x.to(dtype)).detach().clone().requires_grad_() for x in (h, weight, scale, bias)]
+    outs = L.lanes_pre_projected(*leaves, norm_eps=1e-6, iters=iters, impl=impl)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sum((o.to(acc) * g.to(acc)).sum() for o, g in zip(outs, grads)).backward()
+    return [o.detach() for o in outs], [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("case", list(PROJECTED_CASES))
+def test_projected_read_matches_reference(case):
+    """The torch face's one-Function read (projection, RMS, coefficients, Sinkhorn, u) against autograd through
+    projected_logits_reference + lanes_pre_reference in float64: every output and the gradient of h, the
+    projection weight, the scales and the bias."""
+    lead, n, d, iters, dtype = PROJECTED_CASES[case]
+    g = torch.Generator().manual_seed(n * 10 + d)
+    C = L.coefficient_count(n)
+    h = torch.randn(*lead, n, d, generator=g).to(getattr(torch, dtype))
+    weight = 0.05 * torch.randn(n * d, C, generator=g)
+    scale, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    grads = [torch.randn(*lead, d, generator=g), torch.randn(*lead, n, generator=g),
+             torch.randn(*lead, n, n, generator=g)]
+    outs, dins = run_projected("torch", h, weight, scale, bias, grads, iters)
+    ref_outs, ref_dins = run_projected("reference", h, weight, scale, bias, grads, iters, dtype=torch.float64)
+    tol = FP32_TOL if dtype == "float32" else BF16_TOL
+    assert outs[0].dtype == h.dtype
+    for name, a, b in zip(("u", "post", "res", "h", "weight", "scale", "bias"), outs + dins, ref_outs + ref_dins):
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err < tol, (name, err)
+
+
+def test_projected_read_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    n, d = 3, 4
+    C = L.coefficient_count(n)
+    f64 = {"generator": g, "dtype": torch.float64}
+    args = (torch.randn(2, n, d, **f64), 0.3 * torch.randn(n * d, C, **f64), torch.rand(C, **f64) + 0.5,
+            torch.randn(C, **f64))
+    assert torch.autograd.gradcheck(lambda *a: L.lanes_pre_projected(*a, iters=5, impl="torch"),
+                                    tuple(a.requires_grad_() for a in args))
+
+
 def test_bad_arguments_are_named():
     h, logits = torch.randn(2, 4, 8), torch.randn(2, 24)
     with pytest.raises(ValueError, match="iters"):
@@ -197,6 +248,8 @@ def test_bad_arguments_are_named():
         L.lanes_pre(h, torch.randn(2, 20))
     with pytest.raises(ValueError, match="impl"):
         L.lanes_pre(h, logits, impl="cuda")
+    with pytest.raises(ValueError, match=r"weight \[32, 24\]"):
+        L.lanes_pre_projected(h, torch.randn(8, 24), torch.randn(24), torch.randn(24))
     with pytest.raises(ValueError, match="y"):
         L.lanes_post(h, torch.randn(2, 7), torch.randn(2, 4), torch.randn(2, 4, 4))
     if os.environ.get("TRITON_INTERPRET") != "1" and L.triton_available():
