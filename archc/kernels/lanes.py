@@ -466,7 +466,7 @@ class _LanesPreProjected(torch.autograd.Function):
     """The torch face of `lanes_pre_projected`: the logits' projection and norm, the coefficients and the
     read in one Function. Its backward writes dh once (pre ⊗ du, then the projection's and the norm's
     terms added in place) where autograd would sum three [N, n, d] gradients, and the logits' small ops
-    stay out of the graph. Saves h and three [N, C]-sized tensors (the projection, the logits, 1/rms)."""
+    stay out of the graph. Saves h, the projection and the logits ([N, C] each) and 1/rms [N]."""
 
     @staticmethod
     def forward(ctx, h, weight, scale, bias, norm_eps, iters):
