@@ -238,6 +238,29 @@ def test_projected_read_gradcheck():
                                     tuple(a.requires_grad_() for a in args))
 
 
+@pytest.mark.parametrize("projected", [False, True])
+def test_lane_gradients_are_summed_in_place(projected):
+    """The read and the write both take the lane state h; their Functions return a fresh, non-view gradient of
+    h's own shape, so autograd adds one into the other (aten::add_) instead of allocating the sum (aten::add),
+    and the new lane state is no view either."""
+    n, d = 4, 16
+    g = torch.Generator().manual_seed(5)
+    leaf = torch.randn(2, 3, n, d, generator=g, requires_grad=True)
+    C = L.coefficient_count(n)
+    weight, scale, bias = 0.1 * torch.randn(n * d, C, generator=g), torch.ones(C), torch.zeros(C)
+    h = leaf * 1.0  # not a leaf: its gradient is summed in the autograd engine's buffer
+    if projected:
+        u, post, res = L.lanes_pre_projected(h, weight, scale, bias, impl="torch")
+    else:
+        u, post, res = L.lanes_pre(h, torch.randn(2, 3, C, generator=g), impl="torch")
+    out = L.lanes_post(h, u * 2.0, post, res, impl="torch")
+    assert out._base is None and out.shape == h.shape
+    with torch.profiler.profile() as prof:
+        out.backward(torch.randn(out.shape, generator=g))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::add_", 0) >= 1 and counts.get("aten::add", 0) == 0, counts
+
+
 def test_bad_arguments_are_named():
     h, logits = torch.randn(2, 4, 8), torch.randn(2, 24)
     with pytest.raises(ValueError, match="iters"):
