@@ -10,6 +10,11 @@
   backward path is exercised. Shapes: n = 1, 2, 3, 4, 8; one token; channel
   counts that are not a multiple of the 16-wide interpreter tile; logits
   shared by all tokens (hc_static's); bf16 storage once.
+- lanes_pre_projected (mHC's read with its logit projection in the same
+  Function) against autograd through projected_logits_reference +
+  lanes_pre_reference: every output and the gradients of h, the projection,
+  the scales and the bias; gradcheck; and the read's and the write's
+  gradients of a lane state summed in place (no extra [N, n, d] allocation).
 - The Triton face runs under TRITON_INTERPRET=1 in one subprocess (the
   variable must be set before triton is imported and must not leak into
   other test modules), which prints JSON the tests assert on; and every
