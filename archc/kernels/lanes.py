@@ -47,9 +47,11 @@ Three faces and a dispatcher:
   coefficients (`lanes_post`). Any dtype (fp64 stays fp64, for gradcheck).
   `lanes_pre_projected` also folds mHC's logit projection (RMSNorm(vec h) φ)
   into its Function, so its backward builds dh in one buffer. On a CPU the
-  face's cost at small d is the ~300 small ops of the 20-iteration Sinkhorn
-  (forward, recompute, backward) and ~20 passes over the n·d lane state per
-  site; benchmarks/lanes.py --profile shows the split.
+  face's cost per site at small d is the ~290 small ops of the 20-iteration
+  Sinkhorn (forward 2 a half-step, recompute 2, backward 3: per-op overhead,
+  whatever the token count) and ~24 reads or writes of an [N, n, d] tensor
+  (the lanes or their gradient; memory-bound); benchmarks/lanes.py --profile
+  shows the split.
 - "triton": the same two Functions with Triton kernels (`_triton_lanes.py`):
   `lanes_pre` computes the activations, the Sinkhorn projection and u in one
   pass over h; `lanes_post` the write; each backward is one kernel, the
