@@ -56,7 +56,13 @@ import math
 import torch
 from torch import nn
 
-from archc.kernels.lanes import coefficient_count, lanes_post, lanes_pre
+from archc.kernels.lanes import (
+    coefficient_count,
+    lanes_post,
+    lanes_pre,
+    lanes_pre_projected,
+    projected_logits_reference,
+)
 
 __all__ = ["MERGES", "RULES", "Lanes", "expand_lanes", "merge_lanes"]
 
@@ -224,12 +230,13 @@ class Lanes(nn.Module):
             res = self.res + self.scale_alpha * raw[..., 1:n + 1].transpose(-1, -2)  # A_r(H)[i, j] -> res[j, i]
             post = self.post + self.scale_beta * raw[..., n + 1]
             return torch.cat((pre, post, res.flatten(-2)), dim=-1)
-        x = h.flatten(-2)  # vec h: [..., n·d]
-        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc) / math.sqrt(x.shape[-1])
-        w = (self.norm_weight[:, None] * self.phi).to(h.dtype)
-        raw = (x @ w).to(acc) / torch.sqrt(rms.square() + self.norm_eps)  # RMSNorm(vec h) φ, divided after
-        scale = torch.repeat_interleave(self.alpha, torch.tensor([n, n, n * n], device=self.alpha.device))
-        return raw * scale + self.bias
+        return projected_logits_reference(h, *self._projection(), self.norm_eps)
+
+    def _projection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mhc's (weight, scale, bias) for the logits from vec h: γ folded into φ, α repeated per coefficient."""
+        n, a = self.n, self.alpha
+        scale = torch.cat((a[0].expand(n), a[1].expand(n), a[2].expand(n * n)))
+        return self.norm_weight[:, None] * self.phi, scale, self.bias
 
     # -- read / write ------------------------------------------------------------------------------
 
@@ -239,9 +246,12 @@ class Lanes(nn.Module):
             raise ValueError(f"lanes: expected the lanes [..., {self.n}, {self.d_model}], got {tuple(h.shape)}")
         if self.rule == "plain":
             return h[..., 0, :], None
-        act = "mhc" if self.rule == "mhc" else "identity"
         with _rebuilt_in_backward(h):
-            u, post, res = lanes_pre(h, self.logits(h), act=act, iters=self.iters, impl=self.impl)
+            if self.rule == "mhc":
+                u, post, res = lanes_pre_projected(h, *self._projection(), norm_eps=self.norm_eps, iters=self.iters,
+                                                   impl=self.impl)
+            else:
+                u, post, res = lanes_pre(h, self.logits(h), act="identity", impl=self.impl)
         return u, (post, res)
 
     def write(self, h: torch.Tensor, y: torch.Tensor, mix) -> torch.Tensor:

@@ -10,6 +10,11 @@
   backward path is exercised. Shapes: n = 1, 2, 3, 4, 8; one token; channel
   counts that are not a multiple of the 16-wide interpreter tile; logits
   shared by all tokens (hc_static's); bf16 storage once.
+- lanes_pre_projected (mHC's read with its logit projection in the same
+  Function) against autograd through projected_logits_reference +
+  lanes_pre_reference: every output and the gradients of h, the projection,
+  the scales and the bias; gradcheck; and the read's and the write's
+  gradients of a lane state summed in place (no extra [N, n, d] allocation).
 - The Triton face runs under TRITON_INTERPRET=1 in one subprocess (the
   variable must be set before triton is imported and must not leak into
   other test modules), which prints JSON the tests assert on; and every
@@ -187,6 +192,80 @@ def test_torch_face_saves_no_sinkhorn_iterates():
     assert saved_bytes("reference") > 2 * (inputs + coefficients)  # every Sinkhorn iterate
 
 
+# name: (leading dims, n, d, iters, dtype)
+PROJECTED_CASES = {
+    "n4_B2T7_d37": ((2, 7), 4, 37, 20, "float32"),
+    "n2_T1_d16": ((1,), 2, 16, 20, "float32"),
+    "n3_T6_d19_iters3": ((6,), 3, 19, 3, "float32"),
+    "n4_T5_bf16": ((5,), 4, 32, 20, "bfloat16"),
+}
+
+
+def run_projected(impl, h, weight, scale, bias, grads, iters, dtype=None):
+    """(u, post, res) of lanes_pre_projected and the gradients of (h, weight, scale, bias) under `impl`."""
+    leaves = [(x if dtype is None else x.to(dtype)).detach().clone().requires_grad_() for x in (h, weight, scale, bias)]
+    outs = L.lanes_pre_projected(*leaves, norm_eps=1e-6, iters=iters, impl=impl)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sum((o.to(acc) * g.to(acc)).sum() for o, g in zip(outs, grads)).backward()
+    return [o.detach() for o in outs], [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("case", list(PROJECTED_CASES))
+def test_projected_read_matches_reference(case):
+    """The torch face's one-Function read (projection, RMS, coefficients, Sinkhorn, u) against autograd through
+    projected_logits_reference + lanes_pre_reference in float64: every output and the gradient of h, the
+    projection weight, the scales and the bias."""
+    lead, n, d, iters, dtype = PROJECTED_CASES[case]
+    g = torch.Generator().manual_seed(n * 10 + d)
+    C = L.coefficient_count(n)
+    h = torch.randn(*lead, n, d, generator=g).to(getattr(torch, dtype))
+    weight = 0.05 * torch.randn(n * d, C, generator=g)
+    scale, bias = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    grads = [torch.randn(*lead, d, generator=g), torch.randn(*lead, n, generator=g),
+             torch.randn(*lead, n, n, generator=g)]
+    outs, dins = run_projected("torch", h, weight, scale, bias, grads, iters)
+    ref_outs, ref_dins = run_projected("reference", h, weight, scale, bias, grads, iters, dtype=torch.float64)
+    tol = FP32_TOL if dtype == "float32" else BF16_TOL
+    assert outs[0].dtype == h.dtype
+    for name, a, b in zip(("u", "post", "res", "h", "weight", "scale", "bias"), outs + dins, ref_outs + ref_dins):
+        err = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err < tol, (name, err)
+
+
+def test_projected_read_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    n, d = 3, 4
+    C = L.coefficient_count(n)
+    f64 = {"generator": g, "dtype": torch.float64}
+    args = (torch.randn(2, n, d, **f64), 0.3 * torch.randn(n * d, C, **f64), torch.rand(C, **f64) + 0.5,
+            torch.randn(C, **f64))
+    assert torch.autograd.gradcheck(lambda *a: L.lanes_pre_projected(*a, iters=5, impl="torch"),
+                                    tuple(a.requires_grad_() for a in args))
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_lane_gradients_are_summed_in_place(projected):
+    """The read and the write both take the lane state h; their Functions return a fresh, non-view gradient of
+    h's own shape, so autograd adds one into the other (aten::add_) instead of allocating the sum (aten::add),
+    and the new lane state is no view either."""
+    n, d = 4, 16
+    g = torch.Generator().manual_seed(5)
+    leaf = torch.randn(2, 3, n, d, generator=g, requires_grad=True)
+    C = L.coefficient_count(n)
+    weight, scale, bias = 0.1 * torch.randn(n * d, C, generator=g), torch.ones(C), torch.zeros(C)
+    h = leaf * 1.0  # not a leaf: its gradient is summed in the autograd engine's buffer
+    if projected:
+        u, post, res = L.lanes_pre_projected(h, weight, scale, bias, impl="torch")
+    else:
+        u, post, res = L.lanes_pre(h, torch.randn(2, 3, C, generator=g), impl="torch")
+    out = L.lanes_post(h, u * 2.0, post, res, impl="torch")
+    assert out._base is None and out.shape == h.shape
+    with torch.profiler.profile() as prof:
+        out.backward(torch.randn(out.shape, generator=g))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::add_", 0) >= 1 and counts.get("aten::add", 0) == 0, counts
+
+
 def test_bad_arguments_are_named():
     h, logits = torch.randn(2, 4, 8), torch.randn(2, 24)
     with pytest.raises(ValueError, match="iters"):
@@ -197,6 +276,8 @@ def test_bad_arguments_are_named():
         L.lanes_pre(h, torch.randn(2, 20))
     with pytest.raises(ValueError, match="impl"):
         L.lanes_pre(h, logits, impl="cuda")
+    with pytest.raises(ValueError, match=r"weight \[32, 24\]"):
+        L.lanes_pre_projected(h, torch.randn(8, 24), torch.randn(24), torch.randn(24))
     with pytest.raises(ValueError, match="y"):
         L.lanes_post(h, torch.randn(2, 7), torch.randn(2, 4), torch.randn(2, 4, 4))
     if os.environ.get("TRITON_INTERPRET") != "1" and L.triton_available():

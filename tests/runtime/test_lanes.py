@@ -170,8 +170,9 @@ def test_recompute_gives_the_same_gradients_without_keeping_lane_states():
         sites.zero_grad()
         states = []
         loss = model(tok, sites, states).logsumexp(-1).sum()
-        # TensorImpls that hold each lane state's storage: ours, its view's base, and any the graph saved
-        holders = [torch._C._storage_Use_Count(h.untyped_storage()._cdata) for h in states]
+        # what holds each lane state: TensorImpls sharing its storage (ours, any view's base, views the graph
+        # saved) and references to its own TensorImpl (ours, and the graph's when a Function saved it as is)
+        holders = [torch._C._storage_Use_Count(h.untyped_storage()._cdata) + h._use_count() for h in states]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in (*model.parameters(), *sites.parameters())], holders
 
