@@ -91,7 +91,7 @@ class Router(OpDef):
         if not any(n.op == self.name for n in graph.nodes()):
             return
         for i, (name, node_id) in enumerate(graph.outputs):
-            if name == "loss":
+            if name == "loss" and graph.node(node_id).op != "add_aux_losses":  # once for every kind of router
                 total = graph.add("add_aux_losses", [node_id], {}, scope="", name="aux",
                                   span=graph.node(node_id).span, var="loss")
                 graph.outputs[i] = (name, total.id)
