@@ -95,7 +95,7 @@ class MixBranches(OpDef):
         a = node.attrs
         per = f" per head ({a['heads']} heads)" if a["heads"] > 1 else ""
         return "gated", (f"{node.scope}: mix of {len(a['names'])} branches [{', '.join(a['names'])}], "
-                f"{a['gate']} gate{per}; {count(node.scope):,} params, all active")
+                         f"{a['gate']} gate{per}; {count(node.scope):,} params, all active")
 
 
 @register
@@ -148,9 +148,9 @@ class CombineBranches(Combine):
 
     def summary_line(self, node, count):
         a = node.attrs
-        return "gated", (f"{node.scope}: select top-{a['top_k']} of {len(a['names'])} branches [{', '.join(a['names'])}] "
-                f"per token, {a['gate']} gate; {count(node.scope, active=True):,} of {count(node.scope):,} params "
-                "active per token")
+        return "gated", (f"{node.scope}: select top-{a['top_k']} of {len(a['names'])} branches "
+                         f"[{', '.join(a['names'])}] per token, {a['gate']} gate; {count(node.scope, active=True):,} "
+                         f"of {count(node.scope):,} params active per token")
 
 
 @register
@@ -275,13 +275,13 @@ def _select(ctx, x, blocks, v, names) -> str:
     outs = []
     for b, (block, rows) in enumerate(blocks):
         with ctx.step(attr, b) as step:
-            if rows:
-                piece = ctx.add("expert_rows", [dispatched, router], {"expert": b, "experts": n}, name="rows", var="rows")
-                outs.append(step.call(block.name, [piece]))
-            else:
+            if rows:  # its routed rows only
+                piece = ctx.add("expert_rows", [dispatched, router], {"expert": b, "experts": n}, name="rows",
+                                var="rows")
+                y = step.call(block.name, [piece])
+            else:  # the whole sequence, of which its routed tokens' outputs are kept
                 y = step.call(block.name, [x])
-        if not rows:
-            outs.append(ctx.add("routed_rows", [y, router], {"branch": b, "branches": n}, var="y_rows"))
+        outs.append(y if rows else ctx.add("routed_rows", [y, router], {"branch": b, "branches": n}, var="y_rows"))
     joined = ctx.add("concat_experts", [*outs, router], name="concat", var="y_R")
     return ctx.add("combine_branches", [joined, router, x], {"names": names, "gate": v["gate"], "top_k": v["top_k"]},
                    name="combine", var="y")
