@@ -29,12 +29,14 @@ __all__ = ["GATES", "branch_gates", "mix_branches", "routed_rows"]
 
 
 def branch_gates(logits: torch.Tensor, branches: int, kind: str) -> torch.Tensor:
-    """[..., heads·branches] gate logits -> [..., heads, branches] weights (softmax over the branches, in fp32,
-    or a sigmoid each)."""
+    """[..., heads·branches] gate logits -> [..., heads, branches] weights (softmax over the branches, in fp32 at
+    least, or a sigmoid each)."""
     if kind not in GATES:
         raise ValueError(f"gate must be one of {', '.join(GATES)}, got {kind!r}")
     g = logits.unflatten(-1, (-1, branches))
-    return torch.softmax(g.float(), dim=-1).to(logits.dtype) if kind == "softmax" else torch.sigmoid(g)
+    if kind == "sigmoid":
+        return torch.sigmoid(g)
+    return torch.softmax(g, dim=-1, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
 
 
 def mix_branches(outputs: list[torch.Tensor], gates: torch.Tensor) -> torch.Tensor:

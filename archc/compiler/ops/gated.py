@@ -282,6 +282,7 @@ def _select(ctx, x, blocks, v, names) -> str:
             else:  # the whole sequence, of which its routed tokens' outputs are kept
                 y = step.call(block.name, [x])
         outs.append(y if rows else ctx.add("routed_rows", [y, router], {"branch": b, "branches": n}, var="y_rows"))
-    joined = ctx.add("concat_experts", [*outs, router], name="concat", var="y_R")
+    joined = ctx.add("concat_experts", [*outs, router], {"bodies": "the branches (each must return its input's width)"},
+                     name="concat", var="y_R")
     return ctx.add("combine_branches", [joined, router, x], {"names": names, "gate": v["gate"], "top_k": v["top_k"]},
                    name="combine", var="y")

@@ -142,7 +142,8 @@ class ConcatExperts(OpDef):
         *outs, routing = ins
         widths = {o[-1] for o in outs}
         if len(widths) != 1:
-            raise SpecError(f"expert bodies return different widths {sorted(widths, key=str)}", node.span)
+            bodies = node.attrs.get("bodies", "expert bodies")  # a gated layer's: its branches
+            raise SpecError(f"{bodies} return different widths {sorted(widths, key=str)}", node.span)
         total = str(outs[0][0]).rsplit("/", 1)[0]
         return (total, outs[0][-1])
 

@@ -187,7 +187,7 @@ class Gated2(nn.Module):
         routing = self.router(x.reshape(-1, x.shape[-1]), seq_len=x.shape[1])
         x_R = AF.dispatch_rows(x.reshape(-1, x.shape[-1]), routing)
         y_R = torch.cat([
-            expert(rows) for expert, rows in zip(self.branches, x_R.split(routing.split_sizes()))
+            branch(rows) for branch, rows in zip(self.branches, x_R.split(routing.split_sizes()))
         ])
         y = AF.combine_rows(y_R, routing).view_as(x)
         return y
