@@ -12,7 +12,7 @@ from conftest import SPECS
 import archc
 from archc.cli.main import main
 from archc.dsl.diagnostics import SpecError
-from archc.interop.weights import to_canonical
+from archc.interop.weights import load_canonical, to_canonical
 
 BRANCHES = """
 param d: int = 16
@@ -222,3 +222,55 @@ def test_gated_paths_spec_trains_and_logs_router_statistics(tmp_path, capsys):
     assert set(stats) == {"layers.0.mixer.router", "layers.0.mlp.router"}
     for s in stats.values():
         assert sum(s["load"]) == 2 * 16 and len(s["load"]) == 2 and s["aux_loss"] > 0
+
+
+# ---- NSA written as gated paths (specs/nsa_gated.arch) == the nsa mixer (specs/nsa.arch) ----------------------
+
+NSA_SIZES = dict(n_layers=2, d_model=32, n_heads=4, kv_heads=2, head_dim=8, cmp_block=8, stride=4, select_block=8,
+                 top_n=3, window=12, d_ff=48)
+
+
+def nsa_copies(name: str) -> list[str]:
+    """Where the gated model keeps each weight of the nsa model: the queries in every branch, the compressed keys
+    and their compressor also in the selection branch (to score its blocks)."""
+    if ".mixer." not in name:
+        return [name]
+    layer, rest = name.split(".mixer.")
+    branch = lambda b, key: f"{layer}.mixer.branches.{b}.attn.{key}"  # noqa: E731
+    if rest == "g.weight":
+        return [f"{layer}.mixer.gate.weight"]  # [heads, 3] logits: the layout gated's [heads, branches] takes
+    if rest == "o.weight":
+        return [f"{layer}.o.weight"]
+    if rest == "q.weight":
+        return [branch(b, rest) for b in range(3)]
+    if rest.startswith(("k_cmp.", "core.k_compress.")):
+        return [branch(0, rest), branch(1, rest)]
+    if rest.startswith(("v_cmp.", "core.v_compress.")):
+        return [branch(0, rest)]
+    return [branch(1 if "_slc" in rest else 2, rest)]
+
+
+@pytest.mark.parametrize("kernel, layers, length", [("auto", 2, 40), ("reference", 1, 32)])
+def test_nsa_as_gated_paths_equals_the_nsa_mixer_forward_and_backward(kernel, layers, length):
+    sizes, kernels = {**NSA_SIZES, "n_layers": layers}, {"nsa": kernel}
+    nsa = archc.compile(SPECS / "nsa.arch", sizes, kernels=kernels)
+    gated = archc.compile(SPECS / "nsa_gated.arch", sizes, kernels=kernels)
+    assert gated.source.count("AF.NSABranchCore(") == 3 and f"kernel='{kernel}'" in gated.source
+    torch.manual_seed(0)
+    a, b = nsa.build().double(), gated.build().double()
+    weights = to_canonical(nsa, a.state_dict())
+    load_canonical(b, gated, {copy: w for name, w in weights.items() for copy in nsa_copies(name)})
+    tokens = torch.randint(0, 256, (2, length))  # longer than top_n · select_block = 24: the selection is sparse
+    out_a, out_b = a(tokens), b(tokens)
+    # both compute each branch in fp32 (the kernels' precision); the gated sum runs in the model's dtype
+    torch.testing.assert_close(out_b["logits"], out_a["logits"], rtol=1e-5, atol=1e-6)
+    grads_a = dict(zip([n for n, _p in a.named_parameters()], torch.autograd.grad(out_a["loss"], list(a.parameters()))))
+    params_b = list(b.named_parameters())
+    grads_b = torch.autograd.grad(out_b["loss"], [p for _n, p in params_b], allow_unused=True)
+    grads_b = {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(params_b, grads_b)}
+    ga, gb = to_canonical(nsa, grads_a), to_canonical(gated, grads_b)
+    for name, grad in ga.items():  # a weight used by several branches gets the sum of their gradients
+        torch.testing.assert_close(sum(gb[copy] for copy in nsa_copies(name)), grad, rtol=1e-5, atol=1e-7, msg=name)
+    scorers = [copy for name in ga if name.split(".mixer.")[-1].startswith(("k_cmp.", "core.k_compress."))
+               for copy in nsa_copies(name) if ".branches.1." in copy]
+    assert scorers and all(not gb[s].any() for s in scorers)  # the selection's scoring copy gets no gradient
