@@ -193,6 +193,13 @@ def test_bad_arguments_are_located_errors(call, at, words):
         assert word in text, text
 
 
+def test_identical_row_branches_stay_modules_of_their_own():
+    compiled, model, _w = layer('gated(x, branches=[Small, Small], mode="select")')
+    assert "GroupedLinear" not in compiled.source and "branch(rows) for branch, rows in zip(self.branches" in \
+        compiled.source
+    assert "g.branches.1.mlp.fc.weight" in to_canonical(compiled, model.state_dict())
+
+
 def test_a_select_branch_of_another_width_is_refused():
     text = BRANCHES + """
 block Wider(x: Tensor[N, d]) {
