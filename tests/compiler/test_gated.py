@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -175,6 +176,7 @@ def test_a_gated_model_decodes_token_by_token():
                                                                    'did you mean "select"')),
     ("gated(x, branches=[Attn, Small], top_k=2)", "2)", ('`top_k=` applies to mode="select"',)),
     ('gated(x, branches=[Attn, Small], mode="select", heads=2)', "2)", ('`heads=` applies to mode="mix"',)),
+    ('gated(x, branches=[Attn, Small], mode="select", bias=true)', "true)", ('`bias=` applies to mode="mix"',)),
     ("gated(x, branches=[Attn])", "[Attn]", ("at least 2 branches",)),
     ("gated(x, branches=Attn)", "Attn", ("a list of blocks",)),
     ('gated(x, branches=[Attn, Small], gate="relu")', '"relu"', ('`gate` must be one of "softmax", "sigmoid"',)),
@@ -198,6 +200,17 @@ def test_identical_row_branches_stay_modules_of_their_own():
     assert "GroupedLinear" not in compiled.source and "branch(rows) for branch, rows in zip(self.branches" in \
         compiled.source
     assert "g.branches.1.mlp.fc.weight" in to_canonical(compiled, model.state_dict())
+
+
+@pytest.mark.parametrize("block, words", [
+    ("block Two(x: Tensor[B, T, d], y: Tensor[B, T, d]) {\n    return x + y\n}\n",
+     "branch `Two` must take one tensor (the layer's input) and nothing else without a default; it takes x, y"),
+    ("block Two(x: Tensor[B, T, d]) {\n    return x, x\n}\n", "branch `Two` must return one tensor"),
+])
+def test_a_branch_must_map_one_tensor_to_one(block, words):
+    text = BRANCHES + block + "model M(x: Tensor[B, T, d]) {\n    return gated(x, branches=[Attn, Two])\n}\n"
+    with pytest.raises(SpecError, match=re.escape(words)):
+        archc.compile(text, name="gated.arch")
 
 
 def test_a_select_branch_of_another_width_is_refused():

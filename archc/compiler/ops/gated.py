@@ -201,13 +201,15 @@ def _branch_blocks(ctx: LowerContext, names: list[str]) -> list[tuple[ast.BlockD
             raise SpecError(f"gated: branch `{name}` must take one tensor (the layer's input) and nothing else "
                             f"without a default; it takes {', '.join(p.name for p in block.params) or 'nothing'}",
                             ctx.where("branches"))
+        if any(isinstance(stmt, ast.Return) and len(stmt.values) != 1 for stmt in block.body):
+            raise SpecError(f"gated: branch `{name}` must return one tensor", ctx.where("branches"))
         out.append((block, len(tensors[0].type.dims) == 2))
     return out
 
 
 def _check(ctx: LowerContext, v, n: int) -> None:
     """Arguments that belong to the other mode, and top_k against the branches; fills in select's defaults."""
-    other = ("top_k", "balance", "aux_weight") if v["mode"] == "mix" else ("heads",)
+    other = ("top_k", "balance", "aux_weight") if v["mode"] == "mix" else ("heads", "bias")
     for arg in other:
         if ctx.given(arg):
             raise SpecError(f"gated: `{arg}=` applies to mode=\"{'select' if v['mode'] == 'mix' else 'mix'}\", "
