@@ -294,3 +294,17 @@ def test_nsa_as_gated_paths_equals_the_nsa_mixer_forward_and_backward(kernel, la
     scorers = [copy for name in ga if name.split(".mixer.")[-1].startswith(("k_cmp.", "core.k_compress."))
                for copy in nsa_copies(name) if ".branches.1." in copy]
     assert scorers and all(not gb[s].any() for s in scorers)  # the selection's scoring copy gets no gradient
+
+
+def test_nsa_as_gated_paths_decodes_token_by_token():
+    from archc.runtime.mixers import recurrent
+
+    compiled = archc.compile(SPECS / "nsa_gated.arch", {**NSA_SIZES, "n_layers": 1})
+    torch.manual_seed(0)
+    model = compiled.build().double().eval()
+    tokens = torch.randint(0, 256, (1, 36))
+    full = model(tokens)["logits"]
+    with recurrent(model):
+        steps = torch.cat([model(tokens[:, :30])["logits"], *(model(tokens[:, t:t + 1])["logits"]
+                                                              for t in range(30, 36))], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-6, atol=1e-7)  # the branches compute in fp32
