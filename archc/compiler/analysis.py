@@ -155,14 +155,36 @@ def routed_experts(graph: Graph) -> list[RoutedExperts]:
 
 def active_params(graph: Graph) -> int:
     """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
-    share = dict(filter(None, (ops.REGISTRY[n.op].active_share(n) for n in graph.nodes())))
+    return scope_params(graph, "", active=True)
+
+
+def scope_params(graph: Graph, scope: str, active: bool = False) -> int:
+    """Parameters under `scope` ("" for the whole model); with `active`, those one token uses."""
+    share = {}
+    if active:
+        for n in graph.nodes():
+            share.update(ops.REGISTRY[n.op].active_shares(n))
     total = 0.0
     for node in graph.nodes():
+        if scope and not _within(node.scope, scope):
+            continue
         count = sum(_numel(s) for s in node_params(graph, node).values())
-        factor = next((f for prefix, f in share.items()
-                       if node.scope == prefix or node.scope.startswith(prefix + ".")), 1.0)
+        factor = next((f for prefix, f in share.items() if _within(node.scope, prefix)), 1.0)
         total += count * factor
     return round(total)
+
+
+def summary_lines(graph: Graph) -> list[str]:
+    """What ops say about themselves in the summary (a gated layer: its branches, mode and active parameters)."""
+    count = lambda scope, active=False: scope_params(graph, scope, active)  # noqa: E731
+    lines, last = [], None
+    for node in graph.nodes():
+        said = ops.REGISTRY[node.op].summary_line(node, count)
+        if said:
+            label, text = said
+            lines.append(f"{label if label != last else '':<20}{text}")
+            last = label
+    return lines
 
 
 def forward_flops(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> int:
@@ -197,12 +219,14 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     lines.append(f"total params        {model.params:,} ({human(model.params)})")
     active = active_params(graph)
     if active != model.params:
-        lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts count top_k/n")
+        lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts and branches "
+                     "count top_k/n")
     per_token = human(model.flops / max(1, batch * seq))
     lines.append(f"forward FLOPs       {human(model.flops)} per step, {per_token} per token")
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
     lines.append(f"activations (fp32)  {human(model.activation_bytes)}B")
     lines.append(f"weights (fp32)      {human(model.params * 4)}B")
+    lines += summary_lines(graph)
     lines += mixer_lines(graph, batch, seq, dims)
     return "\n".join(lines) + "\n"
 

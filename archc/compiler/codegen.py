@@ -421,7 +421,8 @@ class _Codegen:
             out = ns.name(node.var or "y", node.id, i, last_use[node.id])
             names[node.id] = out
             pieces = f"{names[rows]}.split({names[routing]}.split_sizes())"
-            return [f"{out} = torch.cat([", f"    expert(rows) for expert, rows in zip(self.{attr}, {pieces})", "])"]
+            elem = "branch" if attr == "branches" else "expert"  # a gated layer's, or a MoE's
+            return [f"{out} = torch.cat([", f"    {elem}(rows) for {elem}, rows in zip(self.{attr}, {pieces})", "])"]
         if kind == "child":
             ins, outs = self.io(obj)
             attr, index = self.attr_of(path, obj)

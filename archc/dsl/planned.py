@@ -3,8 +3,8 @@
 The grammar runs ahead of the compiler: GRAMMAR.md fixes the syntax of the
 families still to come, and new syntax lands in the front end before its
 lowering. Until a construct is built, `parse()` refuses it with a located
-error that names it and its issue ("`gated` is planned (issue: gated
-paths) and not built yet") rather than letting it reach a compiler that
+error that names it and its issue ("`patch` is planned (issue: byte
+patching) and not built yet") rather than letting it reach a compiler that
 would misread it or call it an unknown name. Building a construct deletes its
 entry here; `tests/dsl/test_planned.py` fails while a built op is still listed.
 """
@@ -17,13 +17,11 @@ from archc.dsl import ast
 from archc.dsl.diagnostics import SpecError
 
 # Issues, by the words their titles use.
-GATED = "gated paths"
 ENGRAM = "Engram memory"
 PATCHING = "byte patching"
 
 # Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
-    "gated": GATED,
     "engram": ENGRAM,
     "hash_ngrams": PATCHING, "patch": PATCHING, "unpatch": PATCHING,
 }

@@ -309,11 +309,15 @@ class _Walk:
                            (f"its arguments are: {', '.join(names)}" if names else "it takes no arguments"))
 
     def block_argument(self, kw: ast.Kwarg) -> None:
+        """`body=Expert` names a block; `branches=[A, B]` lists blocks: each name must be one."""
         blocks = [name for name in self.blocks if name not in self.models]
-        if not isinstance(kw.value, ast.Name) or kw.value.id not in blocks:
-            what = f"`{kw.value.id}`" if isinstance(kw.value, ast.Name) else "this"
-            self.error(f"`{kw.name}=` names a block, but no block here is called {what}", kw.value.span,
-                       hint=did_you_mean(kw.value.id, blocks) if isinstance(kw.value, ast.Name) else None)
+        listed = isinstance(kw.value, ast.ListExpr)
+        for value in kw.value.items if listed else (kw.value,):
+            if not isinstance(value, ast.Name) or value.id not in blocks:
+                what = f"`{value.id}`" if isinstance(value, ast.Name) else "this"
+                self.error(f"`{kw.name}=` {'lists blocks' if listed else 'names a block'}, but no block here is "
+                           f"called {what}", value.span,
+                           hint=did_you_mean(value.id, blocks) if isinstance(value, ast.Name) else None)
 
     def tie(self, target: ast.Name, scope: _Scope) -> None:
         if self.vocabulary is not None and target.id not in scope.visible:

@@ -71,6 +71,7 @@ __all__ = [
     "select_blocks",
     "selection_attention_gather",
     "triton_unsupported",
+    "nsa_branch",
 ]
 
 KERNELS = registry.FAMILIES["nsa"].faces
@@ -436,25 +437,31 @@ def selection_attention_gather(q, k_slc, v_slc, block_indices, *, select_block: 
                                  chunk or _chunk(per_query, T))
 
 
+def _selector(sel: torch.Tensor, *, block: int, stride: int, select_block: int, top_n: int):
+    """The compressed attention's `observe`: each chunk's probabilities [B, H, C, G, hi] (None: none visible) ->
+    its queries' selected blocks, written into `sel` [B, T, H, top_n]."""
+    B, T, H, _ = sel.shape
+    Ns = -(-T // select_block)
+
+    def observe(p, t0, t1):
+        n_slc = min(Ns, (t1 - 1) // select_block + 1)  # no query of the chunk sees a later block
+        if p is None:
+            importance = torch.zeros(B, t1 - t0, H, n_slc, device=sel.device)
+        else:
+            importance = block_importance(p.sum(3).transpose(1, 2), n_slc, block, stride, select_block)
+        sel[:, t0:t1] = select_blocks(importance, torch.arange(t0, t1, device=sel.device)[None, :, None],
+                                      select_block, top_n)
+
+    return observe
+
+
 def _branches(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, *, block, stride, select_block, top_n, window, scale,
               chunk, with_selection: bool):
     """Compression, window and (unless with_selection is False) selection outputs, fp32, and the blocks chosen."""
     B, T, HQ, K = q.shape
-    H = k_slc.shape[2]
-    Ns = -(-T // select_block)
     s = _scale(scale, K)
-    sel = torch.full((B, T, H, top_n), -1, dtype=torch.long, device=q.device)
-
-    def observe(p, t0, t1):
-        """The compression chunk's probabilities [B, H, C, G, hi] (None: none visible) -> its selected blocks."""
-        n_slc = min(Ns, (t1 - 1) // select_block + 1)  # no query of the chunk sees a later block
-        if p is None:
-            importance = torch.zeros(B, t1 - t0, H, n_slc, device=q.device)
-        else:
-            importance = block_importance(p.sum(3).transpose(1, 2), n_slc, block, stride, select_block)
-        sel[:, t0:t1] = select_blocks(importance, torch.arange(t0, t1, device=q.device)[None, :, None],
-                                      select_block, top_n)
-
+    sel = torch.full((B, T, k_slc.shape[2], top_n), -1, dtype=torch.long, device=q.device)
+    observe = _selector(sel, block=block, stride=stride, select_block=select_block, top_n=top_n)
     cmp_chunk = chunk or _chunk(3 * B * HQ * max(1, k_cmp.shape[1]), T)
     o_cmp = _CompressedAttention.apply(q, k_cmp, v_cmp, block, stride, s, cmp_chunk, observe)
     o_win = _window(q, k_win, v_win, window, s)
@@ -524,17 +531,23 @@ def selection_attention_triton(q, k, v, block_indices, *, select_block: int, sca
     return SelectionAttention.apply(q, k, v, block_indices, select_block, scale)
 
 
+def _triton_cannot(q, k_slc, v_slc, select_block: int) -> str | None:
+    """Why the Triton selection kernel cannot run these tensors here, or None."""
+    why = triton_unsupported(q.shape[2], k_slc.shape[2], q.shape[3], v_slc.shape[3], select_block)
+    if not why and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        why = "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)"
+    if not why and not registry.triton_available():
+        why = "triton is not installed"
+    return why
+
+
 def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, *, block: int, stride: int,
                select_block: int, top_n: int, window: int, scale=None, chunk: int | None = None,
                return_block_indices: bool = False):
     """Selection branch in Triton (forward; backward recomputes it with the gather path), the rest in PyTorch."""
     _check(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, block, stride, select_block,
            top_n, window)
-    why = triton_unsupported(q.shape[2], k_slc.shape[2], q.shape[3], v_slc.shape[3], select_block)
-    if not why and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        why = "the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)"
-    if not why and not registry.triton_available():
-        why = "triton is not installed"
+    why = _triton_cannot(q, k_slc, v_slc, select_block)
     if why:  # fall back rather than fail: the gather path runs every shape on every device
         warnings.warn(f"nsa: kernel='triton' runs the gather path instead: {why}", stacklevel=2)
         return nsa_gather(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win, block=block,
@@ -570,3 +583,62 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_w
               select_block=select_block, top_n=top_n, window=window, scale=scale,
               return_block_indices=return_block_indices)
 
+
+
+# ----------------------------------------------------------------------------- one branch alone
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+def nsa_branch(branch: str, q, k, v, *, k_cmp=None, block: int = 32, stride: int = 16, select_block: int = 64,
+               top_n: int = 16, window: int = 512, scale=None, kernel: str = "auto"):
+    """One of the three branches alone, ungated: o [B, T, HQ, V] in v's dtype, what `nsa_attention` with that
+    branch's gate 1 and the others' 0 gives (NSA written as gated paths: GRAMMAR.md).
+
+    `cmp`: k, v are the compressed keys and values [B, Nc, H, ·]; `slc`: k, v are the selection keys and values
+    [B, T, H, ·] and `k_cmp` the compressed keys [B, Nc, H, K] whose attention scores the blocks (not
+    differentiated, as in the full layer); `win`: k, v are the window's keys and values [B, T, H, ·].
+    """
+    if branch not in BRANCHES:
+        raise ValueError(f"nsa: branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+    B, T, HQ, K = q.shape
+    H, V = k.shape[2], v.shape[-1]
+    if T == 0:
+        return v.new_zeros(B, 0, HQ, V)
+    face = resolve_kernel(kernel, q, H, V, select_block)
+    if face == "reference":
+        return _branch_reference(branch, q, k, v, k_cmp, block=block, stride=stride, select_block=select_block,
+                                 top_n=top_n, window=window, scale=scale)
+    s = _scale(scale, K)
+    if branch == "win":
+        return _window(q, k, v, window, s).to(v.dtype)
+    if branch == "cmp":
+        chunk = _chunk(3 * B * HQ * max(1, k.shape[1]), T)
+        return _CompressedAttention.apply(q, k, v, block, stride, s, chunk, lambda p, t0, t1: None).to(v.dtype)
+    sel = torch.full((B, T, H, top_n), -1, dtype=torch.long, device=q.device)
+    with torch.no_grad():  # the compressed attention only scores the blocks; no values, no gradient
+        _CompressedAttention.apply(q, k_cmp, k_cmp.new_zeros(*k_cmp.shape[:3], 1), block, stride, s,
+                                   _chunk(3 * B * HQ * max(1, k_cmp.shape[1]), T),
+                                   _selector(sel, block=block, stride=stride, select_block=select_block, top_n=top_n))
+    if face == "triton":
+        why = _triton_cannot(q, k, v, select_block)
+        if not why:
+            return selection_attention_triton(q, k, v, sel, select_block=select_block, scale=s)[0].to(v.dtype)
+        if kernel == "triton":
+            warnings.warn(f"nsa: kernel='triton' runs the gather path instead: {why}", stacklevel=2)
+    return selection_attention_gather(q, k, v, sel, select_block=select_block, scale=s).to(v.dtype)
+
+
+def _branch_reference(branch, q, k, v, k_cmp, *, block, stride, select_block, top_n, window, scale):
+    """`nsa_reference` with this branch's gate 1, the others' 0 and zeros for their keys and values."""
+    B, T, HQ, K = q.shape
+    H, V = k.shape[2], v.shape[-1]
+    Nc = compressed_blocks(T, block, stride)
+    zeros = {"cmp": (q.new_zeros(B, Nc, H, K), v.new_zeros(B, Nc, H, V)), "slc": (q.new_zeros(B, T, H, K),
+             v.new_zeros(B, T, H, V)), "win": (q.new_zeros(B, T, H, K), v.new_zeros(B, T, H, V))}
+    kv = {b: (k, v) if b == branch else zeros[b] for b in BRANCHES}
+    if branch == "slc":
+        kv["cmp"] = (k_cmp, zeros["cmp"][1])
+    gates = [q.new_full((B, T, HQ), float(b == branch)) for b in BRANCHES]
+    return nsa_reference(q, *kv["cmp"], *kv["slc"], *kv["win"], *gates, block=block, stride=stride,
+                         select_block=select_block, top_n=top_n, window=window, scale=scale)

@@ -23,10 +23,11 @@ from archc.runtime.diffusion import (  # noqa: F401
     timestep_embedding,
     unpatchify,
 )
+from archc.runtime.gated import branch_gates, mix_branches, routed_rows  # noqa: F401
 from archc.runtime.lanes import Lanes, expand_lanes, merge_lanes  # noqa: F401
 from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401
 from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
-from archc.runtime.nsa import NSACore  # noqa: F401
+from archc.runtime.nsa import NSABranchCore, NSACore  # noqa: F401
 from archc.runtime.params import Bias, Init, chosen, initialised, learned  # noqa: F401
 from archc.runtime.position_bias import ALiBi, RelativePositionBias  # noqa: F401
 from archc.runtime.rope import (  # noqa: F401

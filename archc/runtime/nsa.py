@@ -33,13 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archc.kernels.nsa import KERNELS, compressed_blocks, nsa_attention
+from archc.kernels.nsa import BRANCHES, KERNELS, compressed_blocks, nsa_attention, nsa_branch
 from archc.runtime.decoding import InputHistory
 from archc.runtime.rope import RotaryEmbedding
 
-__all__ = ["COMPRESSORS", "BlockCompressor", "NSACore"]
+__all__ = ["COMPRESSORS", "BlockCompressor", "NSABranchCore", "NSACore"]
 
 COMPRESSORS = ("mlp", "mean")
+
+
+def rotate(rope: RotaryEmbedding, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on two [B, T, heads, dim] tensors at positions 0..T-1 (the module works on [B, heads, T, dim])."""
+    a, b = rope(a.transpose(1, 2), b.transpose(1, 2))
+    return a.transpose(1, 2), b.transpose(1, 2)
 
 
 class BlockCompressor(nn.Module):
@@ -99,9 +105,7 @@ class NSACore(nn.Module):
         self.history = InputHistory()
 
     def _rotate(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on two [B, T, heads, dim] tensors at positions 0..T-1 (the module works on [B, heads, T, dim])."""
-        a, b = self.rope(a.transpose(1, 2), b.transpose(1, 2))
-        return a.transpose(1, 2), b.transpose(1, 2)
+        return rotate(self.rope, a, b)
 
     def forward(self, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g):
         new = q.shape[1]
@@ -128,4 +132,61 @@ class NSACore(nn.Module):
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, block={self.block}, "
                 f"stride={self.stride}, select_block={self.select_block}, top_n={self.top_n}, "
+                f"window={self.window}, kernel={self.kernel!r}")
+
+
+class NSABranchCore(nn.Module):
+    """One NSA branch alone, ungated, after its projections (`nsa_branch(...)`: NSA written as gated paths).
+
+    q [B, T, HQ·K] and the branch's own full-resolution keys and values [B, T, H·K] -> [B, T, HQ·K]:
+    `cmp` takes k_cmp, v_cmp (compressed here, as NSACore does); `slc` takes k_cmp (compressed, only to score
+    the blocks), k_slc, v_slc; `win` takes k_win, v_win. RoPE as NSACore's, on q and every key.
+    """
+
+    def __init__(self, branch: str, heads: int, kv_heads: int, head_dim: int, *, block: int = 32, stride: int = 16,
+                 select_block: int = 64, top_n: int = 16, window: int = 512, compress: str = "mlp",
+                 rope: bool = True, rope_theta: float = 10000.0, max_len: int | None = None,
+                 kernel: str = "auto") -> None:
+        super().__init__()
+        if branch not in BRANCHES or kernel not in KERNELS:
+            raise ValueError(f"branch / kernel: choose from {BRANCHES} / {KERNELS}, got {branch!r} / {kernel!r}")
+        if heads % kv_heads:
+            raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+        self.branch, self.heads, self.kv_heads, self.head_dim = branch, heads, kv_heads, head_dim
+        self.block, self.stride, self.select_block = block, stride, select_block
+        self.top_n, self.window, self.max_len, self.kernel = top_n, window, max_len, kernel
+        if branch in ("cmp", "slc"):
+            self.k_compress = BlockCompressor(head_dim, block, stride, compress)
+        if branch == "cmp":
+            self.v_compress = BlockCompressor(head_dim, block, stride, compress)
+        self.rope = RotaryEmbedding(head_dim, theta=rope_theta) if rope else None
+        self.history = InputHistory()  # while decoding, recompute over the whole prefix (as NSACore)
+
+    def forward(self, q, *keys_values):
+        new = q.shape[1]
+        if self.history.active:
+            q, *keys_values = self.history.extend(q, *keys_values)
+        B, T, _ = q.shape
+        if self.max_len is not None and T > self.max_len:
+            raise ValueError(f"nsa: a sequence of {T} tokens is longer than max_len={self.max_len} "
+                             "(top_n was checked against max_len at compile time)")
+        q = q.view(B, T, self.heads, self.head_dim)
+        kv = [x.view(B, T, self.kv_heads, self.head_dim) for x in keys_values]
+        if self.rope is not None:  # every key: the first input, and slc's selection keys
+            q, kv[0] = rotate(self.rope, q, kv[0])
+            if self.branch == "slc":
+                kv[1], _ = rotate(self.rope, kv[1], kv[1])
+        options = dict(block=self.block, stride=self.stride, select_block=self.select_block, top_n=self.top_n,
+                       window=self.window, kernel=self.kernel)
+        if self.branch == "cmp":
+            o = nsa_branch("cmp", q, self.k_compress(kv[0]), self.v_compress(kv[1]), **options)
+        elif self.branch == "slc":
+            o = nsa_branch("slc", q, kv[1], kv[2], k_cmp=self.k_compress(kv[0]), **options)
+        else:
+            o = nsa_branch("win", q, kv[0], kv[1], **options)
+        return o.reshape(B, T, -1)[:, T - new:]
+
+    def extra_repr(self) -> str:
+        return (f"{self.branch}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"block={self.block}, stride={self.stride}, select_block={self.select_block}, top_n={self.top_n}, "
                 f"window={self.window}, kernel={self.kernel!r}")

@@ -137,7 +137,7 @@ CASES: dict[str, tuple[str, dict, tuple[int, int], str]] = {
         model("repeat i in 0..4 {", "    x = Layer(x) as shared_layer", "}", "return x",
               head=LAYER.format(body="    return x\n")), {}, (8, 13), "has no effect"),
     "shared_label_used_once": (model("x = linear(x, 64) as proj shared", "return x"), {}, (3, 9), "has no effect"),
-    "planned_op": (model("a = gated(x, n=4)", "return a"), {}, (3, 9), "not built yet"),
+    "planned_op": (model("a = patch(x, n=4)", "return a"), {}, (3, 9), "not built yet"),
     "keyword_where_an_expression_is_due": (model("y =", "return y"), {}, (4, 5), "expected an expression"),
     "no_unrelated_suggestion": (model("y = argmax(x)", "return y"), {}, (3, 9), "unknown op or block `argmax`"),
     "parenthesised_expression_ok_but_width_bad": (

@@ -40,7 +40,7 @@ def test_planned_types_are_not_built():
 SPEC = """param d: int = 8
 
 model M(x: Tensor[B, T, d], tokens: Tokens[B, T]) {
-    h = gated(x, n=4) as gate
+    h = hash_ngrams(x, n=4) as gate
     h = engram(h, tokens, orders=[2, 3], slots=64) + engram(h, tokens, orders=[4], slots=64)
     h = unpatch(h)
     patches = patch(h, by="entropy")
@@ -54,7 +54,7 @@ def test_every_planned_construct_is_named_once_at_its_first_use():
         parse(SPEC, "bad.arch")
     found = [(e.span.line, e.span.column, e.message) for e in info.value.errors]
     assert found == [
-        (4, 9, "`gated` is planned (issue: gated paths) and not built yet"),
+        (4, 9, "`hash_ngrams` is planned (issue: byte patching) and not built yet"),
         (5, 9, "`engram` is planned (issue: Engram memory) and not built yet"),
         (6, 9, "`unpatch` is planned (issue: byte patching) and not built yet"),
         (7, 15, "`patch` is planned (issue: byte patching) and not built yet"),
@@ -65,7 +65,7 @@ def test_every_planned_construct_is_named_once_at_its_first_use():
 
 
 def test_many_uses_of_one_construct_are_counted_not_listed():
-    lines = "".join(f"    y{i} = gated(x, n={i + 1})\n" for i in range(8))
+    lines = "".join(f"    y{i} = patch(x, n={i + 1})\n" for i in range(8))
     with pytest.raises(SpecError) as info:
         parse(f"model M(x: Tensor[B, N, 8]) {{\n{lines}    return y0\n}}\n", "bad.arch")
     (err,) = info.value.errors

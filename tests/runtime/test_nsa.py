@@ -1,5 +1,6 @@
 """Native Sparse Attention: the gather path against the per-query reference, the selection rule,
-the full-attention limit, the compiled mixer (kernel choice, FLOPs, summary) and its errors.
+the full-attention limit, each branch alone (`nsa_branch`), the compiled mixer (kernel choice, FLOPs, summary) and
+its errors.
 
 Shapes are tiny (T <= 70); the reference loops over query positions. The file runs in a few seconds, on one
 thread: with two, each of the reference's many tiny ops waits on OpenMP threads that other jobs on a busy
@@ -277,3 +278,22 @@ def test_max_len_is_enforced_at_run_time():
     model(torch.randn(1, 24, 32))
     with pytest.raises(ValueError, match="longer than max_len=24"):
         model(torch.randn(1, 25, 32))
+
+
+@pytest.mark.parametrize("kernel", ["gather", "reference"])
+@pytest.mark.parametrize("case", ["T37_group2_ragged", "T70_group4_sparse"])
+def test_each_branch_alone_is_the_layer_with_one_gate_open(case, kernel):
+    """nsa_branch (NSA written as gated paths): Σ_b g_b · nsa_branch(b) is nsa_attention, outputs and gradients."""
+    B, T, HQ, H, K, V, block, stride, sel, n, w = CASES[case]
+    xs = inputs(B, T, HQ, H, K, V, block, stride)
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g_cmp, g_slc, g_win = xs
+    kw = dict(block=block, stride=stride, select_block=sel, top_n=n, window=w, kernel=kernel)
+    whole = nsa_attention(*xs, **kw)
+    parts = (nsa.nsa_branch("cmp", q, k_cmp, v_cmp, **kw), nsa.nsa_branch("slc", q, k_slc, v_slc, k_cmp=k_cmp, **kw),
+             nsa.nsa_branch("win", q, k_win, v_win, **kw))
+    summed = sum(g[..., None] * part for g, part in zip((g_cmp, g_slc, g_win), parts))
+    torch.testing.assert_close(summed, whole, rtol=1e-5, atol=1e-6)
+    do = torch.randn_like(whole)
+    for name, a, b in zip(NAMES, torch.autograd.grad((summed * do).sum(), xs),
+                          torch.autograd.grad((whole * do).sum(), xs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")

@@ -37,6 +37,14 @@ class BlockName:
     evaluated."""
 
 
+class BlockNames:
+    """The type of an attribute that lists blocks of the spec (`branches=[Attn, Mlp]`): kept as their names;
+    an item that is no name is kept as "" (no block has it)."""
+
+
+BLOCK_TYPES = (BlockName, BlockNames)
+
+
 class A:
     """An attribute of an op as the spec writes it: type, default, allowed values."""
 
@@ -268,6 +276,16 @@ class OpDef:
         (routed experts: top_k of n); None for ops that route nothing."""
         return None
 
+    def active_shares(self, node: Node) -> dict[str, float]:
+        """Scope path -> the fraction of the tokens its parameters serve (`active_share`'s, or several)."""
+        share = self.active_share(node)
+        return dict([share]) if share else {}
+
+    def summary_line(self, node: Node, count: Callable[..., int]) -> tuple[str, str] | None:
+        """(label, text): a line for `archc summary` about this node (a gated layer's branches), or None;
+        `count(scope, active=False)` gives the parameters under a scope (with `active`, those one token uses)."""
+        return None
+
     def cannot_decode(self, node: Node, ins: list[Shape]) -> str | None:
         """Why the module holding this node cannot continue a sequence call by call (a sequence mixer
         without a cache to decode from), or None."""
@@ -338,7 +356,7 @@ def vocabulary() -> Vocabulary:
         **{name: op.signature() for name, op in REGISTRY.items() if op.user},
         **{name: (*comp.inputs, *comp.attrs, *comp.optional) for name, comp in COMPOSITES.items()},
     }, block_arguments=frozenset((name, arg) for name, comp in COMPOSITES.items()
-                                 for arg, spec in comp.attrs.items() if spec.type is BlockName))
+                                 for arg, spec in comp.attrs.items() if spec.type in BLOCK_TYPES))
 
 
 def composite(name: str, *, cls: str, default_name: str, attrs: dict[str, A],
@@ -382,6 +400,11 @@ def attr_values(call: ast.Call, bound: dict[str, ast.Expr], specs: dict[str, A],
         if name in bound and spec.type is BlockName:
             expr = bound[name]
             values[name] = expr.id if isinstance(expr, ast.Name) else ""  # not a name: no block has it
+        elif name in bound and spec.type is BlockNames:
+            expr = bound[name]
+            if not isinstance(expr, ast.ListExpr):
+                raise SpecError(f"{what}: `{name}` is a list of blocks, as in `{name}=[A, B]`", expr.span)
+            values[name] = [item.id if isinstance(item, ast.Name) else "" for item in expr.items]
         elif name in bound:
             value = evaluate(bound[name], scalars)
             problem = spec.check(name, value)

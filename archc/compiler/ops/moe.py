@@ -91,7 +91,7 @@ class Router(OpDef):
         if not any(n.op == self.name for n in graph.nodes()):
             return
         for i, (name, node_id) in enumerate(graph.outputs):
-            if name == "loss":
+            if name == "loss" and graph.node(node_id).op != "add_aux_losses":  # once for every kind of router
                 total = graph.add("add_aux_losses", [node_id], {}, scope="", name="aux",
                                   span=graph.node(node_id).span, var="loss")
                 graph.outputs[i] = (name, total.id)
@@ -142,7 +142,8 @@ class ConcatExperts(OpDef):
         *outs, routing = ins
         widths = {o[-1] for o in outs}
         if len(widths) != 1:
-            raise SpecError(f"expert bodies return different widths {sorted(widths, key=str)}", node.span)
+            bodies = node.attrs.get("bodies", "expert bodies")  # a gated layer's: its branches
+            raise SpecError(f"{bodies} return different widths {sorted(widths, key=str)}", node.span)
         total = str(outs[0][0]).rsplit("/", 1)[0]
         return (total, outs[0][-1])
 

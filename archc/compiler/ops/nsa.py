@@ -61,6 +61,13 @@ class NSACore(MixerOp):
 
     def infer(self, node, ins, graph):
         q, *kvs, g = ins
+        self.check_heads(node, q, kvs, ("compression key", "compression value", "selection key", "selection value",
+                                        "window key", "window value"))
+        check_width(node, g, 3 * node.attrs["heads"], "gate projection")
+        return q
+
+    def check_heads(self, node, q, kvs, what) -> None:
+        """The queries split into heads of head_dim (filled in), each key/value input kv_heads of them."""
         self.check_stream(node, q)
         a = node.attrs
         hd = heads_of(node, need_width(node, q, "query"), "query")
@@ -68,14 +75,11 @@ class NSACore(MixerOp):
             raise SpecError(f"heads={a['heads']} × head_dim={a['head_dim']} but the queries are {q[-1]} wide",
                             node.span)
         a["head_dim"] = hd
-        for what, shape in zip(("compression key", "compression value", "selection key", "selection value",
-                                "window key", "window value"), kvs):
-            check_width(node, shape, a["kv_heads"] * hd, what)
-        check_width(node, g, 3 * a["heads"], "gate projection")
+        for name, shape in zip(what, kvs):
+            check_width(node, shape, a["kv_heads"] * hd, name)
         if a["rope"] and hd % 2:
             raise SpecError(f"nsa: RoPE needs an even head_dim, got {hd}", node.span,
                             hint="use an even head_dim, or rope=false")
-        return q
 
     def dims(self, node):
         a = node.attrs
@@ -123,6 +127,9 @@ class NSACore(MixerOp):
         return 2 * a["kv_heads"] * a["head_dim"] * (2 + 1 / a["stride"])
 
     def init(self, node, ins):
+        return f"AF.{self.runtime}({', '.join(self.ctor_args(node))})"
+
+    def ctor_args(self, node) -> list[str]:
         a = node.attrs
         args = [f"heads={a['heads']!r}", f"kv_heads={a['kv_heads']!r}", f"head_dim={a['head_dim']!r}"]
         if a["cmp_block"] != 32:
@@ -132,7 +139,7 @@ class NSACore(MixerOp):
             if a[key] != self.attrs[key].default:
                 args.append(f"{key}={a[key]!r}")
         args.append(f"kernel={a['kernel']!r}")
-        return f"AF.{self.runtime}({', '.join(args)})"
+        return args
 
     def describe(self, node):
         a = node.attrs
@@ -141,6 +148,66 @@ class NSACore(MixerOp):
         return [f"{rope}k_cmp, v_cmp = {phi} of each block of {a['cmp_block']} tokens, every {a['stride']}",
                 f"o = g_cmp Attn(q, k_cmp) + g_slc Attn(q, top-{a['top_n']} blocks of {a['select_block']}) "
                 f"+ g_win Attn(q, last {a['window']} tokens)"]
+
+
+# The inputs of one branch alone after q (`nsa_branch`): its own keys and values; the selection branch also the
+# compression keys that score its blocks.
+BRANCH_INPUTS = {"cmp": ("k_cmp", "v_cmp"), "slc": ("k_cmp", "k_slc", "v_slc"), "win": ("k_win", "v_win")}
+
+
+@register
+class NSABranchCore(NSACore):
+    """One branch alone, ungated, after the projections: q [B, T, HQ·K], the branch's inputs [B, T, H·K]."""
+
+    name = "nsa_branch_core"
+    runtime = "NSABranchCore"
+    inputs = ()
+    attrs = {"branch": A(str, choices=BRANCHES), **NSACore.attrs}
+
+    def infer(self, node, ins, graph):
+        q, *kvs = ins
+        self.check_heads(node, q, kvs, BRANCH_INPUTS[node.attrs["branch"]])
+        return q
+
+    def weights(self, node, ins):
+        keep = {"cmp": ("k_compress", "v_compress"), "slc": ("k_compress",), "win": ()}[node.attrs["branch"]]
+        return {k: shape for k, shape in super().weights(node, ins).items() if k.split(".")[0] in keep}
+
+    def roles(self, node):
+        mine = self.weights(node, [])
+        return {k: role for k, role in super().roles(node).items() if k in mine}
+
+    def flops(self, node, ins, out, sizes):
+        # As NSACore's, for this branch's keys; the selection branch scores its blocks with the compressed keys
+        # (q·k only) and compresses those keys itself.
+        a = node.attrs
+        q = ins[0]
+        T = round(numel(q[1:2], sizes))
+        rows = numel(q[:-1], sizes)
+        HQ, H, K = a["heads"], a["kv_heads"], a["head_dim"]
+        n_cmp = compressed_blocks(T, a["cmp_block"], a["stride"])
+        compressors = {"cmp": 2, "slc": 1, "win": 0}[a["branch"]]
+        keys = {"cmp": n_cmp, "slc": min(a["top_n"] * a["select_block"], T) + n_cmp / 2,
+                "win": min(a["window"], T)}[a["branch"]]
+        total = round(4 * rows * HQ * K * keys)
+        if a["compress"] == "mlp" and T:
+            total += 2 * (rows // T) * n_cmp * H * compressors * (a["cmp_block"] * K * K + K * K)
+        return total
+
+    def kv_per_token(self, node) -> float:
+        a = node.attrs
+        per_head = {"cmp": 2 / a["stride"], "slc": 2 + 1 / a["stride"], "win": 2}[a["branch"]]
+        return a["kv_heads"] * a["head_dim"] * per_head
+
+    def ctor_args(self, node) -> list[str]:
+        return [repr(node.attrs["branch"]), *super().ctor_args(node)]
+
+    def describe(self, node):
+        a = node.attrs
+        what = {"cmp": f"Attn(q, k_cmp) over each complete block of {a['cmp_block']} tokens, every {a['stride']}",
+                "slc": f"Attn(q, the top-{a['top_n']} blocks of {a['select_block']} tokens scored by Attn(q, k_cmp))",
+                "win": f"Attn(q, the last {a['window']} tokens)"}[a["branch"]]
+        return [f"o = {what}, ungated"]
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -169,7 +236,7 @@ def _check_options(v, span) -> None:
                         "(each key/value head serves a group of query heads)", span)
 
 
-@composite("nsa", cls="NativeSparseAttention", default_name="mixer", attrs={
+NSA_ATTRS = {
     "heads": A(int, positive=True),
     "kv_heads": A((int, type(None)), None, positive=True),
     "head_dim": A((int, type(None)), None, positive=True),
@@ -183,10 +250,11 @@ def _check_options(v, span) -> None:
     "rope_theta": A(float, 10000.0, positive=True),
     "max_len": A((int, type(None)), None, positive=True),
     "bias": A(bool, False),
-    "out_bias": A((bool, type(None)), None),
-})
-def lower_nsa(ctx, args, v) -> str:
-    (x,) = args
+}
+
+
+def _projections(ctx, x, v):
+    """The checked options' queries, a maker of key/value projections, and the core's attributes."""
     _check_options(v, ctx.span)
     heads, hd = v["heads"], v["head_dim"]
     kv_heads = v["kv_heads"] or heads
@@ -195,13 +263,29 @@ def lower_nsa(ctx, args, v) -> str:
         kv_heads, heads, why=f"the input width {{width}} does not split into heads={heads}; "
                              "choose heads that divide it, or give head_dim")
     q = ctx.linear(x, q_out, "q", bias=v["bias"])
-    kvs = [ctx.linear(x, kv_out, f"{kv}_{branch}", bias=v["bias"]) for branch in BRANCHES for kv in ("k", "v")]
-    g = ctx.linear(x, 3 * heads, "g", bias=v["bias"])
+    attrs = {"heads": heads, "kv_heads": kv_heads, "head_dim": hd,
+             **{k: v[k] for k in ("cmp_block", "stride", "select_block", "top_n", "window", "compress", "rope",
+                                  "rope_theta", "max_len")}}
+    return q, lambda name: ctx.linear(x, kv_out, name, bias=v["bias"]), attrs
+
+
+@composite("nsa", cls="NativeSparseAttention", default_name="mixer",
+           attrs={**NSA_ATTRS, "out_bias": A((bool, type(None)), None)})
+def lower_nsa(ctx, args, v) -> str:
+    (x,) = args
+    q, project, core_attrs = _projections(ctx, x, v)
+    kvs = [project(f"{kv}_{branch}") for branch in BRANCHES for kv in ("k", "v")]
+    g = ctx.linear(x, 3 * v["heads"], "g", bias=v["bias"])
     g = ctx.act("sigmoid", g, var="g")
-    core = ctx.core("nsa_core", [q, *kvs, g],
-                    {"heads": heads, "kv_heads": kv_heads, "head_dim": hd,
-                     **{k: v[k] for k in ("cmp_block", "stride", "select_block", "top_n", "window", "compress", "rope",
-                                          "rope_theta", "max_len")}})
+    core = ctx.core("nsa_core", [q, *kvs, g], core_attrs)
     return out_projection(ctx, core, x, v)
 
 
+@composite("nsa_branch", cls="NSABranch", default_name="branch", attrs={
+    "branch": A(str, choices=BRANCHES), **NSA_ATTRS})
+def lower_nsa_branch(ctx, args, v) -> str:
+    """One branch of `nsa` alone: its projections and core, ungated and before the output projection."""
+    (x,) = args
+    q, project, core_attrs = _projections(ctx, x, v)
+    kvs = [project(name) for name in BRANCH_INPUTS[v["branch"]]]
+    return ctx.core("nsa_branch_core", [q, *kvs], {"branch": v["branch"], **core_attrs})

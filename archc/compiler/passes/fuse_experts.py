@@ -55,6 +55,8 @@ def _signature(graph: Graph, nodes: list[Node], rows: str) -> list[tuple]:
 
 
 def _fuse(graph: Graph, concat: Node) -> str | None:
+    if graph.scopes[concat.scope].builtin != "experts":
+        return "the branches of a gated layer stay modules of their own (`branches.b`)"
     members = _members(graph, concat)
     if not members:
         return "the expert bodies are not separate scopes over expert_rows"
