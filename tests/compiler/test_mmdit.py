@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPECS
 
 import archc
 from archc.dsl.diagnostics import SpecError
@@ -106,3 +107,107 @@ def test_msrope_options_are_checked_where_they_are_written(options, words):
                       "    return y\n}", name="m.arch")
     assert words in str(info.value)
     assert "m.arch:2:" in str(info.value)
+
+
+# --- joint attention and the MMDiT blocks of specs/mmdit.arch --------------------------------------------
+
+
+def _mmdit(**params):
+    return archc.compile(SPECS / "mmdit.arch", params).build()
+
+
+def _joint_reference(attn, x, context, heads):
+    """MMDiT's joint attention written out: each stream's own q, k, v; one softmax over image then text."""
+    def qkv(fused, stream):
+        return fused(stream).chunk(3, dim=-1)
+
+    qx, kx, vx = qkv(attn.to_q_to_k_to_v, x)
+    qc, kc, vc = qkv(attn.add_q_proj_add_k_proj_add_v_proj, context)
+    b, n, d = x.shape
+    q, k, v = (torch.cat(pair, dim=1).view(b, -1, heads, d // heads).transpose(1, 2)
+               for pair in ((qx, qc), (kx, kc), (vx, vc)))
+    scores = (q @ k.transpose(-1, -2)) / (d // heads) ** 0.5
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, -1, d)
+    return y[:, :n], y[:, n:]
+
+
+def test_joint_attention_is_one_softmax_over_both_streams_with_their_own_weights():
+    torch.manual_seed(0)
+    model = _mmdit()
+    attn = model.transformer_blocks[0].attn
+    with torch.no_grad():
+        for weight in attn.parameters():
+            weight.normal_(0, 0.2)
+    x, context = torch.randn(2, 32, 64), torch.randn(2, 3, 64)
+    got = attn(x, context)
+    for ours, want in zip(got, _joint_reference(attn, x, context, heads=4)):
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    # the last block (context_pre_only) attends over both streams but gives only the image's output
+    last = model.transformer_blocks[-1].attn
+    last.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(last(x, context), got[0])
+
+
+def test_joint_attention_with_shared_weights_is_attention_over_the_concatenated_streams():
+    """With the text stream given the image stream's weights, `attend` over the concatenated projections is
+    `attention` over the concatenated sequence."""
+    joint = _build("""
+model J(x: Tensor[B, N, 32], c: Tensor[B, L, 32]) {
+    q = concat([linear(x, 32) as x_q, linear(c, 32) as c_q], dim=1)
+    k = concat([linear(x, 32) as x_k, linear(c, 32) as c_k], dim=1)
+    v = concat([linear(x, 32) as x_v, linear(c, 32) as c_v], dim=1)
+    y_x, y_c = split(attend(q, k, v, heads=4, causal=false), [N, L], dim=1)
+    return linear(y_x, 32) as x_o, linear(y_c, 32) as c_o
+}""")
+    whole = _build("""
+model A(x: Tensor[B, N, 32], c: Tensor[B, L, 32]) {
+    y = attention(concat([x, c], dim=1), heads=4, causal=false, bias=true) as attn
+    y_x, y_c = split(y, [N, L], dim=1)
+    return y_x, y_c
+}""")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in whole.parameters():
+            weight.normal_(0, 0.2)
+    shared = whole.state_dict()
+    qkv_w, qkv_b = shared["attn.qkv.weight"], shared["attn.qkv.bias"]
+    state = {f"{s}_q_{s}_k_{s}_v.{p}": t for s in ("x", "c") for p, t in (("weight", qkv_w), ("bias", qkv_b))}
+    state.update({f"{s}_o.{p}": shared[f"attn.o.{p}"] for s in ("x", "c") for p in ("weight", "bias")})
+    joint.load_state_dict(state)
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    ours, want = joint(x, c), whole(x, c)
+    torch.testing.assert_close(ours["out0"], want["y_x"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["out1"], want["y_c"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("msrope", [False, True])
+def test_mmdit_blocks_start_as_the_identity_and_the_model_predicts_zeros(msrope):
+    model = _mmdit(msrope=msrope)
+    image, caption = torch.randn(3, 1, 8, 16), torch.tensor([[4, 11, 8], [1, 11, 2], [0, 0, 0]])
+    out = model(image, caption)
+    assert out["pred"].shape == image.shape and torch.equal(out["pred"], torch.zeros_like(image))
+    x, context, c = torch.randn(3, 32, 64), torch.randn(3, 3, 64), torch.randn(3, 64)
+    first, last = model.transformer_blocks
+    for ours, given in zip(first(x, context, c), (x, context)):
+        torch.testing.assert_close(ours, given)
+    torch.testing.assert_close(last(x, context, c), x)
+    assert not hasattr(last, "to_add_out") and not hasattr(last, "ff_context")  # context_pre_only
+
+
+def test_one_mmdit_training_step_on_a_fixed_batch_lowers_the_loss():
+    torch.manual_seed(0)
+    model = _mmdit(msrope=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    image = torch.rand(16, 1, 8, 16) * 2 - 1
+    caption = torch.randint(1, 12, (16, 3))
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)  # the same times, noise and dropped captions each time
+        return model(image, caption)["loss"]
+
+    before = loss()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    assert after < before - 1e-3, (before.item(), after.item())
