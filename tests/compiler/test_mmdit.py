@@ -274,3 +274,19 @@ def test_archc_sample_refuses_a_prompt_for_a_label_spec(tmp_path, capsys):
     code = main(["sample", str(SPECS / "dit.arch"), "--checkpoint", str(run), "-o", str(tmp_path / "g.png"),
                  "--prompt", "one and two"])
     assert code not in (0, 3) and "not conditioned on a caption (it takes a class: --label)" in capsys.readouterr().err
+
+
+def test_sincos_2d_crops_sd3s_rescaled_table():
+    from archc.runtime.diffusion import crop_position_embedding, sincos_2d_position_embedding
+
+    model = _build("""
+model M(x: Tensor[B, 6, 8]) {
+    p = sincos_2d(x, rows=2, cols=3, base_size=4, max_size=6)
+    return p
+}""")
+    table = sincos_2d_position_embedding(8, 6, base_size=4)  # positions 0, 2/3, 4/3, ... on a 6×6 grid
+    torch.testing.assert_close(model(torch.zeros(1, 6, 8))["p"], crop_position_embedding(table, 6, 2, 3))
+    torch.testing.assert_close(crop_position_embedding(table, 6, 2, 3)[0], table[2 * 6 + 1])  # centre: row 2, col 1
+    with pytest.raises(SpecError, match="does not fit the 2×2 table"):
+        archc.compile("model M(x: Tensor[B, 6, 8]) {\n    p = sincos_2d(x, rows=2, cols=3, max_size=2)\n"
+                      "    return p\n}", name="m.arch")

@@ -22,11 +22,13 @@ diffusers = pytest.importorskip("diffusers")
 SD3_MODEL = """
 param joint_dim: int = 24
 param pooled_dim: int = 20
+param pos_base: int = 4
+param pos_max: int = 4
 
 model SD3(hidden_states: Image[B, channels, image_height, image_width], timestep: Tensor[B],
           encoder_hidden_states: Tensor[B, L, joint_dim], pooled_projections: Tensor[B, pooled_dim]) {
     x = transpose(flatten(conv2d(hidden_states, d_model, patch, stride=patch) as pos_embed, 2), 1, 2)
-    x = x + sincos_2d(x, rows=image_height // patch, cols=image_width // patch)
+    x = x + sincos_2d(x, rows=image_height // patch, cols=image_width // patch, base_size=pos_base, max_size=pos_max)
     context = linear(encoder_hidden_states, d_model) as context_embedder
     t_emb = linear(silu(linear(timestep_embedding(timestep, freq_dim), d_model) as time_linear_1), d_model)
         as time_linear_2
@@ -52,7 +54,7 @@ def _sd3_spec() -> str:
 
 CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
               joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20, out_channels=4,
-              pos_embed_max_size=4)
+              pos_embed_max_size=6)
 
 
 def test_sd3_weights_give_the_same_outputs(tmp_path):
@@ -65,7 +67,7 @@ def test_sd3_weights_give_the_same_outputs(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     overrides = hf_overrides(SD3, config)
     assert overrides == {"patch": 2, "channels": 4, "n_layers": 3, "n_heads": 2, "joint_dim": 24, "pooled_dim": 20,
-                         "d_model": 32, "image_height": 8, "image_width": 8}
+                         "d_model": 32, "image_height": 8, "image_width": 8, "pos_base": 4, "pos_max": 6}
     compiled = archc.compile(_sd3_spec(), overrides, name="sd3.arch")
     model = compiled.build()
     state = from_diffusers(load_file(tmp_path / "diffusion_pytorch_model.safetensors"))
@@ -88,7 +90,7 @@ def test_sd3_weights_give_the_same_outputs(tmp_path):
     ("qk_norm", "rms_norm", "no QK-norm"),
     ("dual_attention_layers", [0], "one attention"),
     ("caption_projection_dim", 48, "as wide as the image stream"),
-    ("pos_embed_max_size", 8, "not a larger table rescaled and cropped"),
+    ("out_channels", 8, "as many channels as it is given"),
 ])
 def test_sd3_configs_the_spec_cannot_represent_are_refused(field, value, words):
     with pytest.raises(SpecError) as info:

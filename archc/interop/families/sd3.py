@@ -9,10 +9,11 @@ positions in diffusers' module lists, which a key pattern reads as indices: `fro
 (`to_out_0`, `net_0`, `net_2`) before the map runs. The last block's
 `norm1_context` (context_pre_only: scale and shift only) has the same key with a third of the rows.
 
-What the map refuses: SD3.5's QK-norm and dual attention, a caption projection of another width, other
-output channels, and a `pos_embed_max_size` that is not the patch grid of `sample_size` (SD3 then
-rescales and crops its sin-cos table, which the spec's `sincos_2d` does not). diffusers saves the
-table itself (`pos_embed.pos_embed`); the spec computes it, so the key is dropped.
+The position table: SD3 computes a `pos_embed_max_size`² sin-cos table with positions rescaled to
+the base grid (`sample_size / patch_size`) and crops its centre to the image's patch grid; the spec's
+`sincos_2d(..., base_size=pos_base, max_size=pos_max)` does the same, and diffusers' saved copy of the
+table (`pos_embed.pos_embed`) is dropped. What the map refuses: SD3.5's QK-norm and dual attention, a
+caption projection of another width, and other output channels.
 """
 
 from __future__ import annotations
@@ -62,16 +63,14 @@ def _sd3(c: dict) -> dict:
     if c["out_channels"] not in (None, c["in_channels"]):
         refuse(c, "out_channels", "the spec predicts as many channels as it is given")
     grid = c["sample_size"] // c["patch_size"]
-    if c["pos_embed_max_size"] not in (None, grid):
-        refuse(c, "pos_embed_max_size", f"the spec's sin-cos table is the {grid}×{grid} patch grid of sample_size, "
-                                        "not a larger table rescaled and cropped")
-    return {"d_model": width, "image_height": c["sample_size"], "image_width": c["sample_size"]}
+    return {"d_model": width, "image_height": c["sample_size"], "image_width": c["sample_size"], "pos_base": grid,
+            "pos_max": c["pos_embed_max_size"] or grid}
 
 
 def _export(params: dict) -> dict:
     return {"attention_head_dim": params["d_model"] // params["n_heads"], "caption_projection_dim": params["d_model"],
             "sample_size": params["image_height"], "out_channels": params["channels"],
-            "pos_embed_max_size": params["image_height"] // params["patch"]}
+            "pos_embed_max_size": params["pos_max"]}
 
 
 SD3 = WeightMap(
