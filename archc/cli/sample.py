@@ -22,6 +22,8 @@ def register(sub, common) -> None:
                    help="classifier-free guidance scale (1: the conditional prediction alone)")
     p.add_argument("--label", type=at_least(0), metavar="ID",
                    help="the class to draw (default: every class in turn)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help='the caption to draw, for a caption spec (digit pairs: "three and seven")')
     p.add_argument("--count", type=at_least(1), default=16, help="how many images")
     p.add_argument("--seed", type=at_least(0, 2**63), default=0, help="the same seed gives the same images")
     p.add_argument("-o", "--output", required=True, metavar="GRID.png")
@@ -42,7 +44,12 @@ def _cmd_sample(args) -> int:
     if spec is None:
         raise TrainError(f"{args.spec} is not a diffusion spec: it has no `add_noise` of an Image input")
     labels = None
-    if spec.label is not None:
+    if args.prompt is not None and not spec.caption:
+        raise TrainError(f"--prompt: {args.spec} is not conditioned on a caption"
+                         + (" (it takes a class: --label)" if spec.label is not None else ""))
+    if spec.caption:
+        labels = spec.captions(_prompts(args))
+    elif spec.label is not None:
         classes = spec.null_label
         if args.label is not None and classes is not None and args.label >= classes:
             raise TrainError(f"--label {args.label}: the spec has {classes} classes (0 … {classes - 1})")
@@ -56,3 +63,19 @@ def _cmd_sample(args) -> int:
     print(f"wrote {args.output}: {args.count} images, {args.sampler or 'default'} sampler, {args.steps} steps, "
           f"guidance {args.cfg:g}, seed {args.seed}")
     return 0
+
+
+def _prompts(args) -> list[str]:
+    """The captions to draw: --prompt, or the digit pair --label names (10·left + right), or a spread of pairs."""
+    from archc.training.image_source import PROMPT_PAIRS
+    from archc.training.images import pair_caption
+
+    if args.prompt is not None:
+        if args.label is not None:
+            raise TrainError("give --prompt or --label, not both")
+        return [args.prompt] * args.count
+    if args.label is not None:
+        if args.label >= 100:
+            raise TrainError(f"--label {args.label}: a digit pair is 10·left + right, 0 … 99")
+        return [pair_caption(*divmod(args.label, 10))] * args.count
+    return [pair_caption(*PROMPT_PAIRS[i % len(PROMPT_PAIRS)]) for i in range(args.count)]

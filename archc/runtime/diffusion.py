@@ -531,3 +531,56 @@ def apply_msrope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != 2 * angles.shape[-1]:
         raise ValueError(f"head_dim {x.shape[-1]} does not match the MSRoPE axes (sum {2 * angles.shape[-1]})")
     return apply_interleaved_rope(x, angles.cos(), angles.sin())
+
+
+def msrope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Default (frame, row, column) widths for a head: rows and columns 7/32 of it in pairs (rounded down),
+    the frame the rest; Qwen-Image's (16, 56, 56) for 128."""
+    side = 2 * (7 * head_dim // 32)
+    frame = head_dim - 2 * side
+    if head_dim % 2 or side < 2 or frame < 2:
+        raise ValueError(f"head_dim {head_dim} does not split into three even MSRoPE axes; give the widths "
+                         "(rope_axes=[frame, rows, cols], even, summing to head_dim)")
+    return frame, side, side
+
+
+class MSRotaryEmbedding(torch.nn.Module):
+    """MSRoPE inside attention: queries and keys [B, H, T, head_dim] of one joint sequence holding an image's
+    rows × cols patch tokens (row-major) and T − rows·cols text tokens, text after the image (SD3's order) or
+    before it (`text_first`, Qwen-Image's). Positions follow from the shapes: centred image rows and columns,
+    text on the diagonal past the image (`msrope_positions`). Angles are cached per (T, device), never saved."""
+
+    def __init__(self, head_dim: int, grid: Sequence[int], axes: Sequence[int] | None = None,
+                 theta: float = 10000.0, text_first: bool = False) -> None:
+        super().__init__()
+        self.axes = tuple(axes) if axes is not None else msrope_axes(head_dim)
+        if sum(self.axes) != head_dim or any(d % 2 or d <= 0 for d in self.axes):
+            raise ValueError(f"MSRoPE axes {self.axes} must be even and sum to head_dim {head_dim}")
+        self.rows, self.cols = grid
+        self.theta, self.text_first = theta, text_first
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def angles(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the angles of a joint sequence of `length` tokens, two [length, head_dim / 2]."""
+        key = (length, str(device))
+        if key not in self._cache:
+            text_len = length - self.rows * self.cols
+            if text_len < 0:
+                raise ValueError(f"a sequence of {length} tokens is shorter than the {self.rows}×{self.cols} "
+                                 "image grid MSRoPE was given")
+            angles = joint_msrope_angles(self.rows, self.cols, text_len, axes_dims=self.axes, theta=self.theta,
+                                         text_first=self.text_first).to(device)
+            self._cache[key] = (angles.cos(), angles.sin())
+        return self._cache[key]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both rotated as `apply_msrope` does (interleaved pairs, laid out de-interleaved)."""
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError("MSRoPE rotates the queries and keys of one joint sequence; got lengths "
+                             f"{q.shape[-2]} and {k.shape[-2]}")
+        cos, sin = self.angles(q.shape[-2], q.device)
+        return apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        order = "text first" if self.text_first else "image first"
+        return f"grid={self.rows}×{self.cols}, axes={self.axes}, theta={self.theta}, {order}"

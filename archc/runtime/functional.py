@@ -14,6 +14,8 @@ from archc.kernels.attention import (  # noqa: F401
 from archc.runtime.attention_bias import score_bias  # noqa: F401
 from archc.runtime.decoding import KVCache, LearnedPositions  # noqa: F401
 from archc.runtime.diffusion import (  # noqa: F401
+    MSRotaryEmbedding,
+    crop_position_embedding,
     drop_condition,
     mean_flat_loss,
     named_objective,

@@ -19,6 +19,7 @@ from archc.compiler import dims
 from archc.compiler.ops.base import A, OpDef, Width, composite, dim_value, fmt_shape, need_width, numel, register
 from archc.compiler.pytext import comment
 from archc.dsl.diagnostics import SpecError, did_you_mean
+from archc.runtime.diffusion import msrope_axes
 from archc.runtime.rope import SCALINGS
 
 ROPE_SCALINGS = ("none", *SCALINGS)
@@ -55,7 +56,7 @@ class AttentionCore(OpDef):
         "window": A((int, type(None)), None, positive=True),
         "sinks": A(int, 0),
         "prefix": A(int, 0),
-        "rope": A(bool, False),
+        "rope": A((bool, str), False),  # true: RoPE over positions 0..T-1; "msrope": Qwen-Image's 3-axis MSRoPE
         "rope_theta": A(float, 10000.0, positive=True),
         "rope_dim": A((int, type(None)), None, positive=True),
         "rope_scaling": A(str, "none", choices=ROPE_SCALINGS),
@@ -67,6 +68,9 @@ class AttentionCore(OpDef):
         "rope_beta_slow": A(float, 1.0, positive=True),
         "rope_attention_factor": A((float, type(None)), None, positive=True),
         "rope_truncate": A(bool, True),
+        "rope_grid": A((list, type(None)), None),  # MSRoPE: [rows, cols] of the image's patch tokens
+        "rope_axes": A((list, type(None)), None),  # MSRoPE: [frame, rows, cols] widths (default ~ 1/8, 7/16, 7/16)
+        "rope_text_first": A(bool, False),  # MSRoPE: the text tokens come before the image's (Qwen-Image)
         "qk_norm": A(bool, False),
         "norm_eps": A(float, 1e-6, positive=True),
         "scale": A((float, type(None)), None, positive=True),
@@ -121,7 +125,9 @@ class AttentionCore(OpDef):
                     f"needs width {a['kv_heads'] * hd}",
                     node.span,
                 )
-        if a["rope"] and a["rope_dim"] is None and hd % 2:
+        if a["rope"] == "msrope":
+            self._check_msrope(node, q, k, hd)
+        elif a["rope"] and a["rope_dim"] is None and hd % 2:
             raise SpecError(f"RoPE needs an even head_dim, got {hd}", node.span, hint="or rotate part of it: rope_dim")
         if a["rope_dim"] is not None and a["rope_dim"] > hd:
             raise SpecError(f"rope_dim={a['rope_dim']} is more than head_dim={hd}: RoPE turns the first rope_dim "
@@ -137,6 +143,26 @@ class AttentionCore(OpDef):
                 raise SpecError(f"`position_bias=` is added to the scores [{', '.join(map(str, want))}], got "
                                 f"{fmt_shape(bias)}", node.span)
         return q
+
+    @staticmethod
+    def _check_msrope(node, q, k, hd) -> None:
+        """The image grid fits the sequence, and the axes split the head."""
+        a = node.attrs
+        rows, cols = a["rope_grid"]
+        if isinstance(q[1], int) and q[1] < rows * cols:
+            raise SpecError(f"MSRoPE: a sequence of {q[1]} tokens cannot hold the {rows}×{cols} image grid "
+                            f"(rope_grid={a['rope_grid']})", node.span)
+        if not dims.same(q[1], k[1]):
+            raise SpecError(f"MSRoPE places the tokens of one joint sequence; queries {fmt_shape(q)} and keys "
+                            f"{fmt_shape(k)} differ in length", node.span)
+        axes = a["rope_axes"]
+        if axes is None:
+            try:
+                a["rope_axes"] = list(msrope_axes(hd))
+            except ValueError as err:
+                raise SpecError(f"MSRoPE: {err}", node.span) from None
+        elif sum(axes) != hd:
+            raise SpecError(f"MSRoPE: rope_axes={axes} sum to {sum(axes)}, not the head size {hd}", node.span)
 
     @staticmethod
     def extras(node, items):
@@ -280,7 +306,11 @@ class AttentionCore(OpDef):
         if a["qk_norm"]:
             mods += [("q_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})"),
                      ("k_norm", f"nn.RMSNorm({a['head_dim']!r}, eps={a['norm_eps']!r})")]
-        if a["rope"]:
+        if a["rope"] == "msrope":
+            text_first = ", text_first=True" if a["rope_text_first"] else ""
+            mods.append(("rope", f"AF.MSRotaryEmbedding({a['head_dim']!r}, grid={tuple(a['rope_grid'])!r}, "
+                                 f"axes={tuple(a['rope_axes'])!r}, theta={a['rope_theta']!r}{text_first})"))
+        elif a["rope"]:
             mods.append(("rope", f"AF.RotaryEmbedding({a['head_dim']!r}, theta={a['rope_theta']!r}"
                                  f"{self._rope_options(a)})"))
         if a["alibi"]:
@@ -305,11 +335,14 @@ class AttentionCore(OpDef):
     def decodes(self, node, ins) -> bool:
         """Causal self-attention (keys as long as queries) decodes token by token from a KV cache (not yet with a
         padding mask or position bias given as tensors, which would need their cached part too)."""
-        return node.attrs["causal"] and ins[0][1] == ins[1][1] and not self.scored(node)
+        return (node.attrs["causal"] and ins[0][1] == ins[1][1] and not self.scored(node)
+                and node.attrs["rope"] != "msrope")
 
     def cannot_decode(self, node, ins):
         if self.decodes(node, ins):
             return None
+        if node.attrs["rope"] == "msrope":
+            return "MSRoPE places a whole joint sequence"
         return "a padding mask or position bias" if self.scored(node) else "not causal self-attention"
 
     def forward(self, node, args, out, mod, ins):
@@ -385,10 +418,12 @@ def _check(ctx, v) -> None:
     if isinstance(v["qk_norm"], str) and v["qk_norm"] not in QK_NORMS:
         raise SpecError(f"`qk_norm` must be true, false, \"head\" or \"full\", got \"{v['qk_norm']}\"",
                         ctx.where("qk_norm"), hint=did_you_mean(v["qk_norm"], QK_NORMS))
+    _check_msrope(ctx, v)
     rope_options = [o for o in ("rope_dim", "rope_scaling") if ctx.given(o)]
-    if rope_options and not v["rope"]:
-        raise SpecError(f"`{rope_options[0]}` shapes RoPE, which this attention does not use",
-                        ctx.where(rope_options[0]), hint="add rope=true")
+    if rope_options and v["rope"] is not True:
+        why = "MSRoPE" if v["rope"] else "this attention"
+        raise SpecError(f"`{rope_options[0]}` shapes RoPE, which {why} does not use",
+                        ctx.where(rope_options[0]), hint="use rope=true" if v["rope"] else "add rope=true")
     hd = v["head_dim"]  # else the width decides it, and the core's shape check compares rope_dim with it
     if v["rope_dim"] is not None:
         if v["rope_dim"] % 2:
@@ -422,6 +457,29 @@ def _check(ctx, v) -> None:
     elif buckets < 0:
         raise SpecError(f"`relative_buckets` must be 0 (no bias) or positive, got {buckets}",
                         ctx.where("relative_buckets"))
+
+
+def _check_msrope(ctx, v) -> None:
+    """`rope` is true, false or "msrope"; MSRoPE needs the image's patch grid, and its options need it."""
+    if isinstance(v["rope"], str) and v["rope"] != "msrope":
+        raise SpecError(f"`rope` must be true, false or \"msrope\", got \"{v['rope']}\"", ctx.where("rope"),
+                        hint=did_you_mean(v["rope"], ["msrope"]))
+    if v["rope"] != "msrope":
+        given = [o for o in ("rope_grid", "rope_axes", "rope_text_first") if ctx.given(o)]
+        if given:
+            raise SpecError(f"`{given[0]}` places tokens for MSRoPE, which this attention does not use",
+                            ctx.where(given[0]), hint='add rope="msrope"')
+        return
+    grid, axes = v["rope_grid"], v["rope_axes"]
+    if grid is None:
+        raise SpecError('rope="msrope" needs the image\'s patch grid: rope_grid=[rows, cols] (the image tokens; '
+                        "the rest of the sequence is text)", ctx.where("rope"))
+    if len(grid) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+        raise SpecError(f"`rope_grid` is [rows, cols], two positive ints, got {grid!r}", ctx.where("rope_grid"))
+    if axes is not None and (len(axes) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                        and n % 2 == 0 for n in axes)):
+        raise SpecError(f"`rope_axes` is [frame, rows, cols], three positive even ints, got {axes!r}",
+                        ctx.where("rope_axes"))
 
 
 def _attention(ctx, x: str, memory: str, v, mask: str | None, bias: str | None) -> str:
@@ -466,7 +524,9 @@ _CORE_OPTIONS = ("causal", "window", "sinks", "prefix", "rope", "rope_theta", "n
                  # since the knobs of the released families (after the projection options, positionally)
                  "scale", "softcap", "rope_dim", "rope_scaling", "rope_factor", "rope_original_max",
                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast", "rope_beta_slow",
-                 "rope_attention_factor", "rope_truncate", "alibi", "relative_buckets", "relative_max_distance")
+                 "rope_attention_factor", "rope_truncate", "alibi", "relative_buckets", "relative_max_distance",
+                 "rope_grid", "rope_axes", "rope_text_first")
+_MSROPE = ("rope_grid", "rope_axes", "rope_text_first")  # after `gate` in `attention`'s positional order
 _SELF_ONLY = ("relative_buckets", "relative_max_distance")  # T5's bias: distances within one sequence
 
 
@@ -475,7 +535,7 @@ def _attention_attrs(causal: bool) -> dict[str, A]:
     always been): the core's mask, score, position and norm options, plus projection options; head counts
     and width may be left to follow the input."""
     core = AttentionCore.attrs
-    later = [name for name in _CORE_OPTIONS[8:] if causal or name not in _SELF_ONLY]
+    later = [name for name in _CORE_OPTIONS[8:] if (causal or name not in _SELF_ONLY) and name not in _MSROPE]
     return {
         "heads": core["heads"],
         "kv_heads": A((int, type(None)), None, positive=True),
@@ -489,6 +549,7 @@ def _attention_attrs(causal: bool) -> dict[str, A]:
         "out_bias": A((bool, type(None)), None),
         **{name: core[name] for name in later},
         "gate": A(bool, False),
+        **{name: core[name] for name in _MSROPE},
     }
 
 
@@ -504,6 +565,34 @@ def lower_attention(ctx, args, v) -> str:
 def lower_cross_attention(ctx, args, v) -> str:
     x, memory, mask, bias = args
     return _attention(ctx, x, memory, v, mask, bias)
+
+
+_PROJECTION_OPTIONS = ("bias", "out_bias", "gate")  # `attention`'s own linears, which `attend` leaves to the spec
+
+
+@composite("attend", cls="Attend", default_name="attend", inputs=("q", "k", "v"),
+           attrs={name: spec for name, spec in _attention_attrs(causal=True).items()
+                  if name not in _PROJECTION_OPTIONS},
+           optional=("mask", "position_bias"))
+def lower_attend(ctx, args, v) -> str:
+    """Attention over queries, keys and values the spec projected itself ([B, T, H·d], [B, S, K·d]):
+    the core of `attention` without its linears, so streams with their own weights can attend jointly
+    (MMDiT: each stream's q, k, v concatenated along the sequence)."""
+    q, k, val, mask, bias = args
+    _check(ctx, v)
+    if v["qk_norm"] == "full":
+        raise SpecError('`attend` takes projected heads: qk_norm="full" normalises a projection; use qk_norm=true '
+                        "(per head) or normalise q and k in the spec", ctx.where("qk_norm"))
+    if mask is not None and ctx.graph.node(mask).dtype != "bool":
+        raise SpecError("`mask=` takes a key padding mask (true/false), not a "
+                        f"{ctx.graph.node(mask).dtype} tensor", ctx.where("mask"))
+    if bias is not None and (v["alibi"] or v.get("relative_buckets")):
+        raise SpecError("`position_bias=` and a built-in position bias (alibi / relative_buckets) are two position "
+                        "biases: choose one", ctx.where("position_bias"))
+    options = {name: v[name] for name in _CORE_OPTIONS}
+    return ctx.core("attention_core", [q, k, val, *(t for t in (mask, bias) if t is not None)], {
+        **options, "heads": v["heads"], "kv_heads": v["kv_heads"] or v["heads"], "head_dim": v["head_dim"],
+        "qk_norm": bool(v["qk_norm"]), "padding_mask": mask is not None, "position_bias": bias is not None})
 
 
 @register

@@ -4,8 +4,10 @@ and condition dropout. Each op calls the runtime of docs/diffusion.md (archc/run
 - `patchify(image, size=p)`: [B, C, H, W] -> [B, (H/p)(W/p), p·p·C] (DiT's patch order);
   `unpatchify(x, like=image, size=p)` inverts it into the shape of `like`.
 - `timestep_embedding(t, dim)`: sinusoidal features of the time [B] -> [B, dim] (DiT's defaults).
-- `sincos_2d(x, rows=, cols=)`: DiT's fixed 2-D sin-cos table [N, D] for tokens x [B, N, D] on a
-  rows × cols grid (square when left out), to add to x.
+- `sincos_2d(x, rows=, cols=, base_size=, max_size=)`: DiT's fixed 2-D sin-cos table [N, D] for tokens
+  x [B, N, D] on a rows × cols grid (square when left out), to add to x; with `base_size` positions are
+  rescaled as diffusers' PatchEmbed does, with `max_size` the table is SD3's centre crop of a
+  max_size² one (`pos_embed_max_size`).
 - `noisy, t, target = add_noise(image, objective="eps"|"x0"|"v"|"flow", ...)`: three values: the
   noised image, the time the network is given and the objective's regression target;
   `diffusion_loss(pred, target)` is the squared error, averaged per sample then over the batch, in fp32.
@@ -105,7 +107,9 @@ class TimestepEmbedding(OpDef):
 class SinCos2D(OpDef):
     name = "sincos_2d"
     inputs = ("x",)
-    attrs = {"rows": A((int, type(None)), None, positive=True), "cols": A((int, type(None)), None, positive=True)}
+    attrs = {"rows": A((int, type(None)), None, positive=True), "cols": A((int, type(None)), None, positive=True),
+             "base_size": A((int, type(None)), None, positive=True),
+             "max_size": A((int, type(None)), None, positive=True)}
 
     def _grid(self, node, shape) -> tuple[int, int]:
         if len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
@@ -122,6 +126,10 @@ class SinCos2D(OpDef):
         if rows * cols != n:
             raise SpecError(f"sincos_2d: {n} tokens are not a {rows}×{cols} grid", node.span,
                             hint="give the patch grid: sincos_2d(x, rows=..., cols=...)")
+        big = node.attrs["max_size"]
+        if big is not None and (rows > big or cols > big):
+            raise SpecError(f"sincos_2d: a {rows}×{cols} grid does not fit the {big}×{big} table it is cropped "
+                            "from (max_size)", node.span)
         return rows, cols
 
     def infer(self, node, ins, graph):
@@ -130,7 +138,12 @@ class SinCos2D(OpDef):
 
     def forward(self, node, args, out, mod, ins):
         rows, cols = self._grid(node, ins[0])
-        return [f"{out} = AF.sincos_2d_position_embedding({ins[0][2]!r}, ({rows!r}, {cols!r})).to({args[0]})"]
+        width, base, big = ins[0][2], node.attrs["base_size"], node.attrs["max_size"]
+        scaled = f", base_size={base!r}" if base is not None else ""
+        if big is None:
+            return [f"{out} = AF.sincos_2d_position_embedding({width!r}, ({rows!r}, {cols!r}){scaled}).to({args[0]})"]
+        return [f"{out} = AF.sincos_2d_position_embedding({width!r}, {big!r}{scaled})  # SD3: a centre crop",
+                f"{out} = AF.crop_position_embedding({out}, {big!r}, {rows!r}, {cols!r}).to({args[0]})"]
 
 
 @register
