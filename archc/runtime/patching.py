@@ -30,7 +30,9 @@ for j = t − 2:
 - space: a patch ends after a byte that is not a letter, digit or UTF-8
   continuation byte, unless the byte before also was such (runs of spaces
   stay together, with the next word), and after every special id;
-- static: patches of `patch_size` bytes, the last one shorter.
+- static: patches of `patch_size` bytes, the last one shorter (with
+  `first_alone`, the first byte alone and then patches of `patch_size`, so
+  that the decoder's one-patch shift stays causal, as every other rule's).
 With `include_next_token` (as the BLT forward uses it) the positions run to
 T inclusive: the last entropy decides whether the byte after the sequence
 starts a patch, and the lengths sum to T + 1. The threshold rules are causal
@@ -223,7 +225,7 @@ def split_long_patches(lengths: torch.Tensor, max_length: int | None) -> torch.T
 def patch_lengths(*, mode: str = "entropy", tokens: torch.Tensor | None = None, entropies: torch.Tensor | None = None,
                   threshold: float | None = DEFAULT_THRESHOLD, threshold_add: float | None = None,
                   monotonic: bool = False, patch_size: int = 4, max_patch_length: int | None = None,
-                  include_next_token: bool = True) -> torch.Tensor:
+                  include_next_token: bool = True, first_alone: bool = False) -> torch.Tensor:
     """The patcher: lengths [B, P] (zeros right) for `mode` in MODES, then `max_patch_length`."""
     if mode not in MODES:
         raise ValueError(f"patch: mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -241,8 +243,12 @@ def patch_lengths(*, mode: str = "entropy", tokens: torch.Tensor | None = None, 
         source = tokens if tokens is not None else entropies
         if source is None:
             raise ValueError("patch: mode 'static' needs the byte ids (for their shape)")
-        lengths = static_patch_lengths(source.shape[0], source.shape[1] + int(include_next_token), patch_size,
-                                       source.device)
+        length = source.shape[1] + int(include_next_token)
+        if first_alone and length > 1:
+            rest = static_patch_lengths(source.shape[0], length - 1, patch_size, source.device)
+            lengths = torch.cat((torch.ones_like(rest[:, :1]), rest), dim=1)
+        else:
+            lengths = static_patch_lengths(source.shape[0], length, patch_size, source.device)
     return split_long_patches(lengths, max_patch_length)
 
 
