@@ -6,7 +6,9 @@ formulas are docs/lanes_engram_blt.md §3.
   Σ over hash functions and n-gram sizes of a row of one hashed table.
 - `entropy(logits)`: [..., V] -> [...], of the softmax, in nats.
 - `patch(tokens, entropies, mode="entropy", threshold=, threshold_add=, monotonic=, patch_size=,
-  max_patch_length=)`: patch lengths [B, P] (ints, right-padded with zeros). P, the number of patches, is
+  max_patch_length=)`: patch lengths [B, P] (ints, right-padded with zeros). Modes: "entropy" (a global
+  threshold, or with `monotonic` the rise over the entropy before, or with `threshold_add` both), "top_k",
+  "space", "static" (`patch_size` bytes). P, the number of patches, is
   data-dependent: shapes carry it as the symbol `P`; a batch's rows have as many patches as the longest
   one's, the shorter rows end in empty patches, which the masks below make see nothing. The decisions run
   to position T (the byte after the window), so the lengths cover T + 1 positions, and the first patch is
@@ -30,7 +32,12 @@ from archc.compiler import dims
 from archc.compiler.ir import Graph
 from archc.compiler.ops.base import A, OpDef, Width, composite, dim_value, fmt_shape, need_width, numel, register
 from archc.dsl.diagnostics import SpecError
-from archc.runtime.patching import DEFAULT_THRESHOLD, HASH_PRIMES, MODES
+from archc.runtime.patching import DEFAULT_THRESHOLD, HASH_PRIMES
+
+# The rules as a spec names them: "top_k" is the reference's entropy rule without a threshold (the
+# T // patch_size − 2 highest entropies start patches; not causal, so not for generation).
+MODES = ("entropy", "top_k", "space", "static")
+ENTROPY_MODES = ("entropy", "top_k")
 
 PATCHES = "P"  # the symbol of the patch count in shapes
 REDUCES = {"max": "amax", "mean": "mean", "sum": "sum"}
@@ -130,7 +137,7 @@ class Patch(OpDef):
     name = "patch"
     inputs = ("tokens", "entropies")
     optional_inputs = frozenset({"entropies"})
-    attrs = {"mode": A(str, "entropy", choices=MODES), "threshold": A((float, type(None)), DEFAULT_THRESHOLD),
+    attrs = {"mode": A(str, "entropy", choices=MODES), "threshold": A(float, DEFAULT_THRESHOLD),
              "threshold_add": A((float, type(None)), None), "monotonic": A(bool, False),
              "patch_size": A(int, 4, positive=True), "max_patch_length": A((int, type(None)), None, positive=True)}
 
@@ -145,10 +152,10 @@ class Patch(OpDef):
         a = node.attrs
         tokens = _ids(node, ins[0], "tokens")
         has_entropies = len(ins) > 1
-        if a["mode"] == "entropy" and not has_entropies:
-            raise SpecError('patch: mode "entropy" needs the entropies of the byte model', node.span,
+        if a["mode"] in ENTROPY_MODES and not has_entropies:
+            raise SpecError(f'patch: mode "{a["mode"]}" needs the entropies of the byte model', node.span,
                             hint="patch(bytes, entropy(EntropyModel(bytes)), ...), or mode=\"static\" / \"space\"")
-        if a["mode"] != "entropy" and has_entropies:
+        if a["mode"] not in ENTROPY_MODES and has_entropies:
             raise SpecError(f'patch: mode "{a["mode"]}" does not read entropies', node.span,
                             hint='drop the entropies, or use mode="entropy"')
         if has_entropies and (len(ins[1]) != 2 or not all(dims.same(x, y) for x, y in zip(ins[1], tokens))):
@@ -156,9 +163,9 @@ class Patch(OpDef):
                             f"{fmt_shape(ins[1])}", node.span)
         if a["monotonic"] and a["threshold_add"] is not None:
             raise SpecError("patch: `monotonic` and `threshold_add` are two rules; choose one", node.span)
-        if a["threshold"] is None and (a["monotonic"] or a["threshold_add"] is not None):
-            raise SpecError("patch: without a threshold the rule is top-k (the T // patch_size − 2 highest "
-                            "entropies); `monotonic` and `threshold_add` need a threshold", node.span)
+        if a["mode"] == "top_k" and (a["monotonic"] or a["threshold_add"] is not None):
+            raise SpecError('patch: mode "top_k" takes the T // patch_size − 2 highest entropies, with no threshold; '
+                            '`monotonic` and `threshold_add` go with mode "entropy"', node.span)
         return (tokens[0], PATCHES)
 
     def mean_length(self, node) -> float:
@@ -167,7 +174,8 @@ class Patch(OpDef):
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs
-        options = [f"mode={a['mode']!r}", f"tokens={args[0]}"]
+        mode = "entropy" if a["mode"] == "top_k" else a["mode"]
+        options = [f"mode={mode!r}", f"tokens={args[0]}"]
         if len(args) > 1:
             options.append(f"entropies={args[1]}.detach()")
         if a["mode"] == "entropy":
@@ -176,7 +184,9 @@ class Patch(OpDef):
                 options.append(f"threshold_add={a['threshold_add']!r}")
             if a["monotonic"]:
                 options.append("monotonic=True")
-        if a["mode"] == "static" or (a["mode"] == "entropy" and a["threshold"] is None):
+        if a["mode"] == "top_k":
+            options.append("threshold=None")
+        if a["mode"] in ("static", "top_k"):
             options.append(f"patch_size={a['patch_size']!r}")
         if a["mode"] == "static":
             options.append("first_alone=True")
