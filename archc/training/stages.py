@@ -54,7 +54,7 @@ def first_stage(compiled) -> Stage | None:
         if not top or scope is None or scope.kind != "block":
             raise TrainError(f"`patch` at {_where(node)} reads entropies computed in the model itself, which get no "
                              "gradient through the patches; compute them with a block from a used spec file that "
-                             "trains it: patch(ids, entropy(EntropyLM(ids) as entropy_model))")
+                             "trains it: patch(ids, entropy(EntropyLM(bytes) as entropy_model))")
         for module in compiled.spec.modules[1:]:
             if any(block.is_model for block in module.blocks):
                 used = Path(module.source.name)

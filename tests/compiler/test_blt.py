@@ -90,7 +90,7 @@ def test_blt_forward_equals_a_hand_written_reference():
     probe = _blt().build().double()
     # a threshold at the median entropy of this (random) entropy model: patches of several lengths per row
     with torch.no_grad():
-        h = entropy(probe.entropy_model(bytes_ + 4))
+        h = entropy(probe.entropy_model(bytes_))
     threshold = float(h[:, 1:].median())
     compiled = _blt(threshold=threshold)
     model = compiled.build().double()
@@ -181,3 +181,26 @@ model M(bytes: Tokens[B, T]) {
         archc.compile("model M(b: Tokens[B, T]) {\n    return hash_ngrams(b, sizes=[0, 3], dim=4)\n}\n")
     with pytest.raises(SpecError, match="integer byte ids"):
         archc.compile("model M(x: Tensor[B, T, 4]) {\n    return hash_ngrams(x, dim=4)\n}\n")
+
+
+def test_generation_decides_patches_on_the_fly_as_rerunning_the_whole_sequence_does():
+    from archc.training.byte_generation import generate_bytes
+
+    torch.manual_seed(2)
+    prompt = list(b"def f(x):")
+    probe = _blt().build().double()
+    with torch.no_grad():
+        h = entropy(probe.entropy_model(torch.tensor([prompt])))
+    compiled = _blt(threshold=float(h.median()))
+    model = compiled.build().double()
+    model.load_state_dict(probe.state_dict())
+    out = generate_bytes(compiled, model, prompt, 8, temperature=0)
+    x = torch.tensor([prompt + out.new])
+    with torch.no_grad():
+        whole = model(x)
+    # each byte was drawn from the logits the whole model gives at its position, with the same patches
+    torch.testing.assert_close(out.logits, whole["logits"][0, len(prompt) - 1:-1], rtol=1e-9, atol=1e-9)
+    assert out.new == whole["logits"][0, len(prompt) - 1:-1].argmax(-1).tolist()
+    decided = [n for n in whole["lengths"][0].tolist() if n > 0]
+    assert out.lengths == decided[:len(out.lengths)] and sum(out.lengths) == len(x[0])  # the last byte's patch
+    assert len(set(decided)) > 1
