@@ -204,3 +204,18 @@ def test_generation_decides_patches_on_the_fly_as_rerunning_the_whole_sequence_d
     decided = [n for n in whole["lengths"][0].tolist() if n > 0]
     assert out.lengths == decided[:len(out.lengths)] and sum(out.lengths) == len(x[0])  # the last byte's patch
     assert len(set(decided)) > 1
+
+
+def test_summary_prices_flops_per_byte_by_mean_patch_length():
+    from archc.compiler import analysis
+    from archc.compiler.api import patching_costs
+
+    compiled = _blt()
+    graph = compiled.ir
+    costs = [patching_costs(graph, 2, 64, m) for m in (1, 2, 4, 8)]
+    per_byte = [c[0] for c in costs]
+    assert per_byte == sorted(per_byte, reverse=True) and all(0 < c[1] < 1 for c in costs)
+    # at mean length 4: 1 + 64 / 4 patches, the FLOPs of the whole model at that patch count
+    assert per_byte[2] * 2 * 64 == analysis.forward_flops(graph, 2, 64, {"P": 17})
+    assert "forward FLOPs per byte by mean patch length at T=64: 1: " in compiled.summary(seq=64)
+    assert "P=17 patches above" in compiled.summary(seq=64, dims={"P": 17})
