@@ -222,3 +222,17 @@ def test_summary_prices_flops_per_byte_by_mean_patch_length():
     assert per_byte[2] * 2 * 64 == analysis.forward_flops(graph, 2, 64, {"P": 17})
     assert "forward FLOPs per byte by mean patch length at T=64: 1: " in compiled.summary(seq=64)
     assert "P=17 patches above" in compiled.summary(seq=64, dims={"P": 17})
+
+
+def test_the_shape_checker_keeps_patches_and_bytes_apart():
+    spec = """
+model M(bytes: Tokens[B, T]) {
+    h = embedding(bytes, 260, 8)
+    lengths = patch(bytes, mode="static")
+    y = h + patch_pool(h, lengths)
+    return y
+}
+"""
+    with pytest.raises(SpecError, match=r"\[B, T, 8\] and \[B, P, 8\]") as info:
+        archc.compile(spec)
+    assert info.value.span.line == 5
