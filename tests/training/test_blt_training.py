@@ -109,3 +109,8 @@ def test_the_command_line_trains_both_byte_specs(tmp_path, corpus, capsys):
     assert main(["train", str(SPECS / "blt.arch"), *common, "--out-dir", str(tmp_path / "again"),
                  "--entropy-checkpoint", str(tmp_path / "missing")]) == 1
     assert "--entropy-checkpoint" in capsys.readouterr().err
+
+
+def test_staged_training_runs_on_one_process(tmp_path, corpus):
+    with pytest.raises(TrainError, match="runs on one process"):
+        train(SPECS / "blt.arch", config(tmp_path, corpus, "multi"), nproc=2)
