@@ -236,3 +236,19 @@ model M(bytes: Tokens[B, T]) {
     with pytest.raises(SpecError, match=r"\[B, T, 8\] and \[B, P, 8\]") as info:
         archc.compile(spec)
     assert info.value.span.line == 5
+
+
+def test_hash_ngrams_with_several_functions_against_python_integers():
+    compiled = archc.compile("model M(b: Tokens[B, T]) {\n"
+                             "    return hash_ngrams(b + 4, sizes=[2, 5], functions=3, buckets=53, dim=4)\n}\n")
+    model = compiled.build()
+    b = torch.randint(0, 256, (2, 9))
+    (got,) = model(b).values()
+    ((_name, table),) = model.state_dict().items()
+    assert table.shape == (3 * 2 * 53, 4)
+    for row in range(2):
+        ids = (b[row] + 4).tolist()
+        for t in range(9):
+            want = sum(table[(f * 2 + i) * 53 + _hash(ids, t, size, f, 53)]
+                       for f in range(3) for i, size in enumerate([2, 5]))
+            torch.testing.assert_close(got[row, t], want)
