@@ -14,6 +14,7 @@ import attrs
 
 from archc.compiler import ops
 from archc.compiler.ir import Graph, Node
+from archc.compiler.ops import patching
 from archc.dsl.diagnostics import SpecError
 
 
@@ -30,6 +31,9 @@ class Row:
 
 def sizes_for(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> dict[str, int]:
     sizes = {"B": batch, "T": seq, **(dims or {})}
+    mean = patching.assumed_mean(graph)  # byte patching: P, the patch count, from the rule's mean length
+    if mean is not None and patching.PATCHES not in sizes:
+        sizes[patching.PATCHES] = patching.patch_count(seq, mean)
     for node in graph.nodes():
         for d in node.shape or ():
             for symbol in ops.dim_symbols(d):

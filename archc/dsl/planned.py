@@ -18,12 +18,10 @@ from archc.dsl.diagnostics import SpecError
 
 # Issues, by the words their titles use.
 ENGRAM = "Engram memory"
-PATCHING = "byte patching"
 
 # Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
     "engram": ENGRAM,
-    "hash_ngrams": PATCHING, "patch": PATCHING, "unpatch": PATCHING,
 }
 
 # Arguments of built ops that are designed but not built: (op, argument) -> issue.

@@ -31,6 +31,18 @@ from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore
 from archc.runtime.moe import GroupedLinear, Router, Routing, combine_rows, dispatch_rows, moe_aux_loss  # noqa: F401
 from archc.runtime.nsa import NSABranchCore, NSACore  # noqa: F401
 from archc.runtime.params import Bias, Init, chosen, initialised, learned  # noqa: F401
+from archc.runtime.patching import (  # noqa: F401
+    HashNgramEmbedding,
+    Patcher,
+    decoder_cross_mask,
+    decoder_patch_ids,
+    encoder_cross_mask,
+    entropy,
+    masked_attention,
+    patch_ids_from_lengths,
+    patch_reduce,
+    unpatch,
+)
 from archc.runtime.position_bias import ALiBi, RelativePositionBias  # noqa: F401
 from archc.runtime.rope import (  # noqa: F401
     InterleavedRotaryEmbedding,

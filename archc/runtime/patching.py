@@ -30,7 +30,9 @@ for j = t − 2:
 - space: a patch ends after a byte that is not a letter, digit or UTF-8
   continuation byte, unless the byte before also was such (runs of spaces
   stay together, with the next word), and after every special id;
-- static: patches of `patch_size` bytes, the last one shorter.
+- static: patches of `patch_size` bytes, the last one shorter (with
+  `first_alone`, the first byte alone and then patches of `patch_size`, so
+  that the decoder's one-patch shift stays causal, as every other rule's).
 With `include_next_token` (as the BLT forward uses it) the positions run to
 T inclusive: the last entropy decides whether the byte after the sequence
 starts a patch, and the lengths sum to T + 1. The threshold rules are causal
@@ -55,14 +57,17 @@ zeros: `masked_attention` does.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "BOE_ID", "BOS_ID", "BPE_ID", "BYTE_VOCAB", "DEFAULT_THRESHOLD", "EOS_ID", "HASH_PRIMES", "MODES", "OFFSET",
-    "PAD_ID", "HashNgramEmbedding", "byte_ngram_hash", "decode_bytes", "decoder_cross_mask", "decoder_patch_ids",
-    "encode_bytes", "encoder_cross_mask", "entropy", "masked_attention", "patch_ids_from_lengths",
+    "PAD_ID", "HashNgramEmbedding", "Patcher", "byte_ngram_hash", "decode_bytes", "decoder_cross_mask",
+    "decoder_patch_ids", "encode_bytes", "encoder_cross_mask", "entropy", "masked_attention", "patch_ids_from_lengths",
     "patch_lengths", "patch_lengths_from_starts", "patch_reduce", "patch_start_mask", "space_start_mask",
     "split_long_patches", "static_patch_lengths", "unpatch",
 ]
@@ -223,7 +228,7 @@ def split_long_patches(lengths: torch.Tensor, max_length: int | None) -> torch.T
 def patch_lengths(*, mode: str = "entropy", tokens: torch.Tensor | None = None, entropies: torch.Tensor | None = None,
                   threshold: float | None = DEFAULT_THRESHOLD, threshold_add: float | None = None,
                   monotonic: bool = False, patch_size: int = 4, max_patch_length: int | None = None,
-                  include_next_token: bool = True) -> torch.Tensor:
+                  include_next_token: bool = True, first_alone: bool = False) -> torch.Tensor:
     """The patcher: lengths [B, P] (zeros right) for `mode` in MODES, then `max_patch_length`."""
     if mode not in MODES:
         raise ValueError(f"patch: mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -241,9 +246,46 @@ def patch_lengths(*, mode: str = "entropy", tokens: torch.Tensor | None = None, 
         source = tokens if tokens is not None else entropies
         if source is None:
             raise ValueError("patch: mode 'static' needs the byte ids (for their shape)")
-        lengths = static_patch_lengths(source.shape[0], source.shape[1] + int(include_next_token), patch_size,
-                                       source.device)
+        length = source.shape[1] + int(include_next_token)
+        if first_alone and length > 1:
+            rest = static_patch_lengths(source.shape[0], length - 1, patch_size, source.device)
+            lengths = torch.cat((torch.ones_like(rest[:, :1]), rest), dim=1)
+        else:
+            lengths = static_patch_lengths(source.shape[0], length, patch_size, source.device)
     return split_long_patches(lengths, max_patch_length)
+
+
+class Patcher(nn.Module):
+    """A spec's `patch(...)`: lengths [B, P] from the byte ids and the entropies by one rule (`patch_lengths`'s
+    options, no weights). Inside `fixed(lengths)` it returns the given lengths instead: a generator that decides
+    the patches byte by byte, as the entropy model runs, hands them to the model this way."""
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = options
+        self.given: torch.Tensor | None = None
+
+    def forward(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        if self.given is not None:
+            return self.given
+        return patch_lengths(tokens=tokens, entropies=None if entropies is None else entropies.detach(),
+                             **self.options)
+
+    @contextlib.contextmanager
+    def fixed(self, lengths: torch.Tensor) -> Iterator[None]:
+        self.given = lengths
+        try:
+            yield
+        finally:
+            self.given = None
+
+    @property
+    def causal(self) -> bool:
+        """Whether a prefix's patches are the prefix of the patches (all rules but top-k)."""
+        return not (self.options.get("mode", "entropy") == "entropy" and self.options.get("threshold", 0) is None)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 # ----------------------------------------------------------------------------- ids and masks

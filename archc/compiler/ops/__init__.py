@@ -19,6 +19,7 @@ from archc.compiler.ops import (  # noqa: F401  (each registers its ops)
     moe,
     nsa,
     params,
+    patching,
     tensor,
 )
 from archc.compiler.ops.base import (
