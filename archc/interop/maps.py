@@ -11,7 +11,9 @@ runs a map file it was not given: a spec cannot pull one in.
 
 Key patterns: "{}" stands for an index (a layer, then an expert), in order;
 targets are archc's canonical names (`archc inspect SPEC weights`) with the
-same indices. What one checkpoint tensor becomes:
+same indices. A pattern may spell an index out ("encoder.cross_attn_layers.0.q_proj.weight",
+where the spec has one such module and no index): it matches that key alone.
+What one checkpoint tensor becomes:
 
     "name"                          the tensor itself, renamed
     Rename(name, *values)           the same, through value transforms

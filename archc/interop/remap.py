@@ -109,10 +109,14 @@ def to_archc(wmap: WeightMap, state: Mapping[str, torch.Tensor], expect: Shapes 
 
 def _pattern(key: str, wmap: WeightMap, rules: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
     """The key pattern of `key` and its indices ("h.3.ln_1.weight" -> "h.{}.ln_1.weight", (3,);
-    "model.layers.1.mlp.experts.7.w1.weight" -> "model.layers.{}.mlp.experts.{}.w1.weight", (1, 7))."""
+    "model.layers.1.mlp.experts.7.w1.weight" -> "model.layers.{}.mlp.experts.{}.w1.weight", (1, 7)); a key the
+    map names literally ("encoder.cross_attn_layers.0.q_proj.weight") is its own pattern, with no indices."""
+    known = rules.keys() | set(wmap.ignored)
+    for literal in (key, wmap.base_prefix + key):  # a pattern that spells its index out matches that key alone
+        if literal in known:
+            return literal, ()
     index = tuple(int(i) for i in _INDEX.findall(key))
     pattern = _INDEX.sub("{}", key)
-    known = rules.keys() | set(wmap.ignored)
     if pattern not in known and wmap.base_prefix + pattern in known:
         pattern = wmap.base_prefix + pattern
     return pattern, index

@@ -20,8 +20,12 @@ from archc.interop.hf import load_hf, save_hf
 transformers = pytest.importorskip("transformers")
 
 
+# Families whose model the shared harness cannot drive (a byte model with its own patcher), tested in their own file.
+TESTED_APART = {"blt": "tests/interop/test_hf_blt.py"}
+
+
 def test_every_built_in_map_is_tested():
-    assert {family.model_type(name) for name, family in FAMILIES.items()} == set(BUILTIN)
+    assert {family.model_type(name) for name, family in FAMILIES.items()} | set(TESTED_APART) == set(BUILTIN)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
