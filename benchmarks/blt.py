@@ -62,17 +62,17 @@ def blt_sizes(args) -> dict:
 
 
 @torch.no_grad()
-def threshold_for(model, data: torch.Tensor, mean: float) -> float:
+def threshold_for(entropy_model, data: torch.Tensor, mean: float) -> float:
     """The entropy above which 1 / mean of the positions that decide patch starts (2..T) start one."""
-    h = entropy(model.entropy_model(data + 4))[:, 1:].flatten().float()
+    h = entropy(entropy_model(data + 4))[:, 1:].flatten().float()
     return float(torch.quantile(h, 1.0 - 1.0 / mean))
 
 
-def blt_train_flops(compiled, batch: int, seq: int, patches: int) -> int:
+def blt_train_flops(compiled, entropy_compiled, batch: int, seq: int, patches: int) -> int:
     """3 x forward, but 1 x for the entropy model (no gradient reaches it)."""
     from archc.compiler.analysis import forward_flops
 
-    entropy_model = archc.compile(SPECS / "blt_entropy.arch").flops(batch, seq)
+    entropy_model = entropy_compiled.flops(batch, seq)
     return 3 * (forward_flops(compiled.ir, batch, seq, {"P": patches}) - entropy_model) + entropy_model
 
 
@@ -129,18 +129,19 @@ def main(argv: list[str] | None = None) -> None:
     data = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
 
     torch.manual_seed(0)
-    sizes = blt_sizes(args)
-    probe = archc.compile(SPECS / "blt.arch", sizes).build(device=device)
-    threshold = threshold_for(probe, data, args.patch)
-    blt_compiled = archc.compile(SPECS / "blt.arch", {**sizes, "threshold": threshold})
+    # the BLT's entropy model is blt_entropy.arch's EntropyLM (the same weight names): built first, it sets the
+    # threshold the BLT is compiled with
+    entropy_compiled = archc.compile(SPECS / "blt_entropy.arch")
+    entropy_model = entropy_compiled.build(device=device).entropy_model
+    threshold = threshold_for(entropy_model, data, args.patch)
+    blt_compiled = archc.compile(SPECS / "blt.arch", {**blt_sizes(args), "threshold": threshold})
     blt = blt_compiled.build(device=device)
-    blt.load_state_dict(probe.state_dict())
-    del probe
+    blt.entropy_model.load_state_dict(entropy_model.state_dict())
     with torch.no_grad():
         lengths = blt(data)["lengths"]
     patches = int(lengths.shape[1])
     real = lengths[lengths > 0]
-    blt_flops = blt_train_flops(blt_compiled, args.batch, args.seq, patches)
+    blt_flops = blt_train_flops(blt_compiled, entropy_compiled, args.batch, args.seq, patches)
     blt_per_byte = blt_flops / (args.batch * args.seq)
     llama_compiled, llama_per_byte = matched_llama(blt_per_byte, args.llama_d_model, args.batch, args.seq)
     llama = llama_compiled.build(device=device)
