@@ -117,6 +117,8 @@ def test_what_the_spec_cannot_compute_is_refused():
         ({"global_config": {**good["global_config"], "num_key_value_heads": 1}},
          "global_config.num_key_value_heads=1"),
         ({"local_attention_window_len": None}, "local_attention_window_len=None"),
+        ({"encoder_config": {**good["encoder_config"], "cross_attn_k": 3}}, "encoder_config.cross_attn_k=3"),
+        ({"patch_in_forward": False}, "patch_in_forward=False"),
     ]:
         with pytest.raises(SpecError, match="cannot be represented") as info:
             hf_overrides("blt", {**good, **change}, SPEC)

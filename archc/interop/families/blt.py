@@ -68,8 +68,8 @@ KEYS = {
     "lm_head.weight": "output.weight",
 }
 
-# Each part: sub-config field -> spec parameter (the first part to name a parameter sets it, the others must
-# agree), and transformers' defaults for the fields a config.json may omit.
+# Each part's fields -> spec parameters (the first part to name a parameter sets it, the others must agree);
+# the patcher's are checked against ENTROPY instead.
 PARTS = {
     "encoder_config": {"hidden_size": "d_local", "num_attention_heads": "local_heads", "intermediate_size":
                        "local_hidden", "num_hidden_layers": "encoder_layers", "rms_norm_eps": "eps",
@@ -83,6 +83,7 @@ PARTS = {
     "patcher_config": {},
 }
 FLOATS = ("eps", "rope_theta")
+# transformers' defaults of each part, for the fields a config.json may omit
 DEFAULTS = {
     "encoder_config": {"hidden_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 1, "rms_norm_eps": 1e-5,
                        "rope_theta": 500000.0, "cross_attn_all_layers": False, "hidden_act": "silu"},
@@ -141,6 +142,9 @@ def _blt(c: dict) -> dict:
         for field, (value, why) in REQUIRE.get(name, {}).items():
             if part.get(field) != value:
                 refuse(c, f"{name}.{field}", why, part.get(field))
+        if part.get("cross_attn_k", c["cross_attn_k"]) != c["cross_attn_k"]:
+            refuse(c, f"{name}.cross_attn_k", f"the spec has one k (cross_attn_k is {c['cross_attn_k']!r})",
+                   part["cross_attn_k"])
         for field, param in fields.items():
             value = part.get(field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
@@ -181,12 +185,13 @@ BLT = WeightMap(
                   "local_attention_window_len": 512, "encoder_hash_byte_group_size": [3, 4, 5, 6, 7, 8],
                   "encoder_hash_byte_group_vocab": 500002, "encoder_hash_byte_group_nb_functions": 1,
                   "tie_word_embeddings": False},
-        require={"vocab_size": Only(260, why="the spec's byte vocabulary is 256 bytes + 4 specials"),
+        require={"vocab_size": Only(BYTES[0], why=BYTES[1]),
                  "patch_in_forward": Only(True, why="the spec patches with its entropy model (the checkpoint's "
                                                     "patcher)"),
                  "patching_mode": Only("entropy", why="the spec's patches come from the entropy model"),
                  "max_patch_length": Only(None, why="transformers splits long patches before counting the byte "
-                                                    "after the window, the spec (as the reference) after"),
+                                                    "after the window, the spec (as the reference) after, so "
+                                                    "the last byte's logits differ"),
                  "encoder_hash_byte_group_size": Only([3, 4, 5, 6, 7, 8], why="the spec hashes n-grams of 3 to 8 "
                                                                               "bytes"),
                  "encoder_hash_byte_group_nb_functions": Only(1, why="the spec has one hash function"),
