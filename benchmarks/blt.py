@@ -64,7 +64,7 @@ def blt_sizes(args) -> dict:
 @torch.no_grad()
 def threshold_for(entropy_model, data: torch.Tensor, mean: float) -> float:
     """The entropy above which 1 / mean of the positions that decide patch starts (2..T) start one."""
-    h = entropy(entropy_model(data + 4))[:, 1:].flatten().float()
+    h = entropy(entropy_model(data))[:, 1:].flatten().float()
     return float(torch.quantile(h, 1.0 - 1.0 / mean))
 
 

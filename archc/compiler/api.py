@@ -18,6 +18,7 @@ from archc.compiler import analysis, ops, resources
 from archc.compiler.codegen import GeneratedCode, generate
 from archc.compiler.ir import Graph
 from archc.compiler.lower import Spec, load_spec, lower, resolve_params
+from archc.compiler.ops import patching
 from archc.compiler.passes import PASS_NAMES, PASSES
 from archc.compiler.verify import verify
 from archc.dsl.diagnostics import SpecError, SpecWarning, did_you_mean
@@ -61,7 +62,7 @@ class Compiled:
 
     def summary(self, batch: int = 1, seq: int = 128, depth: int = 1, dims: dict[str, int] | None = None) -> str:
         return (analysis.table(self.ir, batch, seq, depth, dims) + _attention_summary(self.ir, batch, seq, dims)
-                + _lanes_summary(self.ir, batch, seq, dims))
+                + _lanes_summary(self.ir, batch, seq, dims) + _patching_summary(self.ir, batch, seq, dims))
 
     def num_params(self) -> int:
         return analysis.total_params(self.ir)
@@ -276,6 +277,36 @@ def _lanes_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] | No
                      f"+{params:,} parameters, mixing {analysis.human(flops)} FLOPs at B={batch}, T={seq}; "
                      f"stream activations x{n} ({n * d} floats per token per site instead of {d}){kept}")
     return "\n".join(lines) + "\n"
+
+
+PATCH_MEANS = (1, 2, 4, 4.5, 6, 8)  # mean patch lengths the summary prices a patching model at
+
+
+def patching_costs(graph: Graph, batch: int, seq: int, mean: float,
+                   dims: dict[str, int] | None = None) -> tuple[float, float]:
+    """(forward FLOPs per byte, the share of them computed on patches — the latent transformer and the
+    projections in and out of it) of a patching model whose patches average `mean` bytes."""
+    sizes = analysis.sizes_for(graph, batch, seq, {**(dims or {}), patching.PATCHES: patching.patch_count(seq, mean)})
+    total = on_patches = 0
+    for node in graph.nodes():
+        flops = analysis.node_cost(graph, node, sizes)[1]
+        total += flops
+        if len(node.shape or ()) > 1 and node.shape[1] == patching.PATCHES:
+            on_patches += flops
+    return total / (batch * seq), on_patches / total if total else 0.0
+
+
+def _patching_summary(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None) -> str:
+    """Summary footer for byte patching: FLOPs per byte, and the share on patches, by mean patch length (the
+    patch count is data-dependent; the table above assumes the rule's own mean, or --dim P=N)."""
+    mean = patching.assumed_mean(graph)
+    if mean is None:
+        return ""
+    costs = [(m, *patching_costs(graph, batch, seq, m, dims)) for m in PATCH_MEANS]
+    shown = ", ".join(f"{m:g}: {analysis.human(per_byte)} ({share:.0%} on patches)" for m, per_byte, share in costs)
+    assumed = dims[patching.PATCHES] if dims and patching.PATCHES in dims else patching.patch_count(seq, mean)
+    return (f"byte patching       P={assumed} patches above (mean length {mean:g}); forward FLOPs per byte by mean "
+            f"patch length at T={seq}: {shown}\n")
 
 
 def _region_of(graph: Graph, node_id: str) -> str:

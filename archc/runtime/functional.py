@@ -30,13 +30,13 @@ from archc.runtime.nsa import NSACore  # noqa: F401
 from archc.runtime.params import Bias, Init, chosen, initialised, learned  # noqa: F401
 from archc.runtime.patching import (  # noqa: F401
     HashNgramEmbedding,
+    Patcher,
     decoder_cross_mask,
     decoder_patch_ids,
     encoder_cross_mask,
     entropy,
     masked_attention,
     patch_ids_from_lengths,
-    patch_lengths,
     patch_reduce,
     unpatch,
 )

@@ -57,14 +57,17 @@ zeros: `masked_attention` does.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "BOE_ID", "BOS_ID", "BPE_ID", "BYTE_VOCAB", "DEFAULT_THRESHOLD", "EOS_ID", "HASH_PRIMES", "MODES", "OFFSET",
-    "PAD_ID", "HashNgramEmbedding", "byte_ngram_hash", "decode_bytes", "decoder_cross_mask", "decoder_patch_ids",
-    "encode_bytes", "encoder_cross_mask", "entropy", "masked_attention", "patch_ids_from_lengths",
+    "PAD_ID", "HashNgramEmbedding", "Patcher", "byte_ngram_hash", "decode_bytes", "decoder_cross_mask",
+    "decoder_patch_ids", "encode_bytes", "encoder_cross_mask", "entropy", "masked_attention", "patch_ids_from_lengths",
     "patch_lengths", "patch_lengths_from_starts", "patch_reduce", "patch_start_mask", "space_start_mask",
     "split_long_patches", "static_patch_lengths", "unpatch",
 ]
@@ -250,6 +253,39 @@ def patch_lengths(*, mode: str = "entropy", tokens: torch.Tensor | None = None, 
         else:
             lengths = static_patch_lengths(source.shape[0], length, patch_size, source.device)
     return split_long_patches(lengths, max_patch_length)
+
+
+class Patcher(nn.Module):
+    """A spec's `patch(...)`: lengths [B, P] from the byte ids and the entropies by one rule (`patch_lengths`'s
+    options, no weights). Inside `fixed(lengths)` it returns the given lengths instead: a generator that decides
+    the patches byte by byte, as the entropy model runs, hands them to the model this way."""
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = options
+        self.given: torch.Tensor | None = None
+
+    def forward(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        if self.given is not None:
+            return self.given
+        return patch_lengths(tokens=tokens, entropies=None if entropies is None else entropies.detach(),
+                             **self.options)
+
+    @contextlib.contextmanager
+    def fixed(self, lengths: torch.Tensor) -> Iterator[None]:
+        self.given = lengths
+        try:
+            yield
+        finally:
+            self.given = None
+
+    @property
+    def causal(self) -> bool:
+        """Whether a prefix's patches are the prefix of the patches (all rules but top-k)."""
+        return not (self.options.get("mode", "entropy") == "entropy" and self.options.get("threshold", 0) is None)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 # ----------------------------------------------------------------------------- ids and masks

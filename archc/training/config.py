@@ -50,6 +50,10 @@ class TrainConfig:
     init_from: str | None = None  # a Hugging Face model directory whose weights the model starts from
     init_map: str | None = None  # its weight map: a built-in model_type or a map file (.py, it runs)
     memory_check: bool = True  # refuse a run whose estimated memory exceeds what this machine has free
+    # staged training (a spec whose patcher reads another model: the BLT's entropy model): a finished first stage
+    # to take that model from, and the first stage's steps (default: --steps)
+    entropy_checkpoint: str | None = None
+    entropy_steps: int | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -69,6 +73,8 @@ class TrainConfig:
         _at_least(self, "sample_tokens", 0)
         if self.warmup is not None:
             _at_least(self, "warmup", 0)
+        if self.entropy_steps is not None:
+            _at_least(self, "entropy_steps", 1)
         _number(self, "lr", low=0.0, low_open=True)
         if self.muon_lr is not None:
             _number(self, "muon_lr", low=0.0, low_open=True)
@@ -120,7 +126,7 @@ def _choice(config: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
 # logging, device, compile) may change on --resume.
 SHAPES_THE_RUN = ("data", "tokenizer", "batch_size", "seq_len", "grad_accum", "optimizer", "lr", "muon_lr",
                   "weight_decay", "schedule", "warmup", "min_lr_ratio", "clip", "dtype", "seed", "init_from",
-                  "init_map")
+                  "init_map", "entropy_checkpoint")
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig, where: Path) -> None:

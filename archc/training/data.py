@@ -95,6 +95,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+    def byte_lengths(self) -> list[int]:
+        """The UTF-8 bytes each id stands for (bits per byte divide by their sum)."""
+        return [1] * self.vocab_size
+
 
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenization) from the ``tokenizers`` package."""
@@ -157,6 +161,11 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def byte_lengths(self) -> list[int]:
+        """The UTF-8 bytes each id stands for: a byte-level token's characters are one byte each; the separator
+        between documents stands for none."""
+        return [0 if i == self.eos_id else len(self._tok.id_to_token(i) or "") for i in range(self.vocab_size)]
 
 
 def make_tokenizer(name, texts: Sequence[str] = (), seed: int = 0):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import torch
@@ -45,14 +45,19 @@ class Perplexity:
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: Iterable[torch.Tensor], device="cpu") -> Perplexity:
-    """Token-averaged next-token loss and its exp over `windows` ([B, T] token batches)."""
+def perplexity(model: torch.nn.Module, windows: Iterable[torch.Tensor], device="cpu",
+               observe: Callable[[torch.Tensor, dict], None] | None = None) -> Perplexity:
+    """Token-averaged next-token loss and its exp over `windows` ([B, T] token batches); `observe(tokens, out)`
+    sees each window and everything the model returned for it."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for tokens in windows:
         tokens = tokens.to(device)
-        logits = model(tokens)["logits"].float()
+        out = model(tokens)
+        if observe is not None:
+            observe(tokens, out)
+        logits = out["logits"].float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()

@@ -10,6 +10,7 @@ for another objective (images and noise levels, labels, byte patches) implements
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -80,12 +81,27 @@ class TextSource:
         return {self.input: self.batches.get(index)}
 
     def evaluate(self, model, device) -> dict[str, float]:
+        """Validation loss, perplexity and bits per byte (total nats / UTF-8 bytes scored / ln 2: comparable across
+        tokenizers); for a model that returns its patch `lengths` (byte patching), their mean and histogram."""
         from archc.training.evaluate import perplexity
 
         windows = data_mod.eval_windows(self.dataset.val, self.config.batch_size, self.config.seq_len,
                                         max_windows=self.config.eval_batches)
-        result = perplexity(model, windows, device=device)
-        return {"val_loss": result.loss, "val_perplexity": result.perplexity}
+        byte_lengths = torch.tensor(self.dataset.tokenizer.byte_lengths(), device=device)
+        scored = {"bytes": 0}
+        patches: list[torch.Tensor] = []
+
+        def observe(tokens, out):
+            scored["bytes"] += int(byte_lengths[tokens[:, 1:]].sum())
+            if "lengths" in out:
+                patches.append(out["lengths"][out["lengths"] > 0].cpu())
+
+        result = perplexity(model, windows, device=device, observe=observe)
+        metrics = {"val_loss": result.loss, "val_perplexity": result.perplexity,
+                   "val_bits_per_byte": result.loss * result.tokens / max(scored["bytes"], 1) / math.log(2)}
+        if patches:
+            metrics |= patch_length_metrics(torch.cat(patches))
+        return metrics
 
     def sample(self, model, device, seed: int) -> str:
         from archc.training.evaluate import generate
@@ -102,6 +118,16 @@ class TextSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
+
+
+def patch_length_metrics(lengths: torch.Tensor) -> dict:
+    """The mean patch length and the histogram: entry i counts the patches of i bytes (i >= 1; the last entry
+    counts the longer ones too)."""
+    counts = torch.bincount(lengths.clamp(max=HISTOGRAM_MAX), minlength=HISTOGRAM_MAX + 1)
+    return {"val_patch_length_mean": lengths.float().mean().item(), "val_patch_length_histogram": counts.tolist()}
+
+
+HISTOGRAM_MAX = 32
 
 
 def token_input(compiled) -> str:

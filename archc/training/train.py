@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from archc.dsl.diagnostics import SpecError
+from archc.training import stages
 from archc.training.config import RunResult, TrainConfig, TrainError
 from archc.training.run_dir import claim
 
@@ -42,12 +43,33 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
         from archc.training.trainer import Trainer
 
         with claim(Path(config.out_dir), resume=resume, overwrite=overwrite):
+            stage, prepare = _first_stage(spec, config, overrides, compile_kw), None
+            if stage is not None:  # (stages.py) train the model the patcher reads first, then this one with it
+                def run_one(first_spec, first_config, first_resume, first_overwrite):
+                    with claim(Path(first_config.out_dir), resume=first_resume, overwrite=first_overwrite):
+                        return Trainer(first_spec, first_config, SingleProcess(), resume=first_resume,
+                                       compile_kw=compile_kw).run()
+
+                weights = stages.run_first_stage(stage, config, resume=resume, overwrite=overwrite, run=run_one)
+                prepare = stages.load_frozen(stage, weights)
+                resume = resume and stages.has_checkpoint(Path(config.out_dir))  # else stage 2 starts now
             return Trainer(spec, config, SingleProcess(), overrides, resume=resume, on_step=on_step,
-                           compile_kw=compile_kw).run()
+                           compile_kw=compile_kw, prepare=prepare).run()
+    if _first_stage(spec, config, overrides, compile_kw) is not None:
+        raise TrainError("staged training (the entropy model, then the model) runs on one process; drop --nproc, "
+                         "--diloco and --fault-tolerant")
     if on_step is not None:
         raise TrainError("on_step works on one process only")
     return run(spec, config, overrides, nproc=nproc, diloco=diloco, fault_tolerant=fault_tolerant, resume=resume,
                overwrite=overwrite, compile_kw=compile_kw)
+
+
+def _first_stage(spec, config: TrainConfig, overrides, compile_kw) -> stages.Stage | None:
+    import archc
+
+    if config.init_from is not None:
+        return None
+    return stages.first_stage(archc.compile(spec, overrides or {}, **compile_kw))
 
 
 __all__ = ["RunResult", "SpecError", "TrainConfig", "TrainError", "train"]

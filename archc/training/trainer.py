@@ -53,8 +53,9 @@ class Trainer:
 
     def __init__(self, spec, config: TrainConfig, strategy: Strategy, overrides: dict[str, Any] | None = None, *,
                  resume: bool = False, on_step: Callable[[dict], None] | None = None,
-                 compile_kw: dict | None = None) -> None:
+                 compile_kw: dict | None = None, prepare: Callable[[Any, torch.nn.Module], None] | None = None) -> None:
         self.spec, self.config, self.strategy = spec, config, strategy
+        self.prepare = prepare  # (compiled, model) -> None: after the model is built, before the optimizer sees it
         self.overrides, self.compile_kw = dict(overrides or {}), dict(compile_kw or {})
         self.resume, self.on_step = resume, on_step
         self.out_dir = Path(config.out_dir)
@@ -102,6 +103,8 @@ class Trainer:
             from archc.interop.hf import load_hf_into
 
             load_hf_into(self.compiled, self.model, cfg.init_from, cfg.init_map)
+        if self.prepare is not None:  # weights from an earlier stage (stages.py), loaded and frozen
+            self.prepare(self.compiled, self.model)
         s.shard(self.model, self.compiled)
         self.optimizer = build_optimizer(self.model, self.compiled.param_roles(), fused_layout(self.compiled),
                                          name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -70,7 +70,7 @@ def _reference(m, bytes_: torch.Tensor, lengths: torch.Tensor, k: int, heads: in
         g = m.token_embedding_projection(torch.stack(patches))[None]
         for layer in m.global_layers:
             g = layer(g)
-        z = m.decoder_patch_projection(m.global_norm(g))[0].view(len(patches), k, D)
+        z = m.decoder_patch_projection(g)[0].view(len(patches), k, D)
         last_byte = [e - 1 for e in ends]
         for layer in m.decoder_layers:
             read = [max(j for j, last in enumerate(last_byte) if last <= t) for t in range(T)]
@@ -90,7 +90,7 @@ def test_blt_forward_equals_a_hand_written_reference():
     probe = _blt().build().double()
     # a threshold at the median entropy of this (random) entropy model: patches of several lengths per row
     with torch.no_grad():
-        h = entropy(probe.entropy_model(bytes_ + 4))
+        h = entropy(probe.entropy_model(bytes_))
     threshold = float(h[:, 1:].median())
     compiled = _blt(threshold=threshold)
     model = compiled.build().double()
@@ -181,3 +181,44 @@ model M(bytes: Tokens[B, T]) {
         archc.compile("model M(b: Tokens[B, T]) {\n    return hash_ngrams(b, sizes=[0, 3], dim=4)\n}\n")
     with pytest.raises(SpecError, match="integer byte ids"):
         archc.compile("model M(x: Tensor[B, T, 4]) {\n    return hash_ngrams(x, dim=4)\n}\n")
+
+
+def test_generation_decides_patches_on_the_fly_as_rerunning_the_whole_sequence_does():
+    from archc.training.byte_generation import generate_bytes
+
+    torch.manual_seed(2)
+    prompt = list(b"def f(x):")
+    probe = _blt().build().double()
+    with torch.no_grad():
+        h = entropy(probe.entropy_model(torch.tensor([prompt])))
+    compiled = _blt(threshold=float(h.median()))
+    model = compiled.build().double()
+    model.load_state_dict(probe.state_dict())
+    out = generate_bytes(compiled, model, prompt, 8, temperature=0)
+    x = torch.tensor([prompt + out.new])
+    with torch.no_grad():
+        whole = model(x)
+    # each byte was drawn from the logits the whole model gives at its position, with the same patches
+    torch.testing.assert_close(out.logits, whole["logits"][0, len(prompt) - 1:-1], rtol=1e-9, atol=1e-9)
+    assert out.new == whole["logits"][0, len(prompt) - 1:-1].argmax(-1).tolist()
+    decided = [n for n in whole["lengths"][0].tolist() if n > 0]
+    # the patches decided on the way: the whole sequence's, the last one still growing when generation stopped
+    n = len(out.lengths)
+    assert out.lengths[:-1] == decided[:n - 1] and out.lengths[-1] <= decided[n - 1]
+    assert sum(out.lengths) == len(x[0])  # up to the position after the last byte it drew from
+    assert len(set(decided)) > 1
+
+
+def test_summary_prices_flops_per_byte_by_mean_patch_length():
+    from archc.compiler import analysis
+    from archc.compiler.api import patching_costs
+
+    compiled = _blt()
+    graph = compiled.ir
+    costs = [patching_costs(graph, 2, 64, m) for m in (1, 2, 4, 8)]
+    per_byte = [c[0] for c in costs]
+    assert per_byte == sorted(per_byte, reverse=True) and all(0 < c[1] < 1 for c in costs)
+    # at mean length 4: 1 + 64 / 4 patches, the FLOPs of the whole model at that patch count
+    assert per_byte[2] * 2 * 64 == analysis.forward_flops(graph, 2, 64, {"P": 17})
+    assert "forward FLOPs per byte by mean patch length at T=64: 1: " in compiled.summary(seq=64)
+    assert "P=17 patches above" in compiled.summary(seq=64, dims={"P": 17})

@@ -42,6 +42,9 @@ ENTROPY_MODES = ("entropy", "top_k")
 PATCHES = "P"  # the symbol of the patch count in shapes
 REDUCES = {"max": "amax", "mean": "mean", "sum": "sum"}
 READS = ("bytes", "patches")
+# Generation re-runs a patched model on the whole sequence (archc.training.byte_generation decides the patches
+# as it goes); its layers do not continue from a cache.
+UNDECODABLE = "byte patching: the patches, and the layers over them, are computed over the whole sequence"
 ASSUMED_MEAN = 4.5  # the mean patch length sizes assume where neither the rule nor --dim P fixes it (the paper's)
 
 
@@ -140,6 +143,7 @@ class Patch(OpDef):
     attrs = {"mode": A(str, "entropy", choices=MODES), "threshold": A(float, DEFAULT_THRESHOLD),
              "threshold_add": A((float, type(None)), None), "monotonic": A(bool, False),
              "patch_size": A(int, 4, positive=True), "max_patch_length": A((int, type(None)), None, positive=True)}
+    pure = False  # a module (AF.Patcher) that generation can hand the patches it decided
 
     def dtype(self, attrs, dtypes, span):
         if dtypes[0] != "long":
@@ -172,12 +176,10 @@ class Patch(OpDef):
         """The mean patch length sizes assume: the static size, else the paper's 4.5."""
         return float(node.attrs["patch_size"]) if node.attrs["mode"] == "static" else ASSUMED_MEAN
 
-    def forward(self, node, args, out, mod, ins):
+    def init(self, node, ins):
         a = node.attrs
         mode = "entropy" if a["mode"] == "top_k" else a["mode"]
-        options = [f"mode={mode!r}", f"tokens={args[0]}"]
-        if len(args) > 1:
-            options.append(f"entropies={args[1]}.detach()")
+        options = [f"mode={mode!r}"]
         if a["mode"] == "entropy":
             options.append(f"threshold={a['threshold']!r}")
             if a["threshold_add"] is not None:
@@ -192,7 +194,13 @@ class Patch(OpDef):
             options.append("first_alone=True")
         if a["max_patch_length"] is not None:
             options.append(f"max_patch_length={a['max_patch_length']!r}")
-        return [f"{out} = AF.patch_lengths({', '.join(options)})"]
+        return f"AF.Patcher({', '.join(options)})"
+
+    def cannot_decode(self, node, ins):
+        return UNDECODABLE
+
+    def forward(self, node, args, out, mod, ins):
+        return [f"{out} = {mod}({', '.join(args)})"]
 
 
 @register
@@ -207,6 +215,9 @@ class PatchPool(OpDef):
         x = _stream(node, ins[0], "bytes")
         lengths = _lengths(node, graph, 1, ins[1])
         return (x[0], lengths[1], x[2])
+
+    def cannot_decode(self, node, ins):
+        return UNDECODABLE
 
     def forward(self, node, args, out, mod, ins):
         x, lengths = args
@@ -228,6 +239,9 @@ class Unpatch(OpDef):
         if len(like) < 2:
             raise SpecError(f"unpatch: `like` gives the bytes' length, [B, T, ...], got {fmt_shape(like)}", node.span)
         return (x[0], like[1], x[2])
+
+    def cannot_decode(self, node, ins):
+        return UNDECODABLE
 
     def forward(self, node, args, out, mod, ins):
         x, lengths, like = args
@@ -297,6 +311,9 @@ class PatchAttentionCore(OpDef):
             raise SpecError(f"patch_attention: queries are {width} wide but keys {k[-1]} and values {v[-1]}",
                             node.span)
         return q
+
+    def cannot_decode(self, node, ins):
+        return UNDECODABLE
 
     def forward(self, node, args, out, mod, ins):
         a = node.attrs

@@ -3,11 +3,9 @@ BltForCausalLM with its entropy patcher (patch_in_forward).
 
 The checkpoint's parts are four sub-configs (encoder_config, decoder_config, global_config, patcher_config),
 read by `_blt` into the spec's parameters: the local encoder and decoder share the spec's local sizes, so
-transformers' two must agree. What transformers computes that the spec has as an option:
-- its cross-attention returns x + attn(x) and the caller adds x again: reference_residual;
-- no norm after the latent transformer: latent_norm=false;
-- no projection into it where dim_local · cross_attn_k = dim_global: latent_projection.
-Its RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...: q and k rows are reordered to rotate-half.
+transformers' two must agree. Its cross-attention returns x + attn(x) and the caller adds x again: the
+spec's reference_residual. Its RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...: q and k rows are
+reordered to rotate-half.
 Its entropy patcher is the spec's `patch` (global threshold): starts at bytes 0 and 1, then where the
 entropy before exceeds patching_threshold, the byte after the window included (transformers then has an
 empty last patch, the spec a patch holding only that byte; the logits are the same). transformers splits
@@ -154,8 +152,7 @@ def _blt(c: dict) -> dict:
             if param in out and out[param] != value:
                 refuse(c, f"{name}.{field}", f"the spec has one {param} ({out[param]!r} from another part)", value)
             out[param] = float(value) if param in FLOATS else value
-    out["latent_projection"] = out["d_local"] * c["cross_attn_k"] != out["d_global"]
-    out.update(latent_norm=False, reference_residual=True, max_patch_length=NO_LIMIT)
+    out.update(reference_residual=True, max_patch_length=NO_LIMIT)
     return out
 
 
