@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go, for a CUDA machine: GPU-marked tests (if any), then the
 # benchmarks at GPU-sized configs. Prints everything; finishes in < 8 minutes
-# (each stage has its own timeout; together they add up to 435 s). Usage, from anywhere:
+# (each stage has its own timeout; together they add up to 480 s). Usage, from anywhere:
 #
 #     bash benchmarks/gpu.sh            # OUT=dir to also keep a copy of the log there
 #
@@ -104,6 +104,13 @@ stage "plan vs measured fp32 d1024 L8 B8 T2048" 40 $PY benchmarks/plan_vs_measur
 #     d_model 1024, 8 layers, 8k tokens/step (the mHC paper: 1.067x with fused kernels).
 stage "lanes mhc n4 vs none bf16 d1024 L8" 30 $PY benchmarks/lanes.py --device cuda --dtype bf16 --threads 0 \
     --d-model 1024 --layers 8 --batch 8 --seq 1024 --steps 10 --warmup 2
+
+# 12. Byte Latent Transformer (specs/blt.arch: d_local 512 with 1 encoder and 2 decoder layers, latent 1536 x 12
+#     layers, threshold set for a mean patch of 4.5 bytes) vs the byte-level Llama (specs/byte_llama.arch, width 1024,
+#     depth and MLP width solved) at equal training FLOPs per byte, bf16, 16k bytes/step (goal <= 1.2x).
+stage "blt vs byte-level llama bf16 16k bytes" 45 $PY benchmarks/blt.py --device cuda --dtype bf16 --threads 0 \
+    --batch 8 --seq 2048 --d-local 512 --d-global 1536 --global-layers 12 --llama-d-model 1024 --steps 10 \
+    --warmup 2 --budget 15
 
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"

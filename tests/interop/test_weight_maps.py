@@ -246,6 +246,24 @@ def test_split_by_groups_cuts_each_head_and_joins_it_back():
         to_archc(wmap, {"l.0.qkv.weight": fused}, expect, {})
 
 
+def test_a_key_pattern_may_spell_its_index_out():
+    """BLT's encoder keeps one cross-attention as `cross.0`, the spec has it once, unindexed; `cross.{}` of the
+    decoder stays indexed. Both ways, and a key of another index is unexpected."""
+    from archc.interop.remap import to_archc, to_hf
+
+    wmap = WeightMap(model_type="m", architecture="M", config=Config(params={}),
+                     keys={"enc.cross.0.w": "enc_cross.w", "dec.cross.{}.w": "dec.{}.cross.w"})
+    state = {"enc.cross.0.w": torch.randn(2), "dec.cross.0.w": torch.randn(2), "dec.cross.1.w": torch.randn(2)}
+    expect = {"enc_cross.w": (2,), "dec.0.cross.w": (2,), "dec.1.cross.w": (2,)}
+    parts, _sources = to_archc(wmap, state, expect)
+    assert torch.equal(parts["enc_cross.w"], state["enc.cross.0.w"])
+    assert torch.equal(parts["dec.1.cross.w"], state["dec.cross.1.w"])
+    back = to_hf(wmap, parts)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(WeightsError, match=r"unexpected \(1\): enc.cross.1.w"):
+        to_archc(wmap, {**state, "enc.cross.1.w": torch.randn(2)}, expect)
+
+
 def _deinterleave(w, heads):
     size = w.shape[0] // heads
     order = torch.cat([torch.arange(0, size, 2), torch.arange(1, size, 2)])
