@@ -35,6 +35,7 @@ class Stage:
     path: str
     block: str
     spec: Path
+    overrides: dict = attrs.field(factory=dict)  # the used file's parameters the main spec's -D set (`file.name`)
 
 
 def first_stage(compiled) -> Stage | None:
@@ -58,9 +59,11 @@ def first_stage(compiled) -> Stage | None:
         for module in compiled.spec.modules[1:]:
             if any(block.is_model for block in module.blocks):
                 used = Path(module.source.name)
-                other = archc.compile(used).ir.scopes.get(top)
+                mine = {name.partition(".")[2]: value for name, value in compiled.params.items()
+                        if name.rpartition(".")[0] == used.stem}
+                other = archc.compile(used, mine).ir.scopes.get(top)
                 if other is not None and other.cls == scope.cls:
-                    return Stage(top, scope.cls, used)
+                    return Stage(top, scope.cls, used, mine)
         raise TrainError(f"`patch` at {_where(node)} reads the entropies of `{top}` (block {scope.cls}), but no spec "
                          f"file this one uses has a model calling `{scope.cls}(...) as {top}` to train it first; "
                          "add one (as specs/blt_entropy.arch), or pass --entropy-checkpoint DIR")
@@ -109,7 +112,7 @@ def load_frozen(stage: Stage, weights: Path) -> Callable[[Any, torch.nn.Module],
         import archc
         from archc.training.checkpoint import CheckpointError, load_checkpoint
 
-        first = archc.compile(stage.spec).build(check_memory=False)
+        first = archc.compile(stage.spec, stage.overrides).build(check_memory=False)
         try:
             load_checkpoint(weights, first, restore_rng=False)
         except CheckpointError as e:

@@ -47,8 +47,8 @@ def train(spec, config: TrainConfig | None = None, overrides: dict[str, Any] | N
             if stage is not None:  # (stages.py) train the model the patcher reads first, then this one with it
                 def run_one(first_spec, first_config, first_resume, first_overwrite):
                     with claim(Path(first_config.out_dir), resume=first_resume, overwrite=first_overwrite):
-                        return Trainer(first_spec, first_config, SingleProcess(), resume=first_resume,
-                                       compile_kw=compile_kw).run()
+                        return Trainer(first_spec, first_config, SingleProcess(), stage.overrides,
+                                       resume=first_resume, compile_kw=compile_kw).run()
 
                 weights = stages.run_first_stage(stage, config, resume=resume, overwrite=overwrite, run=run_one)
                 prepare = stages.load_frozen(stage, weights)

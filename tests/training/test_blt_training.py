@@ -114,3 +114,16 @@ def test_the_command_line_trains_both_byte_specs(tmp_path, corpus, capsys):
 def test_staged_training_runs_on_one_process(tmp_path, corpus):
     with pytest.raises(TrainError, match="runs on one process"):
         train(SPECS / "blt.arch", config(tmp_path, corpus, "multi"), nproc=2)
+
+
+def test_the_entropy_model_takes_the_used_file_s_overrides_in_both_stages(tmp_path, corpus):
+    sizes = {"blt_entropy.e_dim": 32, "blt_entropy.e_layers": 1, "blt_entropy.e_hidden": 64}
+    result = train(SPECS / "blt.arch", config(tmp_path, corpus, "small", entropy_steps=1, steps=1), sizes)
+    out = result.out_dir
+    first = archc.compile(SPECS / "blt_entropy.arch", {"e_dim": 32, "e_layers": 1, "e_hidden": 64}).build()
+    load_checkpoint(out / "entropy", first, restore_rng=False)  # stage 1 trained the small entropy model
+    blt = archc.compile(SPECS / "blt.arch", sizes).build()
+    load_checkpoint(out, blt, restore_rng=False)
+    assert blt.entropy_model.tok_embeddings.weight.shape[1] == 32
+    torch.testing.assert_close(blt.entropy_model.tok_embeddings.weight, first.entropy_model.tok_embeddings.weight,
+                               rtol=0, atol=0)
