@@ -201,7 +201,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the main spec's parameters in order, applying type-checked overrides. An override
     `stem.name` sets parameter `name` of the used file `stem.arch` (`-D blt_entropy.d_model=768`); the
-    result keeps it under that name, so compiling again with the result gives the same model."""
+    result holds every used file's parameters under such names, so compiling again with it gives the
+    same model."""
     used = used_modules(spec)
     for name in overrides:
         stem, dot, rest = name.rpartition(".")
@@ -214,9 +215,7 @@ def resolve_params(spec: Spec, overrides: dict[str, Any]) -> dict[str, Any]:
     env = module_params(spec.module, overrides)
     for stem, module in used.items():
         mine = {name.partition(".")[2]: v for name, v in overrides.items() if name.rpartition(".")[0] == stem}
-        if mine:
-            values = module_params(module, mine, prefix=f"{stem}.")
-            env.update({f"{stem}.{name}": values[name] for name in mine})
+        env.update({f"{stem}.{name}": value for name, value in module_params(module, mine, prefix=f"{stem}.").items()})
     return env
 
 

@@ -114,8 +114,9 @@ class Scale:
 
 
 def _heads(_inst, attribute, value) -> None:
-    if isinstance(value, bool) or not (isinstance(value, str) and value.isidentifier()
-                                       or isinstance(value, int) and value > 0):
+    # a parameter name, possibly a used file's (`blt_entropy.e_heads`)
+    named = isinstance(value, str) and all(part.isidentifier() for part in value.split(".", 1))
+    if isinstance(value, bool) or not (named or isinstance(value, int) and value > 0):
         raise MapError(f"{type(_inst).__name__} {attribute.name} must be a positive int or a spec parameter name, "
                        f"got {value!r}")
 

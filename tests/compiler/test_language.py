@@ -537,7 +537,7 @@ def test_a_used_file_s_parameters_take_qualified_overrides(tmp_path):
     main = tmp_path / "main.arch"
     assert archc.compile(main).build().proj.proj.out_features == 8
     wide = archc.compile(main, {"lib.width": 16})
-    assert wide.build().proj.proj.out_features == 16 and wide.params == {"lib.width": 16}
+    assert wide.build().proj.proj.out_features == 16 and wide.params == {"lib.width": 16, "lib.act": "relu"}
     assert archc.compile(main, wide.params).source == wide.source  # the params compile the same model again
     for overrides, phrase in [({"lib.widht": 1}, "unknown parameter `lib.widht` in override"),
                               ({"lob.width": 1}, "no used file is called `lob`"),

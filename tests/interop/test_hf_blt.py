@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 SPEC = SPECS / "blt.arch"
 T = 23
-ENTROPY_MODEL = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 172}
+# not blt_entropy.arch's defaults: the map sizes the used entropy spec (-D blt_entropy.e_dim=48 ...)
+ENTROPY_MODEL = {"hidden_size": 48, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 100}
 
 
 def _config(d_global: int, **top):
@@ -105,11 +106,16 @@ def test_export_round_trip(checkpoint, tmp_path):
 
 def test_what_the_spec_cannot_compute_is_refused():
     good = _config(48).to_dict()
-    assert hf_overrides("blt", good, SPEC)["max_patch_length"] == NO_LIMIT
+    derived = hf_overrides("blt", good, SPEC)
+    assert derived["max_patch_length"] == NO_LIMIT
+    assert (derived["blt_entropy.e_dim"], derived["blt_entropy.e_heads"], derived["blt_entropy.e_layers"],
+            derived["blt_entropy.e_hidden"]) == (48, 2, 1, 100)
     for change, message in [
         ({"max_patch_length": 8}, "max_patch_length=8"),
         ({"patching_mode": "space"}, "patching_mode='space'"),
-        ({"patcher_config": {**good["patcher_config"], "hidden_size": 768}}, "patcher_config.hidden_size=768"),
+        ({"patcher_config": {**good["patcher_config"], "rope_parameters": {"rope_type": "default",
+                                                                            "rope_theta": 5000.0}}},
+         "patcher_config.rope_theta=5000.0"),
         ({"decoder_config": {**good["decoder_config"], "intermediate_size": 40}},
          "decoder_config.intermediate_size=40"),
         ({"decoder_config": {**good["decoder_config"], "cross_attn_all_layers": False}},

@@ -3,7 +3,8 @@ BltForCausalLM with its entropy patcher (patch_in_forward).
 
 The checkpoint's parts are four sub-configs (encoder_config, decoder_config, global_config, patcher_config),
 read by `_blt` into the spec's parameters: the local encoder and decoder share the spec's local sizes, so
-transformers' two must agree. Its cross-attention returns x + attn(x) and the caller adds x again: the
+transformers' two must agree; the patcher's sizes become the used entropy spec's (`blt_entropy.e_dim`, ...),
+so the released 768 × 14 patcher loads. Its cross-attention returns x + attn(x) and the caller adds x again: the
 spec's reference_residual. Its RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...: q and k rows are
 reordered to rotate-half.
 Its entropy patcher is the spec's `patch` (global threshold): starts at bytes 0 and 1, then where the
@@ -22,10 +23,9 @@ from archc.interop.maps import Config, Only, PermuteRotary, Rename, WeightMap
 # the identity, as transformers' null.
 NO_LIMIT = 2**31 - 1
 
-# The entropy model blt.arch runs is blt_entropy.arch's at that file's defaults (a used spec's parameters
-# cannot be overridden): the checkpoint's patcher must have these sizes (in transformers' names).
-ENTROPY = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 172,
-           "sliding_window": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 260}
+# The entropy model blt.arch runs is blt_entropy.arch's, sized by that file's parameters (`blt_entropy.e_dim`
+# and so on: a used file's parameters, by qualified name); its RoPE base and vocabulary are fixed there.
+ENTROPY = {"rope_theta": 10000.0, "vocab_size": 260}
 
 
 def layer_keys(hf: str, ours: str, heads: int | str) -> dict:
@@ -49,7 +49,7 @@ def cross_keys(hf: str, ours: str) -> dict:
 
 KEYS = {
     "model.patcher.embed_tokens.weight": "entropy_model.tok_embeddings.weight",
-    **layer_keys("model.patcher.layers.{}", "entropy_model.layers.{}", ENTROPY["num_attention_heads"]),
+    **layer_keys("model.patcher.layers.{}", "entropy_model.layers.{}", "blt_entropy.e_heads"),
     "model.patcher.norm.weight": "entropy_model.norm.weight",
     "model.patcher.lm_head.weight": "entropy_model.output.weight",
     "model.local_encoder.embed_tokens.weight": "tok_embeddings.weight",
@@ -67,7 +67,7 @@ KEYS = {
 }
 
 # Each part's fields -> spec parameters (the first part to name a parameter sets it, the others must agree);
-# the patcher's are checked against ENTROPY instead.
+# the patcher's go to the used entropy spec's parameters.
 PARTS = {
     "encoder_config": {"hidden_size": "d_local", "num_attention_heads": "local_heads", "intermediate_size":
                        "local_hidden", "num_hidden_layers": "encoder_layers", "rms_norm_eps": "eps",
@@ -78,9 +78,11 @@ PARTS = {
     "global_config": {"hidden_size": "d_global", "num_attention_heads": "global_heads", "intermediate_size":
                       "global_hidden", "num_hidden_layers": "global_layers", "rms_norm_eps": "eps",
                       "rope_theta": "rope_theta"},
-    "patcher_config": {},
+    "patcher_config": {"hidden_size": "blt_entropy.e_dim", "num_attention_heads": "blt_entropy.e_heads",
+                       "num_hidden_layers": "blt_entropy.e_layers", "intermediate_size": "blt_entropy.e_hidden",
+                       "sliding_window": "blt_entropy.e_window", "rms_norm_eps": "blt_entropy.e_eps"},
 }
-FLOATS = ("eps", "rope_theta")
+FLOATS = ("eps", "rope_theta", "blt_entropy.e_eps")
 # transformers' defaults of each part, for the fields a config.json may omit
 DEFAULTS = {
     "encoder_config": {"hidden_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 1, "rms_norm_eps": 1e-5,
@@ -101,10 +103,8 @@ REQUIRE = {
                                                         "only the last counts, but keeps the others' weights)")},
     "decoder_config": {"cross_attn_all_layers": (True, "the spec's decoder cross-attends before every layer"),
                        "vocab_size": BYTES},
-    "patcher_config": {field: (value, "blt.arch's entropy model is blt_entropy.arch at its defaults (a used spec's "
-                                      "parameters cannot be overridden): " +
-                               ", ".join(f"{f} {v}" for f, v in ENTROPY.items()))
-                       for field, value in ENTROPY.items()},
+    "patcher_config": {"rope_theta": (ENTROPY["rope_theta"], "blt_entropy.arch's RoPE base is 10000"),
+                       "vocab_size": BYTES},
 }
 
 

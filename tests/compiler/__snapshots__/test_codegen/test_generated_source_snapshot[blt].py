@@ -18,6 +18,12 @@ Spec parameters:
     rope_theta = 500000.0
     eps = 1e-05
     reference_residual = False
+    blt_entropy.e_dim = 64
+    blt_entropy.e_layers = 2
+    blt_entropy.e_heads = 4
+    blt_entropy.e_hidden = 172
+    blt_entropy.e_window = 512
+    blt_entropy.e_eps = 1e-05
 
 Attention kernels:
     auto for 5 layer(s): causal, window=512: at run time flex_attention (block-sparse) on CUDA, the blocked local kernel (linear in T) elsewhere
