@@ -153,8 +153,24 @@ def routed_experts(graph: Graph) -> list[RoutedExperts]:
     return out
 
 
+def memory_params(graph: Graph) -> int:
+    """Weights that are looked up, not multiplied (Engram's tables: the weights an op gives the `memory` role)."""
+    total = 0
+    for node in graph.nodes():
+        memory = [key for key, role in ops.REGISTRY[node.op].roles(node).items() if role == "memory"]
+        total += sum(_numel(s) for name, s in node_params(graph, node).items()
+                     if any(name.endswith("." + key) for key in memory))
+    return total
+
+
+def memory_per_token(graph: Graph) -> int:
+    """Memory entries one token reads, all memory layers together (the rows its n-grams hash to)."""
+    return sum(ops.REGISTRY[n.op].memory_per_token(n) for n in graph.nodes() if not graph.borrowed(n))
+
+
 def active_params(graph: Graph) -> int:
-    """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
+    """Parameters one token uses: routed experts count k/E of their weights (shared experts in full), memory
+    tables only the entries the token reads."""
     share = dict(filter(None, (ops.REGISTRY[n.op].active_share(n) for n in graph.nodes())))
     total = 0.0
     for node in graph.nodes():
@@ -162,7 +178,7 @@ def active_params(graph: Graph) -> int:
         factor = next((f for prefix, f in share.items()
                        if node.scope == prefix or node.scope.startswith(prefix + ".")), 1.0)
         total += count * factor
-    return round(total)
+    return round(total) - memory_params(graph) + memory_per_token(graph)
 
 
 def forward_flops(graph: Graph, batch: int, seq: int, dims: dict[str, int] | None = None) -> int:
@@ -195,9 +211,15 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     lines.append(fmt(["-" * w for w in widths]))
     train = 3 * model.flops
     lines.append(f"total params        {model.params:,} ({human(model.params)})")
+    memory = memory_params(graph)
+    if memory:
+        lines.append(f"memory params       {memory:,} ({human(memory)}) in lookup tables; compute params "
+                     f"{model.params - memory:,} ({human(model.params - memory)})")
     active = active_params(graph)
     if active != model.params:
-        lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts count top_k/n")
+        why = [*(["routed experts count top_k/n"] if routed_experts(graph) else []),
+               *([f"memory counts the {memory_per_token(graph):,} table entries a token reads"] if memory else [])]
+        lines.append(f"active params       {active:,} ({human(active)}) per token: {'; '.join(why)}")
     per_token = human(model.flops / max(1, batch * seq))
     lines.append(f"forward FLOPs       {human(model.flops)} per step, {per_token} per token")
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
@@ -337,10 +359,11 @@ def layer_scopes(graph: Graph) -> list[str]:
 def param_roles(graph: Graph) -> dict[str, str]:
     """The role of every weight in the model's state dict, read from the IR.
 
-    `embedding` (token/position tables), `head` (a linear whose output is a
-    model output or feeds the loss directly), `matrix` (other 2-D weights of
-    linears: the hidden matrices Muon is meant for), `norm` (norm scales) and
-    `bias`. Optimizers split parameter groups by role instead of guessing from names.
+    `embedding` (token/position tables), `memory` (tables read by hashed lookups,
+    updated row by row), `head` (a linear whose output is a model output or feeds
+    the loss directly), `matrix` (other 2-D weights of linears: the hidden matrices
+    Muon is meant for), `norm` (norm scales) and `bias`. Optimizers split parameter
+    groups by role instead of guessing from names.
     """
     outputs = {nid for _name, nid in graph.outputs}
     loss_inputs = {a for n in graph.nodes() if ops.REGISTRY[n.op].is_loss for a in graph.args(n.id)}

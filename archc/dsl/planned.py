@@ -18,13 +18,11 @@ from archc.dsl.diagnostics import SpecError
 
 # Issues, by the words their titles use.
 GATED = "gated paths"
-ENGRAM = "Engram memory"
 PATCHING = "byte patching"
 
 # Ops designed in GRAMMAR.md, not built yet.
 PLANNED_OPS: dict[str, str] = {
     "gated": GATED,
-    "engram": ENGRAM,
     "hash_ngrams": PATCHING, "patch": PATCHING, "unpatch": PATCHING,
 }
 

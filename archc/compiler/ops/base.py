@@ -262,6 +262,10 @@ class OpDef:
         (routed experts: top_k of n); None for ops that route nothing."""
         return None
 
+    def memory_per_token(self, node: Node) -> int:
+        """Entries of this node's `memory` weights (roles()) one token reads; 0 for ops without memory."""
+        return 0
+
     def cannot_decode(self, node: Node, ins: list[Shape]) -> str | None:
         """Why the module holding this node cannot continue a sequence call by call (a sequence mixer
         without a cache to decode from), or None."""
