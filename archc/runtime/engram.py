@@ -31,7 +31,8 @@ and `lanes` = n (one key projection and gate per lane); outside, [B, T, d].
 The tables are memory, not compute: the indices depend only on the tokens,
 so `prefetch(tokens)` can gather the rows ahead of the layer (from a table
 kept in host memory, `keep_tables_on`) and `forward(..., rows=...)` uses
-them; `sparse=True` makes the table's gradient a sparse row gradient that
+them; `keep_memory_on(model, "cpu")` does both for a whole model, gathering
+every layer's rows when the model is called; `sparse=True` makes the table's gradient a sparse row gradient that
 `SparseRowAdam` applies to the touched rows only.
 
 Decoding (inside `archc.runtime.mixers.recurrent`): the module keeps the last
@@ -56,7 +57,7 @@ from torch import nn
 from archc.runtime.decoding import Decoding
 
 __all__ = [
-    "Engram", "SparseRowAdam", "compression_table", "hash_multipliers", "is_prime", "ngram_hashes",
+    "Engram", "SparseRowAdam", "compression_table", "hash_multipliers", "is_prime", "keep_memory_on", "ngram_hashes",
     "sparse_row_adam_", "table_sizes",
 ]
 
@@ -234,6 +235,7 @@ class Engram(Decoding):
         self.table_device: torch.device | None = None
         self._ids: torch.Tensor | None = None  # decoding: the last max(orders) - 1 compressed ids
         self._conv: torch.Tensor | None = None  # decoding: the convolution's last (kernel - 1)·dilation inputs
+        self._prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, rows) from keep_memory_on
 
     # -- memory ------------------------------------------------------------------------------------
 
@@ -248,7 +250,10 @@ class Engram(Decoding):
         """e [B, T, len(orders)·dim]: the table rows for `tokens`, gathered where the table lives, moved to `device`."""
         idx = self.indices(tokens.to(self.table.weight.device))
         rows = self.table(idx).flatten(-2)
-        return rows.to(device or tokens.device, non_blocking=True)
+        device = torch.device(device or tokens.device)
+        if device.type == "cuda" and rows.device.type == "cpu":
+            rows = rows.pin_memory()  # so that the copy below runs asynchronously
+        return rows.to(device, non_blocking=True)
 
     def keep_tables_on(self, device: torch.device | str) -> Engram:
         """Move the table (only) to `device`, e.g. "cpu" after model.to("cuda"): memory in host RAM."""
@@ -276,6 +281,10 @@ class Engram(Decoding):
             raise ValueError(f"engram: tokens {tuple(tokens.shape)} do not match "
                              f"the stream's [B, T] = {tuple(h.shape[:2])}")
         hl = h if lanes_in else h.unsqueeze(-2)  # [B, T, lanes, d]
+        if rows is None and self._prefetched is not None:
+            fetched_for, fetched = self._prefetched
+            self._prefetched = None
+            rows = fetched if fetched_for is tokens else None  # gathered by keep_memory_on for these very ids
         e = self.prefetch(tokens, h.device) if rows is None else rows
         value = self.value(e)  # [B, T, d]
         scale = math.sqrt(self.d_model)
@@ -316,6 +325,35 @@ class Engram(Decoding):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, orders={list(self.orders)}, heads={self.heads}, dim={self.dim}, "
                 f"lanes={self.lanes}, layer_id={self.layer_id}, rows={self.table.num_embeddings}")
+
+
+def keep_memory_on(model: nn.Module, device: torch.device | str, compute: torch.device | str | None = None):
+    """Keep every Engram table of `model` on `device` (host memory: "cpu") while the rest runs on `compute`
+    (default: where the model's other parameters are), and gather each call's rows as soon as the model is
+    called, before any layer runs: the rows depend only on the token ids, the model's one `Tokens` input.
+
+    Each Engram layer then uses the rows gathered for the ids it is given (the same tensor as the model's
+    input); a layer given other ids gathers its own. Returns the hook's handle (`.remove()` stops the early
+    gathers; the tables stay where they are)."""
+    memories = [m for m in model.modules() if isinstance(m, Engram)]
+    if not memories:
+        raise ValueError("keep_memory_on: the model has no Engram memory")
+    for m in memories:
+        m.keep_tables_on(device)
+    if compute is None:
+        tables = {id(m.table.weight) for m in memories}
+        compute = next((p.device for p in model.parameters() if id(p) not in tables), torch.device(device))
+    compute = torch.device(compute)
+
+    def gather_early(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        if len(ids) != 1:
+            raise ValueError(f"keep_memory_on: the model's call has {len(ids)} integer tensors; "
+                             "the early gather needs exactly one (the token ids)")
+        for m in memories:
+            m._prefetched = (ids[0], m.prefetch(ids[0], compute))
+
+    return model.register_forward_pre_hook(gather_early, with_kwargs=True)
 
 
 # ----------------------------------------------------------------------------- sparse-row optimizer

@@ -49,10 +49,11 @@ arXiv:2502.16982):
   touched only (`archc.runtime.engram.sparse_row_adam_`: a step count per row, so a row follows
   Adam over the steps that read it; untouched rows and their moments stay put; decoupled decay, as
   for embeddings, on touched rows only). The gradient stays dense (clipping, accumulation and the
-  global norm work unchanged); the touched rows are those with a non-zero gradient row, or the
-  indices of a sparse row gradient (`nn.Embedding(sparse=True)`). A model with memory tables gets
-  `MuonWithAdamW` in AdamW mode too (its AdamW half is torch's AdamW step), since torch's AdamW has
-  no per-row step. Sharded (DTensor) tables are refused.
+  global norm work unchanged); the touched rows are those with a non-zero gradient row (a row read
+  only where no loss term looks, such as a window's last position, keeps still: SparseRowAdam would
+  decay its moments), or the indices of a sparse row gradient (`nn.Embedding(sparse=True)`). A model
+  with memory tables gets `MuonWithAdamW` in AdamW mode too (its AdamW half is torch's AdamW step),
+  since torch's AdamW has no per-row step. Sharded (DTensor) tables are refused.
 - **Schedules** are pure functions of the step (`lr_lambda`) so a `LambdaLR`
   resumed from its step count gives exactly the same learning rates.
 """

@@ -102,6 +102,8 @@ class Trainer:
             from archc.interop.hf import load_hf_into
 
             load_hf_into(self.compiled, self.model, cfg.init_from, cfg.init_map)
+        if cfg.memory_device is not None:
+            _keep_memory_on(self.model, cfg.memory_device, self.device, s.mode)
         s.shard(self.model, self.compiled)
         self.optimizer = build_optimizer(self.model, self.compiled.param_roles(), fused_layout(self.compiled),
                                          name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -261,6 +263,19 @@ def _init_overrides(spec, config: TrainConfig) -> dict[str, Any]:
     from archc.interop.hf import hf_overrides, read_config
 
     return hf_overrides(config.init_map, read_config(config.init_from), spec)
+
+
+def _keep_memory_on(model: torch.nn.Module, where: str, device: torch.device, mode: str) -> None:
+    """--memory-device: the Engram tables stay on `where` (host memory), their rows gathered when the model is
+    called (archc.runtime.engram.keep_memory_on)."""
+    from archc.runtime.engram import Engram, keep_memory_on
+
+    if not any(isinstance(m, Engram) for m in model.modules()):
+        raise TrainError(f"--memory-device {where}: the spec has no Engram memory (`engram(...)`) to place")
+    if mode != "single":
+        raise TrainError(f"--memory-device {where} trains on one process only (this run is {mode}): memory tables "
+                         "update row by row and are not sharded")
+    keep_memory_on(model, where, device)
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float) -> float:

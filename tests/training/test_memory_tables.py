@@ -111,3 +111,61 @@ def test_memory_tables_get_their_own_group_in_either_optimizer(name):
     read = table.grad.ne(0).any(1)
     opt.step()
     assert torch.equal(table[~read], before[~read]) and not torch.equal(table[read], before[read])
+
+
+def test_tables_in_host_memory_gathered_before_the_layers_give_the_same_model():
+    """keep_memory_on: every layer's rows are gathered when the model is called, before layer 0 runs, and the
+    model computes what it computes with the tables in place (here host and compute are both the CPU)."""
+    from archc.runtime.engram import keep_memory_on
+    from archc.runtime.mixers import generate_recurrent
+
+    compiled = archc.compile(SPECS / "engram.arch", {**SMALL, "vocab": 64})
+    torch.manual_seed(0)
+    model = compiled.build().double()
+    placed = copy.deepcopy(model)
+    handle = keep_memory_on(placed, "cpu")
+    memories = [m for m in placed.modules() if isinstance(m, Engram)]
+    ready = []
+    placed.layers[0].register_forward_pre_hook(lambda *_: ready.append([m._prefetched is not None for m in memories]))
+    tokens = torch.randint(0, 64, (2, 9))
+    want, got = model(tokens=tokens), placed(tokens=tokens)
+    assert ready == [[True, True]] and all(m._prefetched is None for m in memories)  # gathered early, then used
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=0)
+    want["loss"].backward()
+    got["loss"].backward()
+    for (name, p), q in zip(model.named_parameters(), placed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    prompt = tokens[:, :4]  # decoding: the early gather continues each layer's n-gram history
+    torch.testing.assert_close(generate_recurrent(placed.eval(), prompt, steps=5)[1],
+                               generate_recurrent(model.eval(), prompt, steps=5)[1], rtol=0, atol=0)
+    handle.remove()
+    with pytest.raises(ValueError, match="no Engram memory"):
+        keep_memory_on(archc.compile(SPECS / "llama.arch", {"d_model": 16, "n_layers": 1}).build(), "cpu")
+
+
+def test_trainer_with_memory_device_trains_the_same_run(tmp_path, corpus):
+    params = []
+    for where in (None, "cpu"):
+        cfg = TrainConfig(data=corpus, batch_size=2, seq_len=16, steps=2, lr=LR, eval_every=100, eval_batches=1,
+                          checkpoint_every=100, sample_tokens=0, progress=False, out_dir=str(tmp_path / str(where)),
+                          memory_device=where)
+        trainer = Trainer(SPECS / "engram.arch", cfg, SingleProcess(), SMALL)
+        trainer.setup()
+        assert bool(trainer.model._forward_pre_hooks) == (where is not None)  # the early gather is installed
+        for step in range(cfg.steps):
+            trainer.train_step(step)
+        params.append(dict(trainer.model.named_parameters()))
+        assert all(m._prefetched is None for m in trainer.model.modules() if isinstance(m, Engram))
+    for name, p in params[0].items():
+        torch.testing.assert_close(params[1][name], p, rtol=0, atol=0, msg=name)
+
+
+def test_memory_device_is_checked(tmp_path, corpus):
+    from archc.training.config import TrainError
+
+    with pytest.raises(TrainError, match="--memory-device 'gpu': expected cpu, cuda or cuda:N"):
+        TrainConfig(memory_device="gpu")
+    cfg = TrainConfig(data=corpus, batch_size=2, seq_len=16, steps=1, progress=False, out_dir=str(tmp_path / "r"),
+                      memory_device="cpu")
+    with pytest.raises(TrainError, match="the spec has no Engram memory"):
+        Trainer(SPECS / "llama.arch", cfg, SingleProcess(), {"d_model": 16, "n_layers": 1}).setup()
