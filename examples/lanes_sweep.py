@@ -35,12 +35,13 @@ VARIANTS = {  # name -> (spec, its own parameters)
 
 
 def main(steps: int = 200, seeds: tuple[int, ...] = (0, 1, 2), out: str = "runs/lanes_sweep",
-         base: dict | None = None, batch_size: int = 8, seq_len: int = 32, threads: int | None = 1) -> list[dict]:
+         base: dict | None = None, batch_size: int = 8, seq_len: int = 32, threads: int | None = 1,
+         data: str = "pydoc") -> list[dict]:
     if threads is not None:  # on a shared two-core machine, intra-op threads fight the other processes: 10x slower
         torch.set_num_threads(threads)
     base = dict(BASE if base is None else base)
-    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, eval_every=steps, eval_batches=8,
-                         checkpoint_every=steps, sample_tokens=0, progress=False)
+    config = TrainConfig(data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, eval_every=steps,
+                         eval_batches=8, checkpoint_every=steps, sample_tokens=0, progress=False)
     rows = []
     for name, (spec, own) in VARIANTS.items():
         overrides = {**base, **own}
