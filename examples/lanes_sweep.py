@@ -6,7 +6,7 @@ mHC's Sinkhorn-projected mixing (specs/mhc.arch, `-D lane_rule=...`), and with E
 layers 1 and 3 (specs/engram.arch) — each trained for the same steps on the same batches from
 three seeds, so the table shows the noise next to the differences. Run:
 
-    .venv/bin/python examples/lanes_sweep.py            # ~20 minutes on two busy CPU cores
+    .venv/bin/python examples/lanes_sweep.py            # ~10 minutes on two busy CPU cores (README: its table)
 
 Validation loss is the mean next-token cross-entropy (nats per byte) on held-out text after the
 last step; wall time is the whole run (compile, train, evaluate) on this machine, on one thread.
