@@ -7,7 +7,9 @@ decides how much of what was looked up enters the residual stream. Per layer:
 
 1. Tokenizer compression: ids whose decoded text is equal after NFKC, NFD,
    accent stripping, lower-casing and collapsing whitespace share one id
-   (`compression_table`); the model holds the map as a buffer.
+   (`compression_table`); the model holds the map as a buffer (`compression=`
+   when built, or `use_compression` later: the trainer sets it from its
+   tokenizer for `compress=True` modules).
 2. Suffix n-grams of the compressed ids for each order n in `orders`; places
    before the start of the sequence hold the (compressed) pad id.
 3. Multi-head hashing: mix_n(t) = (x_t·m_0) XOR (x_{t-1}·m_1) XOR … XOR
@@ -193,7 +195,8 @@ class Engram(Decoding):
     def __init__(self, d_model: int, vocab_size: int, *, orders: Sequence[int] = (2, 3), heads: int = 8,
                  slots: int | Sequence[int] | None = None, dim: int = 512, lanes: int = 1, kernel_size: int = 4,
                  layer_id: int = 0, layer_ids: Sequence[int] | None = None, seed: int = 0, pad_id: int = 0,
-                 compression: torch.Tensor | None = None, sparse: bool = False, conv_eps: float = 1e-5) -> None:
+                 compression: torch.Tensor | None = None, compress: bool = False, sparse: bool = False,
+                 conv_eps: float = 1e-5) -> None:
         super().__init__()
         orders = tuple(int(n) for n in orders)
         if not orders or min(orders) < 1 or len(set(orders)) != len(orders):
@@ -217,7 +220,8 @@ class Engram(Decoding):
         self.d_model, self.vocab_size, self.orders, self.heads, self.dim = d_model, vocab_size, orders, heads, dim
         self.lanes, self.layer_id, self.kernel_size = lanes, layer_id, kernel_size
         self.context, self.dilation = max(orders) - 1, max(orders)  # n-gram context; the conv's dilation (demo)
-        self.compressed_vocab, self.pad_id = compressed_vocab, int(compression[pad_id])
+        self.compressed_vocab, self.pad_token, self.seed = compressed_vocab, pad_id, seed
+        self.compress = compress  # the tokenizer's compression map is to be set (use_compression) before training
         sizes = torch.tensor(table_sizes(layer_ids, slots, heads)[layer_id])  # [orders, heads]
         self.register_buffer("compression", compression.clone().long())
         self.register_buffer("multipliers", hash_multipliers(max(orders), compressed_vocab, layer_id, seed))
@@ -236,6 +240,23 @@ class Engram(Decoding):
         self._ids: torch.Tensor | None = None  # decoding: the last max(orders) - 1 compressed ids
         self._conv: torch.Tensor | None = None  # decoding: the convolution's last (kernel - 1)·dilation inputs
         self._prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, rows) from keep_memory_on
+
+    @property
+    def pad_id(self) -> int:
+        """The compressed id of the pad token (read from the map, which a checkpoint may have replaced)."""
+        return int(self.compression[self.pad_token])
+
+    @torch.no_grad()
+    def use_compression(self, compression: torch.Tensor) -> Engram:
+        """Hash through a tokenizer's compression map from now on (`compression_table`): the map and the
+        multipliers (bounded by the compressed vocabulary) change; the tables keep their sizes."""
+        if compression.shape != (self.vocab_size,):
+            raise ValueError(f"engram: compression must map the {self.vocab_size} token ids, "
+                             f"got {tuple(compression.shape)}")
+        self.compressed_vocab = int(compression.max()) + 1
+        self.compression.copy_(compression)
+        self.multipliers.copy_(hash_multipliers(len(self.multipliers), self.compressed_vocab, self.layer_id, self.seed))
+        return self
 
     # -- memory ------------------------------------------------------------------------------------
 

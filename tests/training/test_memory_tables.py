@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import attrs
 import pytest
 import torch
 from conftest import SPECS
@@ -169,3 +170,24 @@ def test_memory_device_is_checked(tmp_path, corpus):
                       memory_device="cpu")
     with pytest.raises(TrainError, match="the spec has no Engram memory"):
         Trainer(SPECS / "llama.arch", cfg, SingleProcess(), {"d_model": 16, "n_layers": 1}).setup()
+
+
+def test_compress_true_hashes_through_the_tokenizers_compression_map(tmp_path, corpus):
+    from archc.runtime.engram import compression_table
+    from archc.training.data import ByteTokenizer
+
+    cfg = TrainConfig(data=corpus, batch_size=2, seq_len=16, steps=1, eval_every=100, eval_batches=1,
+                      checkpoint_every=100, sample_tokens=0, progress=False, out_dir=str(tmp_path / "run"))
+    trainer = Trainer(SPECS / "engram.arch", cfg, SingleProcess(), {**SMALL, "memory_compress": True})
+    trainer.setup()
+    want, count = compression_table(ByteTokenizer().decode, 256)
+    memories = [m for m in trainer.model.modules() if isinstance(m, Engram)]
+    assert len(memories) == 2 and count < 256
+    for m in memories:
+        assert torch.equal(m.compression, want) and m.compressed_vocab == count
+        assert m.compression[ord("A")] == m.compression[ord("a")] and m.compression[ord("a")] != m.compression[ord("b")]
+    trainer.train_step(0)
+    plain = Trainer(SPECS / "engram.arch", attrs.evolve(cfg, out_dir=str(tmp_path / "plain")), SingleProcess(), SMALL)
+    plain.setup()
+    assert all(torch.equal(m.compression, torch.arange(256)) for m in plain.model.modules() if isinstance(m, Engram))
+

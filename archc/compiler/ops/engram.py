@@ -18,8 +18,9 @@ same token input. The tables are `memory` parameters: the optimizer updates only
 read (archc/training/optim.py), and `archc summary` counts them apart from the compute parameters,
 with the rows one token reads as its active memory.
 
-Token ids are hashed as they are; the demo's tokenizer-compression map (`compression_table`) needs the
-tokenizer, which a spec does not know, so the language does not apply it.
+Token ids are hashed as they are, unless `compress=true`: then the trainer, which knows the tokenizer,
+sets the demo's compression map (`compression_table`: ids whose text differs only in case, accents or
+spacing share one) before the first step, and checkpoints carry it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Engram(OpDef):
         "orders": A(list, [2, 3]), "heads": A(int, DEFAULTS["heads"], positive=True),
         "slots": A((int, list, type(None)), None), "dim": A(int, DEFAULTS["dim"], positive=True),
         "kernel": A(int, DEFAULTS["kernel"], positive=True), "seed": A(int, DEFAULTS["seed"]),
-        "pad": A(int, DEFAULTS["pad"]), "vocab": A((int, type(None)), None),
+        "pad": A(int, DEFAULTS["pad"]), "vocab": A((int, type(None)), None), "compress": A(bool, False),
     }
     pure = False
 
@@ -135,6 +136,8 @@ class Engram(OpDef):
         options.append(f"layer_id={a['layer']!r}, layer_ids={list(range(a['layers']))!r}")
         options += [f"{key if key != 'pad' else 'pad_id'}={a[key]!r}" for key in ("seed", "pad")
                     if a[key] != DEFAULTS[key]]
+        if a["compress"]:
+            options.append("compress=True")
         return f"AF.Engram({ins[0][-1]!r}, {a['vocab']!r}, {', '.join(options)})"
 
     def forward(self, node, args, out, mod, ins):
