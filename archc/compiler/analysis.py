@@ -153,14 +153,16 @@ def routed_experts(graph: Graph) -> list[RoutedExperts]:
     return out
 
 
+def node_memory_params(graph: Graph, node: Node) -> int:
+    """This node's weights that are looked up, not multiplied (the weights its op gives the `memory` role)."""
+    memory = [key for key, role in ops.REGISTRY[node.op].roles(node).items() if role == "memory"]
+    return sum(_numel(s) for name, s in node_params(graph, node).items() if any(name.endswith("." + key)
+                                                                                for key in memory))
+
+
 def memory_params(graph: Graph) -> int:
-    """Weights that are looked up, not multiplied (Engram's tables: the weights an op gives the `memory` role)."""
-    total = 0
-    for node in graph.nodes():
-        memory = [key for key, role in ops.REGISTRY[node.op].roles(node).items() if role == "memory"]
-        total += sum(_numel(s) for name, s in node_params(graph, node).items()
-                     if any(name.endswith("." + key) for key in memory))
-    return total
+    """Weights that are looked up, not multiplied (Engram's tables), all nodes together."""
+    return sum(node_memory_params(graph, node) for node in graph.nodes())
 
 
 def memory_per_token(graph: Graph) -> int:
@@ -323,7 +325,8 @@ def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int, c
     Op by op, as eager PyTorch runs them (no fusion), so a sequence of elementwise ops pays for every
     intermediate. An embedding reads only the rows it gathers. With `chunked`, Gated DeltaNet runs its
     chunked PyTorch form, which writes and reads back `chunked_floats` (fp32); otherwise (its Triton
-    kernels) and for other mixers the count is a lower bound: inputs and output only.
+    kernels) and for other mixers the count is a lower bound: inputs and output only. A memory table
+    (Engram) counts the rows the tokens read, not the table.
     """
     if node.op in VIEW_OPS:
         return 0.0
@@ -332,7 +335,9 @@ def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int, c
         return _value_bytes(graph.node(graph.args(node.id)[0]), sizes, itemsize) + 2 * out
     ins = [graph.node(a) for a in graph.args(node.id)]
     total = out + sum(_value_bytes(i, sizes, itemsize) for i in ins)
-    total += sum(_numel(s) for s in node_params(graph, node).values()) * itemsize
+    total += (sum(_numel(s) for s in node_params(graph, node).values()) - node_memory_params(graph, node)) * itemsize
+    read = ops.REGISTRY[node.op].memory_per_token(node)  # memory tables: only the rows the tokens read
+    total += ops.numel(node.shape[:-1], sizes) * read * itemsize if read else 0
     if node.op == "attention_core" and node.attrs["rope"]:
         total += ROPE_PASSES * sum(_value_bytes(i, sizes, itemsize) for i in ins[:2])
     if chunked:

@@ -159,3 +159,16 @@ def test_archc_train_runs_the_engram_spec(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "trained 3 steps" in out and "val perplexity" in out
+
+
+def test_a_memory_layer_moves_the_rows_it_reads_not_its_tables():
+    from archc.compiler import analysis
+
+    compiled = archc.compile(SPECS / "engram.arch", SMALL)
+    graph = compiled.ir
+    (node, _other) = [n for n in graph.nodes() if n.op == "engram"]
+    sizes = analysis.sizes_for(graph, 2, 8)
+    tables = analysis.node_memory_params(graph, node)
+    rest = sum(p.numel() for p in compiled.build().layers[1].memory.parameters()) - tables
+    stream, ids, rows = 2 * 8 * SMALL["d_model"] * 4, 2 * 8 * 8, 2 * 8 * (2 * 16) * 4  # B=2, T=8; 2 orders × dim 16
+    assert analysis.node_bytes(graph, node, sizes, 4) == stream + ids + stream + rest * 4 + rows  # in, out, weights
