@@ -172,3 +172,23 @@ def test_a_memory_layer_moves_the_rows_it_reads_not_its_tables():
     rest = sum(p.numel() for p in compiled.build().layers[1].memory.parameters()) - tables
     stream, ids, rows = 2 * 8 * SMALL["d_model"] * 4, 2 * 8 * 8, 2 * 8 * (2 * 16) * 4  # B=2, T=8; 2 orders × dim 16
     assert analysis.node_bytes(graph, node, sizes, 4) == stream + ids + stream + rest * 4 + rows  # in, out, weights
+
+
+def test_a_shared_engram_is_one_module_and_refuses_to_decode():
+    from archc.runtime.mixers import recurrent
+
+    spec = """model M(tokens: Tokens[B, T]) {
+    x = embedding(tokens, 32, 16)
+    x += engram(x, tokens, orders=[2], heads=2, slots=31, dim=8) as memory shared
+    x += swiglu(rms_norm(x), hidden=24) as mlp
+    x += engram(x, tokens, orders=[2], heads=2, slots=31, dim=8) as memory shared
+    return x
+}
+"""
+    compiled = archc.compile(spec, name="shared.arch")
+    model = compiled.build()
+    assert compiled.num_params() == sum(p.numel() for p in model.parameters())
+    assert compiled.source.count("AF.Engram(") == 1 and compiled.source.count("self.memory(x, tokens)") == 2
+    with pytest.raises(NotImplementedError, match="one n-gram history cannot serve every call"):
+        with recurrent(model):
+            pass

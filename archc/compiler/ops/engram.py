@@ -116,16 +116,22 @@ class Engram(OpDef):
         d, width = ins[0][-1], len(a["orders"]) * a["dim"]
         return numel(ins[0][:-1], sizes) * (2 * 2 * width * d + 2 * d + 2 * a["kernel"] * d)
 
+    def cannot_decode(self, node, ins):
+        if node.shares:
+            return "a shared engram called several times per token: one n-gram history cannot serve every call"
+        return None
+
     def describe_node(self, node):
         return f"engram orders={node.attrs['orders']}"
 
     def after_lowering(self, graph) -> None:
         """Number the Engram calls in program order: the primes of their tables are shared out over all of them."""
         calls = [n for n in graph.nodes() if n.op == self.name]
-        owners = [n.id for n in calls if not graph.borrowed(n)]  # a shared call runs its owner's module
-        for node in calls:
-            node.attrs["layer"] = owners.index(node.id) if node.id in owners else None
-            node.attrs["layers"] = len(owners)
+        owners = [n for n in calls if not graph.borrowed(n)]
+        for node in calls:  # a shared call (`as memory shared`, or inside a shared block) is its owner's module
+            owner = next(o for o in owners if node.id == o.id or node.shares == o.id
+                         or graph.module_path(node.path) == o.path)
+            node.attrs["layer"], node.attrs["layers"] = owners.index(owner), len(owners)
 
     def init(self, node, ins):
         a = node.attrs
