@@ -6,7 +6,7 @@ mHC's Sinkhorn-projected mixing (specs/mhc.arch, `-D lane_rule=...`), and with E
 layers 1 and 3 (specs/engram.arch) — each trained for the same steps on the same batches from
 three seeds, so the table shows the noise next to the differences. Run:
 
-    .venv/bin/python examples/lanes_sweep.py            # ~10 minutes on two busy CPU cores (README: its table)
+    .venv/bin/python examples/lanes_sweep.py    # 4 minutes on two quiet CPU cores, ~20 busy (README: its table)
 
 Validation loss is the mean next-token cross-entropy (nats per byte) on held-out text after the
 last step; wall time is the whole run (compile, train, evaluate) on this machine, on one thread.
@@ -34,7 +34,7 @@ VARIANTS = {  # name -> (spec, its own parameters)
 }
 
 
-def main(steps: int = 200, seeds: tuple[int, ...] = (0, 1, 2), out: str = "runs/lanes_sweep",
+def main(steps: int = 400, seeds: tuple[int, ...] = (0, 1, 2), out: str = "runs/lanes_sweep",
          base: dict | None = None, batch_size: int = 8, seq_len: int = 32, threads: int | None = 1,
          data: str = "pydoc") -> list[dict]:
     if threads is not None:  # on a shared two-core machine, intra-op threads fight the other processes: 10x slower
