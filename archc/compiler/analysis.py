@@ -157,8 +157,30 @@ def routed_experts(graph: Graph) -> list[RoutedExperts]:
     return out
 
 
+def node_memory_params(graph: Graph, node: Node) -> int:
+    """This node's weights that are looked up, not multiplied (the weights its op gives the `memory` role)."""
+    memory = [key for key, role in ops.REGISTRY[node.op].roles(node).items() if role == "memory"]
+    return sum(_numel(s) for name, s in node_params(graph, node).items() if any(name.endswith("." + key)
+                                                                                for key in memory))
+
+
+def memory_params(graph: Graph) -> int:
+    """Weights that are looked up, not multiplied (Engram's tables), all nodes together."""
+    return sum(node_memory_params(graph, node) for node in graph.nodes())
+
+
+def memory_per_token(graph: Graph) -> int:
+    """Memory entries one token reads, all memory layers together (the rows its n-grams hash to)."""
+    return sum(ops.REGISTRY[n.op].memory_per_token(n) for n in graph.nodes() if not graph.borrowed(n))
+
+
 def active_params(graph: Graph) -> int:
-    """Parameters one token uses: routed experts count k/E of their weights (shared experts in full)."""
+    """Parameters one token uses: routed experts and branches count k/E of their weights (shared experts in
+    full), memory tables only the entries the token reads."""
+    return active_without_memory(graph) - memory_params(graph) + memory_per_token(graph)
+
+
+def active_without_memory(graph: Graph) -> int:
     return scope_params(graph, "", active=True)
 
 
@@ -221,10 +243,16 @@ def table(graph: Graph, batch: int = 1, seq: int = 128, depth: int = 1,
     lines.append(fmt(["-" * w for w in widths]))
     train = 3 * model.flops
     lines.append(f"total params        {model.params:,} ({human(model.params)})")
+    memory = memory_params(graph)
+    if memory:
+        lines.append(f"memory params       {memory:,} ({human(memory)}) in lookup tables; compute params "
+                     f"{model.params - memory:,} ({human(model.params - memory)})")
     active = active_params(graph)
     if active != model.params:
-        lines.append(f"active params       {active:,} ({human(active)}) per token: routed experts and branches "
-                     "count top_k/n")
+        routed = active_without_memory(graph) != scope_params(graph, "")
+        why = [*(["routed experts and branches count top_k/n"] if routed else []),
+               *([f"memory counts the {memory_per_token(graph):,} table entries a token reads"] if memory else [])]
+        lines.append(f"active params       {active:,} ({human(active)}) per token: {'; '.join(why)}")
     per_token = human(model.flops / max(1, batch * seq))
     lines.append(f"forward FLOPs       {human(model.flops)} per step, {per_token} per token")
     lines.append(f"train FLOPs (3x)    {human(train)} per step")
@@ -329,7 +357,8 @@ def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int, c
     Op by op, as eager PyTorch runs them (no fusion), so a sequence of elementwise ops pays for every
     intermediate. An embedding reads only the rows it gathers. With `chunked`, Gated DeltaNet runs its
     chunked PyTorch form, which writes and reads back `chunked_floats` (fp32); otherwise (its Triton
-    kernels) and for other mixers the count is a lower bound: inputs and output only.
+    kernels) and for other mixers the count is a lower bound: inputs and output only. A memory table
+    (Engram) counts the rows the tokens read, not the table.
     """
     if node.op in VIEW_OPS:
         return 0.0
@@ -338,7 +367,9 @@ def node_bytes(graph: Graph, node: Node, sizes: dict[str, int], itemsize: int, c
         return _value_bytes(graph.node(graph.args(node.id)[0]), sizes, itemsize) + 2 * out
     ins = [graph.node(a) for a in graph.args(node.id)]
     total = out + sum(_value_bytes(i, sizes, itemsize) for i in ins)
-    total += sum(_numel(s) for s in node_params(graph, node).values()) * itemsize
+    total += (sum(_numel(s) for s in node_params(graph, node).values()) - node_memory_params(graph, node)) * itemsize
+    read = ops.REGISTRY[node.op].memory_per_token(node)  # memory tables: only the rows the tokens read
+    total += ops.numel(node.shape[:-1], sizes) * read * itemsize if read else 0
     if node.op == "attention_core" and node.attrs["rope"]:
         total += ROPE_PASSES * sum(_value_bytes(i, sizes, itemsize) for i in ins[:2])
     if chunked:
@@ -365,10 +396,11 @@ def layer_scopes(graph: Graph) -> list[str]:
 def param_roles(graph: Graph) -> dict[str, str]:
     """The role of every weight in the model's state dict, read from the IR.
 
-    `embedding` (token/position tables), `head` (a linear whose output is a
-    model output or feeds the loss directly), `matrix` (other 2-D weights of
-    linears: the hidden matrices Muon is meant for), `norm` (norm scales) and
-    `bias`. Optimizers split parameter groups by role instead of guessing from names.
+    `embedding` (token/position tables), `memory` (tables read by hashed lookups,
+    updated row by row), `head` (a linear whose output is a model output or feeds
+    the loss directly), `matrix` (other 2-D weights of linears: the hidden matrices
+    Muon is meant for), `norm` (norm scales) and `bias`. Optimizers split parameter
+    groups by role instead of guessing from names.
     """
     outputs = {nid for _name, nid in graph.outputs}
     loss_inputs = {a for n in graph.nodes() if ops.REGISTRY[n.op].is_loss for a in graph.args(n.id)}

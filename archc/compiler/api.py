@@ -86,7 +86,7 @@ class Compiled:
         return plan.plan(self.ir, device, devices, batch, seq, dtype, **options)
 
     def param_roles(self) -> dict[str, str]:
-        """State-dict name -> embedding | head | matrix | norm | bias (see analysis.param_roles)."""
+        """State-dict name -> embedding | memory | head | matrix | norm | bias (see analysis.param_roles)."""
         return analysis.param_roles(self.ir)
 
     def python_module(self) -> types.ModuleType:

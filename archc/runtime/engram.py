@@ -7,7 +7,9 @@ decides how much of what was looked up enters the residual stream. Per layer:
 
 1. Tokenizer compression: ids whose decoded text is equal after NFKC, NFD,
    accent stripping, lower-casing and collapsing whitespace share one id
-   (`compression_table`); the model holds the map as a buffer.
+   (`compression_table`); the model holds the map as a buffer (`compression=`
+   when built, or `use_compression` later: the trainer sets it from its
+   tokenizer for `compress=True` modules).
 2. Suffix n-grams of the compressed ids for each order n in `orders`; places
    before the start of the sequence hold the (compressed) pad id.
 3. Multi-head hashing: mix_n(t) = (x_t·m_0) XOR (x_{t-1}·m_1) XOR … XOR
@@ -31,7 +33,8 @@ and `lanes` = n (one key projection and gate per lane); outside, [B, T, d].
 The tables are memory, not compute: the indices depend only on the tokens,
 so `prefetch(tokens)` can gather the rows ahead of the layer (from a table
 kept in host memory, `keep_tables_on`) and `forward(..., rows=...)` uses
-them; `sparse=True` makes the table's gradient a sparse row gradient that
+them; `keep_memory_on(model, "cpu")` does both for a whole model, gathering
+every layer's rows when the model is called; `sparse=True` makes the table's gradient a sparse row gradient that
 `SparseRowAdam` applies to the touched rows only.
 
 Decoding (inside `archc.runtime.mixers.recurrent`): the module keeps the last
@@ -56,7 +59,7 @@ from torch import nn
 from archc.runtime.decoding import Decoding
 
 __all__ = [
-    "Engram", "SparseRowAdam", "compression_table", "hash_multipliers", "is_prime", "ngram_hashes",
+    "Engram", "SparseRowAdam", "compression_table", "hash_multipliers", "is_prime", "keep_memory_on", "ngram_hashes",
     "sparse_row_adam_", "table_sizes",
 ]
 
@@ -192,7 +195,8 @@ class Engram(Decoding):
     def __init__(self, d_model: int, vocab_size: int, *, orders: Sequence[int] = (2, 3), heads: int = 8,
                  slots: int | Sequence[int] | None = None, dim: int = 512, lanes: int = 1, kernel_size: int = 4,
                  layer_id: int = 0, layer_ids: Sequence[int] | None = None, seed: int = 0, pad_id: int = 0,
-                 compression: torch.Tensor | None = None, sparse: bool = False, conv_eps: float = 1e-5) -> None:
+                 compression: torch.Tensor | None = None, compress: bool = False, sparse: bool = False,
+                 conv_eps: float = 1e-5) -> None:
         super().__init__()
         orders = tuple(int(n) for n in orders)
         if not orders or min(orders) < 1 or len(set(orders)) != len(orders):
@@ -216,7 +220,8 @@ class Engram(Decoding):
         self.d_model, self.vocab_size, self.orders, self.heads, self.dim = d_model, vocab_size, orders, heads, dim
         self.lanes, self.layer_id, self.kernel_size = lanes, layer_id, kernel_size
         self.context, self.dilation = max(orders) - 1, max(orders)  # n-gram context; the conv's dilation (demo)
-        self.compressed_vocab, self.pad_id = compressed_vocab, int(compression[pad_id])
+        self.compressed_vocab, self.pad_token, self.seed = compressed_vocab, pad_id, seed
+        self.compress = compress  # the tokenizer's compression map is to be set (use_compression) before training
         sizes = torch.tensor(table_sizes(layer_ids, slots, heads)[layer_id])  # [orders, heads]
         self.register_buffer("compression", compression.clone().long())
         self.register_buffer("multipliers", hash_multipliers(max(orders), compressed_vocab, layer_id, seed))
@@ -234,6 +239,24 @@ class Engram(Decoding):
         self.table_device: torch.device | None = None
         self._ids: torch.Tensor | None = None  # decoding: the last max(orders) - 1 compressed ids
         self._conv: torch.Tensor | None = None  # decoding: the convolution's last (kernel - 1)·dilation inputs
+        self._prefetched: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, rows) from keep_memory_on
+
+    @property
+    def pad_id(self) -> int:
+        """The compressed id of the pad token (read from the map, which a checkpoint may have replaced)."""
+        return int(self.compression[self.pad_token])
+
+    @torch.no_grad()
+    def use_compression(self, compression: torch.Tensor) -> Engram:
+        """Hash through a tokenizer's compression map from now on (`compression_table`): the map and the
+        multipliers (bounded by the compressed vocabulary) change; the tables keep their sizes."""
+        if compression.shape != (self.vocab_size,):
+            raise ValueError(f"engram: compression must map the {self.vocab_size} token ids, "
+                             f"got {tuple(compression.shape)}")
+        self.compressed_vocab = int(compression.max()) + 1
+        self.compression.copy_(compression)
+        self.multipliers.copy_(hash_multipliers(len(self.multipliers), self.compressed_vocab, self.layer_id, self.seed))
+        return self
 
     # -- memory ------------------------------------------------------------------------------------
 
@@ -248,7 +271,10 @@ class Engram(Decoding):
         """e [B, T, len(orders)·dim]: the table rows for `tokens`, gathered where the table lives, moved to `device`."""
         idx = self.indices(tokens.to(self.table.weight.device))
         rows = self.table(idx).flatten(-2)
-        return rows.to(device or tokens.device, non_blocking=True)
+        device = torch.device(device or tokens.device)
+        if device.type == "cuda" and rows.device.type == "cpu":
+            rows = rows.pin_memory()  # so that the copy below runs asynchronously
+        return rows.to(device, non_blocking=True)
 
     def keep_tables_on(self, device: torch.device | str) -> Engram:
         """Move the table (only) to `device`, e.g. "cpu" after model.to("cuda"): memory in host RAM."""
@@ -276,6 +302,10 @@ class Engram(Decoding):
             raise ValueError(f"engram: tokens {tuple(tokens.shape)} do not match "
                              f"the stream's [B, T] = {tuple(h.shape[:2])}")
         hl = h if lanes_in else h.unsqueeze(-2)  # [B, T, lanes, d]
+        if rows is None and self._prefetched is not None:
+            fetched_for, fetched = self._prefetched
+            self._prefetched = None
+            rows = fetched if fetched_for is tokens else None  # gathered by keep_memory_on for these very ids
         e = self.prefetch(tokens, h.device) if rows is None else rows
         value = self.value(e)  # [B, T, d]
         scale = math.sqrt(self.d_model)
@@ -316,6 +346,35 @@ class Engram(Decoding):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, orders={list(self.orders)}, heads={self.heads}, dim={self.dim}, "
                 f"lanes={self.lanes}, layer_id={self.layer_id}, rows={self.table.num_embeddings}")
+
+
+def keep_memory_on(model: nn.Module, device: torch.device | str, compute: torch.device | str | None = None):
+    """Keep every Engram table of `model` on `device` (host memory: "cpu") while the rest runs on `compute`
+    (default: where the model's other parameters are), and gather each call's rows as soon as the model is
+    called, before any layer runs: the rows depend only on the token ids, the model's one `Tokens` input.
+
+    Each Engram layer then uses the rows gathered for the ids it is given (the same tensor as the model's
+    input); a layer given other ids gathers its own. Returns the hook's handle (`.remove()` stops the early
+    gathers; the tables stay where they are)."""
+    memories = [m for m in model.modules() if isinstance(m, Engram)]
+    if not memories:
+        raise ValueError("keep_memory_on: the model has no Engram memory")
+    for m in memories:
+        m.keep_tables_on(device)
+    if compute is None:
+        tables = {id(m.table.weight) for m in memories}
+        compute = next((p.device for p in model.parameters() if id(p) not in tables), torch.device(device))
+    compute = torch.device(compute)
+
+    def gather_early(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        if len(ids) != 1:
+            raise ValueError(f"keep_memory_on: the model's call has {len(ids)} integer tensors; "
+                             "the early gather needs exactly one (the token ids)")
+        for m in memories:
+            m._prefetched = (ids[0], m.prefetch(ids[0], compute))
+
+    return model.register_forward_pre_hook(gather_early, with_kwargs=True)
 
 
 # ----------------------------------------------------------------------------- sparse-row optimizer

@@ -25,6 +25,7 @@ from archc.runtime.diffusion import (  # noqa: F401
     timestep_embedding,
     unpatchify,
 )
+from archc.runtime.engram import Engram  # noqa: F401
 from archc.runtime.gated import branch_gates, mix_branches, routed_rows  # noqa: F401
 from archc.runtime.lanes import Lanes, expand_lanes, merge_lanes  # noqa: F401
 from archc.runtime.mixers import GatedDeltaNetCore, KDACore, LinearAttentionCore, SSDCore  # noqa: F401

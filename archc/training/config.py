@@ -54,6 +54,7 @@ class TrainConfig:
     # to take that model from, and the first stage's steps (default: --steps)
     entropy_checkpoint: str | None = None
     entropy_steps: int | None = None
+    memory_device: str | None = None  # keep Engram tables here (cpu: host memory), rows gathered before the layers
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -86,6 +87,9 @@ class TrainConfig:
             raise TrainError(f"--seed {self.seed!r}: expected an integer in [0, 2**63)")
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
             raise TrainError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        where = self.memory_device
+        if where is not None and not (isinstance(where, str) and DEVICE.fullmatch(where) and where != "auto"):
+            raise TrainError(f"--memory-device {self.memory_device!r}: expected cpu, cuda or cuda:N")
         if self.init_map is not None and self.init_from is None:
             raise TrainError("--init-map goes with --init-from DIR (the checkpoint it maps)")
 

@@ -45,6 +45,15 @@ arXiv:2502.16982):
   `matrix` params to Muon and embedding / head (decayed) and norm / bias (not
   decayed) to AdamW; a `matrix` param that is not 2-D (stacked experts) goes to
   the decayed AdamW group.
+- **Memory tables** (role `memory`: Engram's hashed n-gram tables) take Adam on the rows a step
+  touched only (`archc.runtime.engram.sparse_row_adam_`: a step count per row, so a row follows
+  Adam over the steps that read it; untouched rows and their moments stay put; decoupled decay, as
+  for embeddings, on touched rows only). The gradient stays dense (clipping, accumulation and the
+  global norm work unchanged); the touched rows are those with a non-zero gradient row (a row read
+  only where no loss term looks, such as a window's last position, keeps still: SparseRowAdam would
+  decay its moments), or the indices of a sparse row gradient (`nn.Embedding(sparse=True)`). A model
+  with memory tables gets `MuonWithAdamW` in AdamW mode too (its AdamW half is torch's AdamW step),
+  since torch's AdamW has no per-row step. Sharded (DTensor) tables are refused.
 - **Schedules** are pure functions of the step (`lr_lambda`) so a `LambdaLR`
   resumed from its step count gives exactly the same learning rates.
 """
@@ -64,8 +73,8 @@ ADJUST_LR = ("original", "match_rms_adamw")
 NS_DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
-ROLES = ("embedding", "head", "matrix", "norm", "bias")
-DECAYED_ROLES = ("embedding", "head", "matrix")
+ROLES = ("embedding", "memory", "head", "matrix", "norm", "bias")
+DECAYED_ROLES = ("embedding", "head", "matrix")  # and `memory`, in a group of its own
 
 
 class OptimizerError(ValueError):
@@ -181,10 +190,35 @@ def _adamw_group_step(group: dict, state: dict) -> None:
         p.addcdiv_(st["exp_avg"], denom, value=-step_size)
 
 
+def _memory_group_step(group: dict, state: dict) -> None:
+    """Adam on the rows each table's gradient touched (see the module docstring)."""
+    from archc.runtime.engram import sparse_row_adam_
+
+    beta1, beta2 = group["betas"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if _is_dtensor(p):
+            raise OptimizerError("memory tables update row by row and cannot be sharded; keep them replicated")
+        st = state[p]
+        if "row_steps" not in st:
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["row_steps"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+        if p.grad.is_sparse:
+            grad = p.grad.coalesce()  # sums the rows read more than once
+            rows, values = grad.indices()[0], grad.values()
+        else:
+            rows = p.grad.flatten(1).ne(0).any(1).nonzero().squeeze(1)
+            values = p.grad[rows]
+        sparse_row_adam_(p, rows, values, st["exp_avg"], st["exp_avg_sq"], st["row_steps"], lr=group["lr"],
+                         beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+
+
 MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
                      adjust_lr="match_rms_adamw", ns_dtype="auto")
 ADAMW_DEFAULTS = dict(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
-_GROUP_EXTRAS = ("params", "param_names", "name", "use_muon", "initial_lr", "row_splits")
+_GROUP_EXTRAS = ("params", "param_names", "name", "use_muon", "initial_lr", "row_splits", "sparse_rows")
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -192,7 +226,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     Muon group keys: lr, weight_decay, momentum, nesterov, ns_steps, eps,
     adjust_lr, ns_dtype, and row_splits (one entry per param: None or a list of
-    row counts). AdamW group keys: lr, weight_decay, betas, eps.
+    row counts). AdamW group keys: lr, weight_decay, betas, eps, and `sparse_rows=True` for memory
+    tables (Adam on the touched rows only).
     """
 
     def __init__(self, param_groups: Iterable[dict]):
@@ -240,7 +275,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            (_muon_group_step if group["use_muon"] else _adamw_group_step)(group, self.state)
+            if group["use_muon"]:
+                _muon_group_step(group, self.state)
+            else:
+                (_memory_group_step if group.get("sparse_rows") else _adamw_group_step)(group, self.state)
         return loss
 
 
@@ -322,6 +360,8 @@ def build_optimizer(model: torch.nn.Module, roles: dict[str, str],
     name="adamw": torch AdamW, groups `decay` (matrix/head/embedding) and `no_decay`.
     name="muon": MuonWithAdamW, groups `muon` (matrix, lr=muon_lr or lr),
     `adamw_decay` (embedding/head) and `adamw_no_decay` (norm/bias).
+    Either way `memory` tables form the group `memory` (Adam on touched rows, decayed); with one,
+    AdamW mode is MuonWithAdamW's AdamW groups.
     More options for muon: muon_nesterov, muon_ns_steps, muon_adjust_lr, muon_ns_dtype.
     """
     if muon_momentum is not None:
@@ -343,7 +383,14 @@ def build_optimizer(model: torch.nn.Module, roles: dict[str, str],
         return {"params": [params[n] for n in names], "param_names": names, "name": label, **kw}
 
     decayed = [n for n in params if roles[n] in DECAYED_ROLES]
-    plain = [n for n in params if roles[n] not in DECAYED_ROLES]
+    plain = [n for n in params if roles[n] not in DECAYED_ROLES and roles[n] != "memory"]
+    memory = [n for n in params if roles[n] == "memory"]
+    adam = dict(lr=opts["lr"], betas=opts["betas"], eps=opts["eps"])
+    tables = group("memory", memory, use_muon=False, sparse_rows=True, weight_decay=opts["weight_decay"], **adam)
+    if name == "adamw" and memory:
+        groups = [group("decay", decayed, use_muon=False, weight_decay=opts["weight_decay"], **adam),
+                  group("no_decay", plain, use_muon=False, weight_decay=0.0, **adam), tables]
+        return MuonWithAdamW([g for g in groups if g["params"]])
     if name == "adamw":
         groups = [group("decay", decayed, weight_decay=opts["weight_decay"]),
                   group("no_decay", plain, weight_decay=0.0)]
@@ -351,7 +398,6 @@ def build_optimizer(model: torch.nn.Module, roles: dict[str, str],
                                  eps=opts["eps"])
     muon = [n for n in decayed if roles[n] == "matrix" and params[n].ndim == 2]
     aux = [n for n in decayed if n not in muon]
-    adam = dict(lr=opts["lr"], betas=opts["betas"], eps=opts["eps"])
     groups = [
         group("muon", muon, use_muon=True, lr=opts["muon_lr"] if opts["muon_lr"] is not None else opts["lr"],
               weight_decay=opts["weight_decay"], momentum=opts["muon_momentum"],
@@ -360,6 +406,7 @@ def build_optimizer(model: torch.nn.Module, roles: dict[str, str],
               row_splits=[[rows for _part, _start, rows in fused[n]] if n in fused else None for n in muon]),
         group("adamw_decay", aux, use_muon=False, weight_decay=opts["weight_decay"], **adam),
         group("adamw_no_decay", plain, use_muon=False, weight_decay=0.0, **adam),
+        tables,
     ]
     return MuonWithAdamW([g for g in groups if g["params"]])
 

@@ -108,6 +108,9 @@ class Trainer:
             load_hf_into(self.compiled, self.model, cfg.init_from, cfg.init_map)
         if self.prepare is not None:  # weights from an earlier stage (stages.py), loaded and frozen
             self.prepare(self.compiled, self.model)
+        _compress_memory_ids(self.model, self.source)
+        if cfg.memory_device is not None:
+            _keep_memory_on(self.model, cfg.memory_device, self.device, s.mode)
         s.shard(self.model, self.compiled)
         self.optimizer = build_optimizer(self.model, self.compiled.param_roles(), fused_layout(self.compiled),
                                          name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -267,6 +270,41 @@ def _init_overrides(spec, config: TrainConfig) -> dict[str, Any]:
     from archc.interop.hf import hf_overrides, read_config
 
     return hf_overrides(config.init_map, read_config(config.init_from), spec)
+
+
+def _compress_memory_ids(model: torch.nn.Module, source) -> None:
+    """`engram(..., compress=true)`: hash through the tokenizer's compression map (ids whose text differs only
+    in case, accents or spacing share one; archc.runtime.engram.compression_table). Ids past the tokenizer's
+    vocabulary (an embedding larger than it) keep ids of their own. A checkpoint carries the map."""
+    from archc.runtime.engram import Engram, compression_table
+
+    memories = [m for m in model.modules() if isinstance(m, Engram) and m.compress]
+    if not memories:
+        return
+    tokenizer = getattr(getattr(source, "dataset", None), "tokenizer", None)
+    if tokenizer is None:
+        raise TrainError("engram(..., compress=true) hashes through a tokenizer's compression map; this run has "
+                         "no tokenizer (train it on text, or drop compress=true)")
+    table, count = compression_table(tokenizer.decode, tokenizer.vocab_size)
+    for m in memories:
+        if m.vocab_size < tokenizer.vocab_size:
+            raise TrainError(f"engram(..., vocab={m.vocab_size}) is smaller than the tokenizer's "
+                             f"{tokenizer.vocab_size} ids; give it the model's vocabulary")
+        unused = torch.arange(count, count + m.vocab_size - tokenizer.vocab_size)
+        m.use_compression(torch.cat((table, unused)).to(m.compression.device))
+
+
+def _keep_memory_on(model: torch.nn.Module, where: str, device: torch.device, mode: str) -> None:
+    """--memory-device: the Engram tables stay on `where` (host memory), their rows gathered when the model is
+    called (archc.runtime.engram.keep_memory_on)."""
+    from archc.runtime.engram import Engram, keep_memory_on
+
+    if not any(isinstance(m, Engram) for m in model.modules()):
+        raise TrainError(f"--memory-device {where}: the spec has no Engram memory (`engram(...)`) to place")
+    if mode != "single":
+        raise TrainError(f"--memory-device {where} trains on one process only (this run is {mode}): memory tables "
+                         "update row by row and are not sharded")
+    keep_memory_on(model, where, device)
 
 
 def _grad_norm(params: list[torch.nn.Parameter], clip: float) -> float:

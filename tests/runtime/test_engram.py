@@ -227,3 +227,24 @@ def test_bad_arguments_are_named():
         mod(torch.randn(2, 5, 4, D), torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="tokens"):
         mod(torch.randn(2, 5, D), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_a_compression_map_set_later_hashes_as_one_given_when_built():
+    from archc.training.data import ByteTokenizer
+
+    table, count = compression_table(ByteTokenizer().decode, 256)
+    kw = dict(orders=(2, 3), heads=2, slots=61, dim=8, pad_id=ord("A"))
+    torch.manual_seed(0)
+    built = Engram(16, 256, compression=table, **kw).double()
+    loaded = Engram(16, 256, **kw).double()
+    assert loaded.pad_id == ord("A")
+    loaded.load_state_dict(built.state_dict())  # a checkpoint carries the map: the pad id follows it
+    assert torch.equal(loaded.compression, table) and loaded.pad_id == int(table[ord("A")]) != ord("A")
+    later = Engram(16, 256, **kw).double()
+    later.load_state_dict({k: v for k, v in built.state_dict().items() if k not in ("compression", "multipliers")},
+                          strict=False)
+    later.use_compression(table)
+    assert later.compressed_vocab == count and torch.equal(later.multipliers, built.multipliers)
+    h, tokens = torch.randn(2, 9, 16, dtype=torch.float64), torch.randint(ord("a"), ord("z") + 1, (2, 9))
+    torch.testing.assert_close(later(h, tokens), built(h, tokens), rtol=0, atol=0)
+    assert torch.equal(later.indices(tokens - 32), later.indices(tokens))  # the same text in capitals: same rows

@@ -10,6 +10,7 @@ from archc.compiler.ops import (  # noqa: F401  (each registers its ops)
     basic,
     diffusion,
     elementwise,
+    engram,
     gated,
     lanes,
     linalg,

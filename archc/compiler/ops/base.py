@@ -286,6 +286,10 @@ class OpDef:
         `count(scope, active=False)` gives the parameters under a scope (with `active`, those one token uses)."""
         return None
 
+    def memory_per_token(self, node: Node) -> int:
+        """Entries of this node's `memory` weights (roles()) one token reads; 0 for ops without memory."""
+        return 0
+
     def cannot_decode(self, node: Node, ins: list[Shape]) -> str | None:
         """Why the module holding this node cannot continue a sequence call by call (a sequence mixer
         without a cache to decode from), or None."""
