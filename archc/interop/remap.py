@@ -109,13 +109,26 @@ def to_archc(wmap: WeightMap, state: Mapping[str, torch.Tensor], expect: Shapes 
 
 def _pattern(key: str, wmap: WeightMap, rules: Mapping[str, Any]) -> tuple[str, tuple[int, ...]]:
     """The key pattern of `key` and its indices ("h.3.ln_1.weight" -> "h.{}.ln_1.weight", (3,);
-    "model.layers.1.mlp.experts.7.w1.weight" -> "model.layers.{}.mlp.experts.{}.w1.weight", (1, 7))."""
-    index = tuple(int(i) for i in _INDEX.findall(key))
-    pattern = _INDEX.sub("{}", key)
+    "model.layers.1.mlp.experts.7.w1.weight" -> "model.layers.{}.mlp.experts.{}.w1.weight", (1, 7)).
+    A map may spell the last indices of a key literally — a Sequential's fixed slots, diffusers'
+    "ff.net.0.proj" and "ff.net.2" — so when the all-placeholder pattern is not the map's, patterns
+    keeping the trailing indices as written are tried."""
+    spans = list(_INDEX.finditer(key))
     known = rules.keys() | set(wmap.ignored)
-    if pattern not in known and wmap.base_prefix + pattern in known:
-        pattern = wmap.base_prefix + pattern
-    return pattern, index
+    first = None
+    for keep in range(len(spans), -1, -1):  # the indices that become placeholders: all, then fewer
+        pattern, end = [], 0
+        for m in spans[:keep]:
+            pattern += [key[end: m.start()], "{}"]
+            end = m.end()
+        pattern = "".join(pattern) + key[end:]
+        index = tuple(int(m.group()) for m in spans[:keep])
+        if pattern not in known and wmap.base_prefix + pattern in known:
+            pattern = wmap.base_prefix + pattern
+        if pattern in known:
+            return pattern, index
+        first = first or (pattern, index)
+    return first
 
 
 def _forward(rule, key: str, tensor: torch.Tensor, index: tuple[int, ...], expect: Shapes | None,

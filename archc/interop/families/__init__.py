@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from archc.interop.families.bloom import BLOOM
 from archc.interop.families.deepseek_v3 import DEEPSEEK_V3
+from archc.interop.families.dit import DIT
 from archc.interop.families.gemma import GEMMA
 from archc.interop.families.gemma2 import GEMMA2
 from archc.interop.families.gpt2 import GPT2
@@ -18,4 +19,4 @@ from archc.interop.families.qwen import QWEN2, QWEN3
 from archc.interop.families.qwen2_moe import QWEN2_MOE
 
 BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, QWEN2_MOE, PHI3, GEMMA,
-                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2)}
+                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2, DIT)}
