@@ -18,7 +18,7 @@ from archc.runtime.diffusion import given_noise
 diffusers = pytest.importorskip("diffusers")
 
 SPEC = SPECS / "dit.arch"
-SMALL = {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "num_layers": 2, "sample_size": 8,
+SMALL = {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4, "num_layers": 3, "sample_size": 8,
          "patch_size": 2, "num_embeds_ada_norm": 10}
 
 
