@@ -423,7 +423,8 @@ class _Codegen:
             if self.attr_of(path, run[0])[1] is None:  # one shared module, called again and again
                 return [*head, f"for _ in range({len(run)}):", f"    {targets} = self.{attr}({args})"]
             elem = "layer" if attr == "layers" else "block"
-            return [*head, f"for {elem} in self.{attr}{self._slice(path, attr, run)}:", f"    {targets} = {elem}({args})"]
+            steps = f"self.{attr}{self._slice(path, attr, run)}"
+            return [*head, f"for {elem} in {steps}:", f"    {targets} = {elem}({args})"]
         if kind == "experts":
             node, members, rows, routing = obj
             attr, _index = self.attr_of(path, members[0])
