@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks in one go, for a CUDA machine: GPU-marked tests (if any), then the
 # benchmarks at GPU-sized configs. Prints everything; finishes in < 8 minutes
-# (each stage has its own timeout; together they add up to 435 s). Usage, from anywhere:
+# (each stage has its own timeout; together they add up to 475 s). Usage, from anywhere:
 #
 #     bash benchmarks/gpu.sh            # OUT=dir to also keep a copy of the log there
 #
@@ -104,6 +104,12 @@ stage "plan vs measured fp32 d1024 L8 B8 T2048" 40 $PY benchmarks/plan_vs_measur
 #     d_model 1024, 8 layers, 8k tokens/step (the mHC paper: 1.067x with fused kernels).
 stage "lanes mhc n4 vs none bf16 d1024 L8" 30 $PY benchmarks/lanes.py --device cuda --dtype bf16 --threads 0 \
     --d-model 1024 --layers 8 --batch 8 --seq 1024 --steps 10 --warmup 2
+
+# 12. DiT-B/2 (d_model 768, 12 layers, 12 heads; 32x32x4 latents in 2x2 patches, learned variance), bf16 autocast,
+#     batch 64: training steps of the DiT generated from specs/dit.arch vs diffusers' DiTTransformer2DModel with the
+#     same weights (imported through the DiT weight map; predictions checked in fp32 first). Goal <= 1.0x.
+stage "dit vs diffusers bf16 DiT-B/2 B64" 40 $PY benchmarks/dit.py --device cuda --dtype bf16 --threads 0 \
+    --d-model 768 --layers 12 --batch 64 --steps 10 --warmup 2 --budget 15
 
 echo
 echo "== total $(( $(date +%s) - START ))s, status=$status"
