@@ -38,9 +38,21 @@ model M(image: Image[B, 3, 4, 6]) {
     assert torch.equal(out["y"], image)
 
 
+def test_unpatchify_with_channels_gives_that_many_channels_at_the_images_size():
+    model = _build("""
+model M(image: Image[B, 1, 4, 6]) {
+    x = patchify(concat([image, image * 2], dim=1), size=2)
+    y = unpatchify(x, like=image, size=2, channels=2)
+    return y
+}""")
+    image = torch.randn(3, 1, 4, 6)
+    torch.testing.assert_close(model(image)["y"], torch.cat([image, image * 2], dim=1))
+
+
 @pytest.mark.parametrize("body, words", [
     ("x = patchify(image, size=3)", "does not split into 3×3 patches"),
     ("x = unpatchify(linear(patchify(image, size=2), 5), like=image, size=2)", "are not the 2×3 grid"),
+    ("x = unpatchify(patchify(image, size=2), like=image, size=2, channels=2)", "of 2 channels of an image [B, 2, 4, 6]"),
     ("x, t, y = add_noise(image, objective=\"epsilon\")", 'must be one of "eps", "x0", "v", "flow"'),
     ("x = sincos_2d(linear(patchify(image, size=2), 8), rows=3, cols=3)", "not a 3×3 grid"),
 ])
