@@ -4,7 +4,7 @@ then judged without looking: conditional samples at guidance 1 and 3, scored by 
 trained on the same digits (label accuracy, and Fréchet distance to the validation images in its
 feature space; archc/training/image_eval.py). Writes a table and one grid of samples. Run:
 
-    PYTHONPATH=. .venv/bin/python examples/diffusion_objectives.py     # ~25 minutes on two busy CPU cores
+    PYTHONPATH=. .venv/bin/python examples/diffusion_objectives.py     # ~15 minutes on two busy CPU cores
 
 Each objective is the spec's parameter `objective` (specs/dit.arch); everything else is equal: seed,
 data order, steps, optimiser. Samplers: DDIM for ε and v, Euler for flow, `--sample-steps` steps. One
