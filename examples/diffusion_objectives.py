@@ -33,7 +33,6 @@ SCALES = (1.0, 3.0)
 
 def main(steps: int = 1500, per_class: int = 20, sample_steps: int = 50, out: str = "runs/objectives",
          grid: Path = ROOT / "docs" / "images" / "dit_samples.png") -> list[tuple]:
-    torch.set_num_threads(1)
     train_set, val = make_image_data("digits")
     judge = train_classifier(train_set)
     labels = torch.arange(10).repeat(per_class)
@@ -71,4 +70,5 @@ if __name__ == "__main__":
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--out", default="runs/objectives")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     main(args.steps, args.per_class, args.sample_steps, args.out)
