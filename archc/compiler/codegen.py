@@ -371,6 +371,15 @@ class _Codegen:
                 return None
         return thread
 
+    def _slice(self, path: str, attr: str, run: list[str]) -> str:
+        """"" when a loop runs over the whole list `attr`, else the slice of it that it runs over (the steps
+        after a first one that differs: `self.blocks[1:]`)."""
+        first, last = self.attr_of(path, run[0])[1], self.attr_of(path, run[-1])[1]
+        count = sum(1 for child in self.children[path] if self.attr_of(path, child)[0] == attr)
+        if first == 0 and last == count - 1:
+            return ""
+        return f"[{first or ''}:{'' if last == count - 1 else last + 1}]"
+
     def _item_outputs(self, kind, obj) -> list[str]:
         if kind == "node":
             return [obj.id]
@@ -414,7 +423,8 @@ class _Codegen:
             if self.attr_of(path, run[0])[1] is None:  # one shared module, called again and again
                 return [*head, f"for _ in range({len(run)}):", f"    {targets} = self.{attr}({args})"]
             elem = "layer" if attr == "layers" else "block"
-            return [*head, f"for {elem} in self.{attr}:", f"    {targets} = {elem}({args})"]
+            steps = f"self.{attr}{self._slice(path, attr, run)}"
+            return [*head, f"for {elem} in {steps}:", f"    {targets} = {elem}({args})"]
         if kind == "experts":
             node, members, rows, routing = obj
             attr, _index = self.attr_of(path, members[0])

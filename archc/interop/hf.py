@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out of archc-compiled models.
 
 A checkpoint is a directory holding `config.json` (hyperparameters) and
-`model.safetensors` (or its shards). Its `model_type` picks a weight map
+`model.safetensors` (or its shards; diffusers names it `diffusion_pytorch_model.safetensors`). Its
+`model_type` (a diffusers config's `_class_name`) picks a weight map
 (archc/interop/families/, or a map file of your own: maps.py says how to
 write one); the map turns config fields into spec parameters and tensors into
 the model's canonical weights, strictly — every tensor consumed, every weight
@@ -78,6 +79,11 @@ def resolve_map(map: MapLike, model_type: str | None = None, source: str = "conf
     return BUILTIN[name]
 
 
+def model_type(config: dict) -> str | None:
+    """The family a config.json names: transformers' `model_type`, or diffusers' `_class_name`."""
+    return config.get("model_type") or config.get("_class_name")
+
+
 def declared_params(spec) -> dict[str, str]:
     """The spec's parameters and their declared types (int, float, bool, str)."""
     from archc.compiler.lower import Spec, load_spec
@@ -89,7 +95,7 @@ def declared_params(spec) -> dict[str, str]:
 def hf_overrides(map: MapLike, config: dict, spec=None) -> dict[str, Any]:
     """Spec parameter overrides from an HF config.json dict; SpecError for what the spec cannot express.
     With `spec`, values are checked against the types it declares."""
-    wmap = resolve_map(map, config.get("model_type") if isinstance(config, dict) else None)
+    wmap = resolve_map(map, model_type(config) if isinstance(config, dict) else None)
     return spec_overrides(wmap, config, declared_params(spec) if spec is not None else None)
 
 
@@ -146,7 +152,7 @@ def load_hf_into(compiled, model: torch.nn.Module, hf_dir: str | Path, map: MapL
     The spec parameters config.json gives must be the compiled ones."""
     hf_dir = _model_dir(hf_dir)
     config = _read_config(hf_dir)
-    wmap = resolve_map(map, config.get("model_type"), str(hf_dir / "config.json"))
+    wmap = resolve_map(map, model_type(config), str(hf_dir / "config.json"))
     derived = spec_overrides(wmap, config, declared_params(compiled.spec), source=str(hf_dir / "config.json"))
     differ = [f"{k}: config.json gives {v!r}, the model has {compiled.params.get(k)!r}"
               for k, v in derived.items() if not same_value(v, compiled.params.get(k))]
@@ -181,7 +187,7 @@ def load_for_convert(spec, hf_dir, map: MapLike, overrides: dict[str, Any], comp
     hf_dir = _model_dir(hf_dir)
     config = _read_config(hf_dir)
     source = str(hf_dir / "config.json")
-    wmap = resolve_map(map, config.get("model_type"), source)
+    wmap = resolve_map(map, model_type(config), source)
     derived = spec_overrides(wmap, config, declared_params(spec), source=source)
     try:
         compiled = archc.compile(spec, {**derived, **overrides}, **compile_kw)
@@ -258,7 +264,10 @@ def _read_config(hf_dir: Path) -> dict:
 
 
 def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    stem = next((name for name in ("model", "diffusion_pytorch_model")  # transformers', diffusers' names
+                 if any((hf_dir / f"{name}{end}").is_file() for end in (".safetensors", ".safetensors.index.json"))),
+                "model")
+    single, index = hf_dir / f"{stem}.safetensors", hf_dir / f"{stem}.safetensors.index.json"
     if single.is_file():
         files = [single]
     elif index.is_file():  # a sharded checkpoint: the index maps each key to its shard file
@@ -271,8 +280,8 @@ def _read_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{index}: shard names must be files in {hf_dir}")
         files = [hf_dir / s for s in sorted(shards)]
     else:
-        raise WeightsError(f"{hf_dir}: no model.safetensors (pickled pytorch_model.bin files are never read; "
-                           "convert them to safetensors first)")
+        raise WeightsError(f"{hf_dir}: no model.safetensors or diffusion_pytorch_model.safetensors (pickled "
+                           "pytorch_model.bin files are never read; convert them to safetensors first)")
     state: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -331,6 +340,9 @@ def save_hf(compiled, model: torch.nn.Module, out_dir: str | Path, map: MapLike,
     from archc.compiler.lower import resolve_params
 
     wmap = resolve_map(map)
+    if wmap.library != "transformers":
+        raise SpecError(f"cannot export to {wmap.model_type}: writing {wmap.library} directories is not built "
+                        "(they can be read: archc convert --from-hf)")
     declared = declared_params(compiled.spec)
     canonical = to_canonical(compiled, model.state_dict())
     # Token ids belong to the tokenizer, which archc does not know: without a base config none is

@@ -32,6 +32,11 @@ and the value transforms (stored value -> archc value; export applies the invers
     Scale(c)          archc = stored * c
     PermuteRotary(h)  each of h heads' rows from interleaved rotary pairs (x0, x1), (x2, x3), ...
                       (Meta's and GPT-J's layout) to rotate-half order (x0, x2, ...; x1, x3, ...)
+    PatchConv(p)      a patch-embedding Conv2d weight [D, C, p, p] (stride p) as the linear weight
+                      [D, p·p·C] acting on `patchify`'s tokens (p: a number or a spec parameter)
+
+Key patterns may spell an index literally where the checkpoint's is fixed ("ff.net.0.proj": a
+Sequential's slot); "{}" then stands for the indices before it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "Config",
     "MapError",
     "Only",
+    "PatchConv",
     "PermuteRotary",
     "Rename",
     "Same",
@@ -149,8 +155,28 @@ class PermuteRotary:
         return t.reshape(heads, 2, size // 2, *rest).transpose(1, 2).reshape(t.shape)
 
 
-Transform = Add | Scale | PermuteRotary
-_TRANSFORMS = (Add, Scale, PermuteRotary)
+@attrs.frozen
+class PatchConv:
+    """A patch-embedding Conv2d weight [D, C, p, p] (kernel = stride = p) as the Linear weight [D, p·p·C]
+    that acts on `patchify`'s tokens, whose features are ordered (row in patch, column, channel).
+    `patch` is p, a number or the name of a spec parameter (export needs it to fold the weight back)."""
+
+    patch: int | str = attrs.field(validator=_heads)
+
+    def forward(self, t: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        if t.dim() != 4 or t.shape[2] != t.shape[3]:
+            raise WeightsError(f"PatchConv: expected a Conv2d weight [out, channels, p, p], got {list(t.shape)}")
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+
+    def inverse(self, t: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        p = params.get(self.patch) if isinstance(self.patch, str) else self.patch
+        if isinstance(p, bool) or not isinstance(p, int) or p <= 0 or t.dim() != 2 or t.shape[1] % (p * p):
+            raise WeightsError(f"PatchConv({self.patch!r}): a weight {list(t.shape)} is not {p}×{p} patches")
+        return t.reshape(t.shape[0], p, p, -1).permute(0, 3, 1, 2)
+
+
+Transform = Add | Scale | PermuteRotary | PatchConv
+_TRANSFORMS = (Add, Scale, PermuteRotary, PatchConv)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -177,7 +203,7 @@ def _names(_inst, attribute, value) -> None:
 def _values(_inst, attribute, value) -> None:
     for v in value:
         if not isinstance(v, _TRANSFORMS):
-            raise MapError(f"{v!r} is not a value transform (Add, Scale, PermuteRotary)")
+            raise MapError(f"{v!r} is not a value transform (Add, Scale, PermuteRotary, PatchConv)")
 
 
 def _dim(_inst, attribute, value) -> None:
@@ -385,6 +411,7 @@ class WeightMap:
     ignored: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # stale buffers: dropped
     extra_layers: str | None = None  # config field counting trailing layers the spec drops (DeepSeek's MTP)
     origin: str = "built-in"  # where the map came from, for error messages
+    library: str = "transformers"  # whose directories: "diffusers" ones are read (export writes transformers')
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.model_type, str) or not self.model_type:

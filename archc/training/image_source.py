@@ -123,11 +123,15 @@ def write_grid(images: torch.Tensor, path: Path, columns: int | None = None, sca
     pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pixels = pixels.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     array = pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
 
 
 # Captions the sample grid of a digit-pairs run asks for: each digit four times on the left and on the right.
 PROMPT_PAIRS = tuple((a, (a * 3 + 1 + r) % 10) for r in range(4) for a in range(10))
+GRID_PER_CLASS = 10  # images of each class drawn at every evaluation
+GRID_STEPS = 50  # DDIM (or Euler, for flow) steps
+GRID_CFG = 3.0  # the guidance scale, for a spec with a null label
 
 
 class ImageSource:
@@ -168,7 +172,8 @@ class ImageSource:
 
     @torch.no_grad()
     def evaluate(self, model, device) -> dict[str, float]:
-        """The loss over the val split in eval mode, with times and noise drawn from a fixed seed."""
+        """The loss over the val split in eval mode, with times and noise drawn from a fixed seed; then the
+        evaluation grid (`draw_grid`) and its scores."""
         was_training = model.training
         model.eval()
         state = torch.random.get_rng_state()
@@ -182,10 +187,29 @@ class ImageSource:
                     condition = self.val.captions if self.spec.caption else self.val.labels
                     inputs[self.spec.label] = condition[start: start + self.config.batch_size].to(device)
                 total += model(**inputs)["loss"].float().item() * len(images)
+            scores = {} if self.spec.caption else self.draw_grid(model, device)  # (captions: at the end, sample)
         finally:
             torch.random.set_rng_state(state)
             model.train(was_training)
-        return {"val_loss": total / len(self.val)}
+        return {"val_loss": total / len(self.val), **scores}
+
+    def draw_grid(self, model, device) -> dict[str, float]:
+        """Draw `GRID_PER_CLASS` images of every class (DDIM-50, guidance 3 when the spec has a null label,
+        the run's seed: the same noise at every evaluation) as `self.grid`, and score them with the judge
+        of image_eval trained on the training split: `sample_accuracy` (the requested label, when the
+        spec is conditioned) and `sample_frechet` (to the val images, in the judge's feature space)."""
+        from archc.training.image_eval import image_frechet_distance, label_accuracy, train_classifier
+
+        classes = self.train.num_classes
+        labels = torch.arange(classes).repeat(GRID_PER_CLASS) if self.spec.label is not None else None
+        cfg_scale = GRID_CFG if self.spec.null_label is not None else 1.0
+        self.grid = generate(model, self.spec, labels, count=classes * GRID_PER_CLASS, steps=GRID_STEPS,
+                             cfg_scale=cfg_scale, seed=self.config.seed, device=device)
+        judge = train_classifier(self.train, seed=self.config.seed)  # trained once per process
+        scores = {"sample_frechet": image_frechet_distance(judge, self.val.images, self.grid)}
+        if labels is not None:
+            scores["sample_accuracy"] = label_accuracy(judge, self.grid, labels)
+        return scores
 
     def sample(self, model, device, seed: int) -> str:
         """The sample grid (two rows of every class; for captions, 40 digit pairs), and for captions the
@@ -203,6 +227,9 @@ class ImageSource:
                     f"(digit classifier; Euler 50 steps, guidance {cfg:g})")
         labels = torch.arange(self.train.num_classes).repeat(2) if self.spec.label is not None else None
         self.grid = generate(model, self.spec, labels, count=16, steps=50, seed=seed, device=device, cfg_scale=cfg)
+        """The last evaluation's grid (drawn now if there was none)."""
+        if self.grid is None:
+            self.draw_grid(model, device)
         return ""
 
     def digit_judge(self):

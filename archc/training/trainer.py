@@ -184,9 +184,12 @@ class Trainer:
             record["moe"] = load_stats(self.model)  # this process's rows
         return {**record, **s.record()}
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """The source's validation metrics; an image source's sample grid is written as samples/step_N.png."""
         with self.strategy.eval_context(), self.autocast:
             self.val = self.source.evaluate(self.model, self.device)
+        if step is not None and self.strategy.lead and isinstance(self.source, ImageSource):
+            write_grid(self.source.grid, self.out_dir / "samples" / f"step_{step}.png")
         return self.val
 
     def save(self, step: int) -> None:
@@ -220,7 +223,7 @@ class Trainer:
                              json.dumps({**self.meta, "device": str(self.device)}, indent=2, default=str) + "\n")
         initial = None
         if start == 0 and s.evaluates:
-            initial = self.evaluate().get("val_perplexity")
+            initial = self.evaluate(0).get("val_perplexity")
             if s.logs:
                 self.metrics.append({"step": 0, **self.val})
         progress = _Progress(cfg, start, enabled=cfg.progress and s.lead)
@@ -231,7 +234,7 @@ class Trainer:
             record = self.train_step(step)
             done = step + 1 == cfg.steps
             if s.evaluates and ((step + 1) % cfg.eval_every == 0 or done):
-                record.update(self.evaluate())
+                record.update(self.evaluate(step + 1))
             if s.logs:
                 self.metrics.append(record)
             progress.update(record)

@@ -38,9 +38,21 @@ model M(image: Image[B, 3, 4, 6]) {
     assert torch.equal(out["y"], image)
 
 
+def test_unpatchify_with_channels_gives_that_many_channels_at_the_images_size():
+    model = _build("""
+model M(image: Image[B, 1, 4, 6]) {
+    x = patchify(concat([image, image * 2], dim=1), size=2)
+    y = unpatchify(x, like=image, size=2, channels=2)
+    return y
+}""")
+    image = torch.randn(3, 1, 4, 6)
+    torch.testing.assert_close(model(image)["y"], torch.cat([image, image * 2], dim=1))
+
+
 @pytest.mark.parametrize("body, words", [
     ("x = patchify(image, size=3)", "does not split into 3×3 patches"),
     ("x = unpatchify(linear(patchify(image, size=2), 5), like=image, size=2)", "are not the 2×3 grid"),
+    ("x = unpatchify(patchify(image, size=2), like=image, size=2, channels=2)", "of 2 channels of an image [B, 2, 4, 6]"),
     ("x, t, y = add_noise(image, objective=\"epsilon\")", 'must be one of "eps", "x0", "v", "flow"'),
     ("x = sincos_2d(linear(patchify(image, size=2), 8), rows=3, cols=3)", "not a 3×3 grid"),
 ])
@@ -148,6 +160,30 @@ def test_one_dit_training_step_on_a_fixed_batch_lowers_the_loss():
     assert after < before - 1e-3, (before.item(), after.item())
 
 
+def test_the_evaluation_grid_is_seeded_and_leaves_the_training_draws_alone():
+    from archc.training.image_source import GRID_PER_CLASS, ImageSource, diffusion_spec
+    from archc.training.images import make_image_data
+    from archc.training.train import TrainConfig
+
+    compiled = archc.compile(SPECS / "dit.arch", {"n_layers": 1, "d_model": 32, "n_heads": 2})
+    torch.manual_seed(0)
+    model = compiled.build()
+    with torch.no_grad():  # a model that does not predict zeros: the grid depends on its weights
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    train_set, val = make_image_data("digits")
+    source = ImageSource(train_set, val, diffusion_spec(compiled), TrainConfig(batch_size=256, seed=3))
+    torch.manual_seed(1)
+    first = source.evaluate(model, "cpu")
+    grid = source.grid
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert source.evaluate(model, "cpu") == first and torch.equal(source.grid, grid)
+    assert torch.equal(torch.rand(3), after)  # the global generator is where it was
+    assert grid.shape == (10 * GRID_PER_CLASS, 1, 8, 8)
+    assert set(first) == {"val_loss", "sample_accuracy", "sample_frechet"}
+
+
 def test_the_sampler_calls_the_model_with_its_own_x_t_and_time():
     from archc.runtime.diffusion import denoiser
 
@@ -177,6 +213,13 @@ def test_archc_train_learns_the_digits_and_archc_sample_draws_a_grid(tmp_path, c
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and result.val_loss < rows[0]["val_loss"] - 0.03, (rows[0], result.val_loss)
     assert (tmp_path / "run" / "samples.png").exists() and (tmp_path / "run" / "loss.png").exists()
+    # every evaluation writes its grid (10 of each digit at guidance 3, from the run's seed) and scores it
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 30]
+    for r in evals:
+        assert 0 <= r["sample_accuracy"] <= 1 and r["sample_frechet"] > 0
+        assert (tmp_path / "run" / "samples" / f"step_{r['step']}.png").is_file()
+    assert evals[1]["sample_frechet"] < evals[0]["sample_frechet"]  # 30 steps move samples off pure noise
     grid = tmp_path / "grid.png"
     args = ["sample", str(SPECS / "dit.arch"), "--checkpoint", str(tmp_path / "run"), "--sampler", "ddim",
             "--steps", "5", "--cfg", "3.0", "--label", "7", "--count", "4", "-o", str(grid)]

@@ -2,7 +2,8 @@
 and condition dropout. Each op calls the runtime of docs/diffusion.md (archc/runtime/diffusion.py).
 
 - `patchify(image, size=p)`: [B, C, H, W] -> [B, (H/p)(W/p), p·p·C] (DiT's patch order);
-  `unpatchify(x, like=image, size=p)` inverts it into the shape of `like`.
+  `unpatchify(x, like=image, size=p)` inverts it into the shape of `like`, or with `channels=` into
+  that many channels at `like`'s height and width (DiT's learned variance: 2·C).
 - `timestep_embedding(t, dim)`: sinusoidal features of the time [B] -> [B, dim] (DiT's defaults).
 - `sincos_2d(x, rows=, cols=, base_size=, max_size=)`: DiT's fixed 2-D sin-cos table [N, D] for tokens
   x [B, N, D] on a rows × cols grid (square when left out), to add to x; with `base_size` positions are
@@ -65,21 +66,26 @@ class Patchify(OpDef):
 class Unpatchify(OpDef):
     name = "unpatchify"
     inputs = ("x", "like")
-    attrs = {"size": A(int, positive=True)}
+    attrs = {"size": A(int, positive=True), "channels": A((int, type(None)), None, positive=True)}
+
+    def _shape(self, node, like):
+        b, c, h, w = _image(node, like, "image it is shaped `like`")
+        return b, node.attrs["channels"] or c, h, w
 
     def infer(self, node, ins, graph):
         x, like = ins
-        b, c, h, w = _image(node, like, "image it is shaped `like`")
+        b, c, h, w = self._shape(node, like)
         p = node.attrs["size"]
         rows, cols = _grid(node, h, w, p)
         want = (b, rows * cols, p * p * c)
         if len(x) != 3 or not all(dims.same(a, e) for a, e in zip(x, want)):
             raise SpecError(f"unpatchify: tokens {fmt_shape(x)} are not the {rows}×{cols} grid of {p}×{p} patches "
-                            f"of {c} channels of an image {fmt_shape(like)}; expected {fmt_shape(want)}", node.span)
-        return like
+                            f"of {c} channels of an image {fmt_shape((b, c, h, w))}; expected {fmt_shape(want)}",
+                            node.span)
+        return (b, c, h, w)
 
     def forward(self, node, args, out, mod, ins):
-        _b, c, h, w = ins[1]
+        _b, c, h, w = self._shape(node, ins[1])
         return [f"{out} = AF.unpatchify({args[0]}, {node.attrs['size']!r}, {c!r}, {h!r}, {w!r})"]
 
 

@@ -8,6 +8,7 @@ from archc.interop.families.bert import BERT
 from archc.interop.families.bloom import BLOOM
 from archc.interop.families.blt import BLT
 from archc.interop.families.deepseek_v3 import DEEPSEEK_V3
+from archc.interop.families.dit import DIT
 from archc.interop.families.gemma import GEMMA
 from archc.interop.families.gemma2 import GEMMA2
 from archc.interop.families.gpt2 import GPT2
@@ -23,4 +24,4 @@ from archc.interop.families.t5 import T5
 from archc.interop.families.vit import VIT
 
 BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, QWEN2_MOE, PHI3, GEMMA,
-                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2, BERT, ALBERT, VIT, T5, BLT)}
+                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2, BERT, ALBERT, VIT, T5, BLT, DIT)}
