@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import archc
 from archc.dsl.diagnostics import SpecError
-from archc.interop.families.sd3 import SD3, from_diffusers
+from archc.interop.families.sd3 import SD3
 from archc.interop.hf import convert_state_dict, expected_weights, hf_overrides
 from archc.interop.weights import load_canonical
 
@@ -70,7 +70,7 @@ def test_sd3_weights_give_the_same_outputs(tmp_path):
                          "d_model": 32, "image_height": 8, "image_width": 8, "pos_base": 4, "pos_max": 6}
     compiled = archc.compile(_sd3_spec(), overrides, name="sd3.arch")
     model = compiled.build()
-    state = from_diffusers(load_file(tmp_path / "diffusion_pytorch_model.safetensors"))
+    state = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
     canonical = convert_state_dict(SD3, state, expect=expected_weights(compiled, model), params=compiled.params)
     load_canonical(model, compiled, canonical)
     model.eval()

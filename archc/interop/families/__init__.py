@@ -20,8 +20,10 @@ from archc.interop.families.olmo2 import OLMO2
 from archc.interop.families.phi3 import PHI3
 from archc.interop.families.qwen import QWEN2, QWEN3
 from archc.interop.families.qwen2_moe import QWEN2_MOE
+from archc.interop.families.sd3 import SD3
 from archc.interop.families.t5 import T5
 from archc.interop.families.vit import VIT
 
 BUILTIN = {m.model_type: m for m in (GPT2, LLAMA, MISTRAL, MIXTRAL, DEEPSEEK_V3, QWEN2, QWEN3, QWEN2_MOE, PHI3, GEMMA,
-                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2, BERT, ALBERT, VIT, T5, BLT, DIT)}
+                                     GEMMA2, OLMO2, GPT_NEOX, BLOOM, MAMBA2, BERT, ALBERT, VIT, T5, BLT, DIT,
+                                     SD3)}

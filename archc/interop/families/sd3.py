@@ -4,9 +4,9 @@ The spec names its modules after diffusers' where they are one module (pos_embed
 norm1, norm1_context, to_q … add_v_proj, to_add_out, norm_out, proj_out); elsewhere the map renames:
 the patch convolution (`pos_embed.proj`), the time and pooled-text MLPs (`time_text_embed.*`), the
 adaLN linears (`norm1.linear`), the image output projection (`attn.to_out.0`, in the spec beside the
-attention, where its gate is) and the MLPs (`ff.net.0.proj`, `ff.net.2`). Those last keys hold
-positions in diffusers' module lists, which a key pattern reads as indices: `from_diffusers` names them
-(`to_out_0`, `net_0`, `net_2`) before the map runs. The last block's
+attention, where its gate is) and the MLPs (`ff.net.0.proj`, `ff.net.2`): those positions in
+diffusers' module lists are written literally in the key patterns (a number in a pattern matches only
+itself). The last block's
 `norm1_context` (context_pre_only: scale and shift only) has the same key with a third of the rows.
 
 The position table: SD3 computes a `pos_embed_max_size`² sin-cos table with positions rescaled to
@@ -33,29 +33,14 @@ _RENAMES = {
     f"{_BLOCK}.norm1_context.linear": f"{_BLOCK}.norm1_context",
     **{f"{_BLOCK}.attn.{name}": f"{_BLOCK}.attn.{name}"
        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")},
-    f"{_BLOCK}.attn.to_out_0": f"{_BLOCK}.to_out",
+    f"{_BLOCK}.attn.to_out.0": f"{_BLOCK}.to_out",
     f"{_BLOCK}.attn.to_add_out": f"{_BLOCK}.to_add_out",
-    **{f"{_BLOCK}.{ff}.net_0.proj": f"{_BLOCK}.{ff}.fc" for ff in ("ff", "ff_context")},
-    **{f"{_BLOCK}.{ff}.net_2": f"{_BLOCK}.{ff}.proj" for ff in ("ff", "ff_context")},
+    **{f"{_BLOCK}.{ff}.net.0.proj": f"{_BLOCK}.{ff}.fc" for ff in ("ff", "ff_context")},
+    **{f"{_BLOCK}.{ff}.net.2": f"{_BLOCK}.{ff}.proj" for ff in ("ff", "ff_context")},
     "norm_out.linear": "norm_out",
     "proj_out": "proj_out",
 }
 KEYS = {f"{theirs}.{p}": f"{ours}.{p}" for theirs, ours in _RENAMES.items() for p in ("weight", "bias")}
-# Positions inside diffusers' nn.Sequential / ModuleList modules, which a key pattern would read as layer indices.
-_POSITIONS = {".attn.to_out.0.": ".attn.to_out_0.", ".net.0.proj.": ".net_0.proj.", ".net.2.": ".net_2."}
-
-
-def from_diffusers(state: dict) -> dict:
-    """A diffusers SD3 state dict with its module positions (`to_out.0`, `ff.net.0.proj`, `ff.net.2`) named,
-    so that the map's "{}" stands only for the block index; the tensors are unchanged."""
-    renamed = {}
-    for key, tensor in state.items():
-        for position, name in _POSITIONS.items():
-            key = key.replace(position, name)
-        renamed[key] = tensor
-    return renamed
-
-
 def _sd3(c: dict) -> dict:
     width = c["num_attention_heads"] * c["attention_head_dim"]
     if c["caption_projection_dim"] != width:
@@ -74,7 +59,7 @@ def _export(params: dict) -> dict:
 
 
 SD3 = WeightMap(
-    model_type="sd3", architecture="SD3Transformer2DModel",
+    model_type="SD3Transformer2DModel", architecture="SD3Transformer2DModel", library="diffusers",
     ignored=("pos_embed.pos_embed",),
     keys=KEYS,
     config=Config(
