@@ -7,7 +7,7 @@ built-in text with the same batch shape (batch x seq_len tokens: bytes for the t
 for the Llama, which so reads more bytes per step) for the number of steps that spends one training-FLOP
 budget: the byte-level Llama's steps x its FLOPs per step. Run:
 
-    .venv/bin/python examples/blt_vs_tokens.py    # about 5 minutes on two busy CPU cores (README: its table)
+    .venv/bin/python examples/blt_vs_tokens.py    # 2.5 minutes on two busy CPU cores (README: its table)
 
 Training FLOPs are the compiled models' own count (`compiled.flops`, forward; a training step is 3 x that).
 The BLT's count includes its entropy model: stage 1 trains it (3 x forward per step, counted against the
@@ -46,7 +46,7 @@ BLT = {"d_local": 32, "local_heads": 2, "local_hidden": 96, "encoder_layers": 1,
        "blt_entropy.e_dim": 32, "blt_entropy.e_layers": 1, "blt_entropy.e_heads": 2, "blt_entropy.e_hidden": 96}
 
 
-def main(steps: int = 400, entropy_steps: int = 100, patch: float = 4.0, bpe_vocab: int = 1024,
+def main(steps: int = 1000, entropy_steps: int = 250, patch: float = 4.0, bpe_vocab: int = 1024,
          batch_size: int = 8, seq_len: int = 128, out: str = "runs/blt_vs_tokens", byte_llama: dict | None = None,
          bpe_llama: dict | None = None, blt: dict | None = None, threads: int | None = 1,
          data: str = "pydoc") -> list[dict]:
