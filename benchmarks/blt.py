@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import archc  # noqa: E402
-from archc.runtime.patching import entropy  # noqa: E402
+from archc.runtime.patching import entropy, threshold_for_mean_length  # noqa: E402
+from archc.training.stages import train_flops  # noqa: E402
 from benchmarks.step_time import (  # noqa: E402
     DTYPES,
     auto_threads,
@@ -59,21 +60,6 @@ def blt_sizes(args) -> dict:
             "d_global": args.d_global, "global_heads": global_heads,
             "global_hidden": args.d_global * 8 // 3 // 8 * 8, "global_layers": args.global_layers,
             "window": args.window}
-
-
-@torch.no_grad()
-def threshold_for(entropy_model, data: torch.Tensor, mean: float) -> float:
-    """The entropy above which 1 / mean of the positions that decide patch starts (2..T) start one."""
-    h = entropy(entropy_model(data))[:, 1:].flatten().float()
-    return float(torch.quantile(h, 1.0 - 1.0 / mean))
-
-
-def blt_train_flops(compiled, entropy_compiled, batch: int, seq: int, patches: int) -> int:
-    """3 x forward, but 1 x for the entropy model (no gradient reaches it)."""
-    from archc.compiler.analysis import forward_flops
-
-    entropy_model = entropy_compiled.flops(batch, seq)
-    return 3 * (forward_flops(compiled.ir, batch, seq, {"P": patches}) - entropy_model) + entropy_model
 
 
 def llama_sizes(d_model: int, layers: int, d_ff: int) -> dict:
@@ -133,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     # threshold the BLT is compiled with
     entropy_compiled = archc.compile(SPECS / "blt_entropy.arch")
     entropy_model = entropy_compiled.build(device=device).entropy_model
-    threshold = threshold_for(entropy_model, data, args.patch)
+    with torch.no_grad():
+        threshold = threshold_for_mean_length(entropy(entropy_model(data)), args.patch)
     blt_compiled = archc.compile(SPECS / "blt.arch", {**blt_sizes(args), "threshold": threshold})
     blt = blt_compiled.build(device=device)
     blt.entropy_model.load_state_dict(entropy_model.state_dict())
@@ -141,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         lengths = blt(data)["lengths"]
     patches = int(lengths.shape[1])
     real = lengths[lengths > 0]
-    blt_flops = blt_train_flops(blt_compiled, entropy_compiled, args.batch, args.seq, patches)
+    blt_flops = train_flops(blt_compiled, args.batch, args.seq, {"P": patches})
     blt_per_byte = blt_flops / (args.batch * args.seq)
     llama_compiled, llama_per_byte = matched_llama(blt_per_byte, args.llama_d_model, args.batch, args.seq)
     llama = llama_compiled.build(device=device)

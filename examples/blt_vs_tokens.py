@@ -14,31 +14,28 @@ The BLT's count includes its entropy model: stage 1 trains it (3 x forward per s
 budget), stage 2 runs it forward only (1 x, it is frozen), and the rest of the BLT's count uses the padded
 patch count P of its training batches. P depends on the trained entropy model, so after stage 1 the patching
 threshold is set to the entropy quantile that gives a mean patch length of `patch` bytes on training batches
-(benchmarks/blt.py's `threshold_for`), P is measured on those batches, and the BLT's steps are what is left
-of the budget divided by its FLOPs per step. Validation bits per byte (total nats / UTF-8 bytes scored / ln 2)
-is comparable across tokenizers; wall time is the whole run (data, compile, train, evaluate) on one thread.
+(`archc.runtime.patching.threshold_for_mean_length`), P is measured on those batches, and the BLT's steps are
+what is left of the budget divided by its FLOPs per step (`archc.training.stages.train_flops`). Validation
+bits per byte (total nats / UTF-8 bytes scored / ln 2) is comparable across tokenizers; wall time is the whole
+run (data, compile, train, evaluate) on one thread.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import attrs
+import torch
 
-import attrs  # noqa: E402
-import torch  # noqa: E402
+import archc
+from archc.runtime.patching import entropy, threshold_for_mean_length
+from archc.training import data as data_mod
+from archc.training import stages
+from archc.training.train import TrainConfig, train
 
-import archc  # noqa: E402
-from archc.training import data as data_mod  # noqa: E402
-from archc.training import stages  # noqa: E402
-from archc.training.train import TrainConfig, train  # noqa: E402
-from benchmarks.blt import blt_train_flops, threshold_for  # noqa: E402
-
-SPECS = ROOT / "specs"
+SPECS = Path(__file__).resolve().parent.parent / "specs"
 BYTE_LLAMA = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=172)
 BPE_LLAMA = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=172)
 BLT = {"d_local": 32, "local_heads": 2, "local_hidden": 96, "encoder_layers": 1, "decoder_layers": 1,
@@ -70,7 +67,7 @@ def main(steps: int = 1000, entropy_steps: int = 250, patch: float = 4.0, bpe_vo
     # the byte-level Llama sets the budget
     start = time.perf_counter()
     compiled = archc.compile(SPECS / "byte_llama.arch", byte_llama)
-    budget = 3 * compiled.flops(batch, seq) * steps
+    budget = stages.train_flops(compiled, batch, seq) * steps
     metrics = run("byte_llama", "byte_llama.arch", byte_llama, steps)
     rows.append(_row("byte-level Llama", compiled, steps, budget, metrics, batch * seq * steps, start))
     print(_line(rows[-1]), flush=True)
@@ -81,7 +78,7 @@ def main(steps: int = 1000, entropy_steps: int = 250, patch: float = 4.0, bpe_vo
     bytes_per_token = _bytes_per_token(dataset)
     bpe_llama = {**bpe_llama, "vocab": dataset.vocab_size}
     compiled = archc.compile(SPECS / "llama.arch", bpe_llama)
-    per_step = 3 * compiled.flops(batch, seq)
+    per_step = stages.train_flops(compiled, batch, seq)
     bpe_steps = max(1, round(budget / per_step))
     metrics = run("bpe_llama", "llama.arch", bpe_llama, bpe_steps, tokenizer=f"bpe:{bpe_vocab}")
     rows.append(_row(f"BPE Llama (bpe:{bpe_vocab})", compiled, bpe_steps, per_step * bpe_steps, metrics,
@@ -93,21 +90,22 @@ def main(steps: int = 1000, entropy_steps: int = 250, patch: float = 4.0, bpe_vo
     compiled = archc.compile(SPECS / "blt.arch", blt)
     stage = stages.first_stage(compiled)
     entropy_compiled = archc.compile(stage.spec, stage.overrides)
-    entropy_flops = 3 * entropy_compiled.flops(batch, seq) * entropy_steps
+    entropy_flops = stages.train_flops(entropy_compiled, batch, seq) * entropy_steps
     run("blt_entropy", stage.spec.name, stage.overrides, entropy_steps)
     weights = Path(out) / "blt_entropy"
     windows = torch.cat([data_mod.Batches(data_mod.make_dataset(data, "byte", seed=config.seed).train, batch, seq,
                                           config.seed).get(i) for i in range(4)])
     model = compiled.build(check_memory=False)
     stages.load_frozen(stage, weights)(compiled, model)
-    threshold = threshold_for(model.get_submodule(stage.path), windows, patch)
+    with torch.no_grad():
+        threshold = threshold_for_mean_length(entropy(model.get_submodule(stage.path)(windows)), patch)
     blt = {**blt, "threshold": threshold}
     compiled = archc.compile(SPECS / "blt.arch", blt)
     model = compiled.build(check_memory=False)
     stages.load_frozen(stage, weights)(compiled, model)
     with torch.no_grad():
         patches = [int(model(part)["lengths"].shape[1]) for part in windows.split(batch)]
-    per_step = blt_train_flops(compiled, entropy_compiled, batch, seq, round(sum(patches) / len(patches)))
+    per_step = stages.train_flops(compiled, batch, seq, {"P": round(sum(patches) / len(patches))})
     blt_steps = math.floor((budget - entropy_flops) / per_step)
     if blt_steps < 1:
         raise SystemExit(f"the entropy model's {entropy_steps} steps leave less than one BLT step of the budget: "

@@ -173,6 +173,12 @@ def patch_start_mask(entropies: torch.Tensor, *, threshold: float | None = DEFAU
     return mask
 
 
+def threshold_for_mean_length(entropies: torch.Tensor, mean: float) -> float:
+    """The global entropy threshold at which 1 / `mean` of the positions that decide patch starts (2..T, from
+    entropies[:, 1:] as in `patch_start_mask`) start one: patches of about `mean` bytes on these entropies."""
+    return float(torch.quantile(entropies[:, 1:].flatten().float(), 1.0 - 1.0 / mean))
+
+
 def space_start_mask(ids: torch.Tensor, include_next_token: bool = True) -> torch.Tensor:
     """[B, T] ids -> [B, T + include_next_token] bool: patches end after non-word bytes (module doc)."""
     b = ids - OFFSET

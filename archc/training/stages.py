@@ -70,6 +70,19 @@ def first_stage(compiled) -> Stage | None:
     return None
 
 
+def train_flops(compiled, batch: int, seq: int, dims: dict[str, int] | None = None) -> int:
+    """FLOPs of one training step (3 x forward: forward, and backward at twice that), but the model a first stage
+    trained (the BLT's entropy model) only runs forward: it is frozen and no gradient reaches it. `dims` sizes
+    the other symbolic dimensions (the BLT's padded patch count P)."""
+    import archc
+    from archc.compiler.analysis import forward_flops
+
+    total = forward_flops(compiled.ir, batch, seq, dims)
+    stage = first_stage(compiled)
+    frozen = 0 if stage is None else archc.compile(stage.spec, stage.overrides).flops(batch, seq)
+    return 3 * (total - frozen) + frozen
+
+
 def _where(node) -> str:
     span = node.span
     return f"{span.file}:{span.line}" if span is not None else "the spec"

@@ -104,6 +104,17 @@ def test_entropy_patch_starts(entropies, kw, with_next, without_next):
         assert lengths[0].tolist() == [b - a for a, b in itertools.pairwise(starts)]
 
 
+@pytest.mark.parametrize("mean", [1.5, 4.0, 4.5, 10.0])
+def test_threshold_for_mean_length_starts_one_in_mean_positions(mean):
+    e = torch.rand(3, 200, generator=torch.Generator().manual_seed(0)) * 5
+    threshold = P.threshold_for_mean_length(e, mean)
+    starts = P.patch_start_mask(e, threshold=threshold)[:, 2:]  # the positions e[:, 1:] decides
+    assert abs(int(starts.sum()) - starts.numel() / mean) <= 1
+    assert int((e[:, 1:] > threshold).sum()) == int(starts.sum())  # e[:, 0] decides nothing
+    decided = sorted(e[:, 1:].flatten().tolist(), reverse=True)
+    assert decided[round(len(decided) / mean)] <= threshold <= decided[round(len(decided) / mean) - 2]
+
+
 SPACE_CASES = [
     # bytes, starts (with the next token): a patch ends after a non-word byte that follows a word byte
     (b"ab  cd.e", [0, 1, 3, 7]),  # [a] [b ' '] [' ' c d .] [e <next>]

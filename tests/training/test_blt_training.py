@@ -11,8 +11,10 @@ import torch
 from conftest import SPECS
 
 import archc
+from archc.compiler import analysis
 from archc.training.checkpoint import latest_checkpoint, load_checkpoint
 from archc.training.data import BPETokenizer, ByteTokenizer
+from archc.training.stages import train_flops
 from archc.training.train import TrainConfig, TrainError, train
 
 
@@ -127,3 +129,14 @@ def test_the_entropy_model_takes_the_used_file_s_overrides_in_both_stages(tmp_pa
     assert blt.entropy_model.tok_embeddings.weight.shape[1] == 32
     torch.testing.assert_close(blt.entropy_model.tok_embeddings.weight, first.entropy_model.tok_embeddings.weight,
                                rtol=0, atol=0)
+
+
+def test_train_flops_counts_the_frozen_entropy_model_forward_only():
+    blt = archc.compile(SPECS / "blt.arch", {"global_layers": 1, "decoder_layers": 1})
+    sizes = analysis.sizes_for(blt.ir, 2, 64, {"P": 20})
+    costs = {n.id: analysis.node_cost(blt.ir, n, sizes)[1] for n in blt.ir.nodes()}
+    entropy_model = sum(c for i, c in costs.items() if blt.ir.node(i).scope.split(".")[0] == "entropy_model")
+    assert entropy_model > 0
+    assert train_flops(blt, 2, 64, {"P": 20}) == 3 * sum(costs.values()) - 2 * entropy_model
+    llama = archc.compile(SPECS / "byte_llama.arch", {"n_layers": 1})
+    assert train_flops(llama, 2, 64) == 3 * llama.flops(2, 64)
