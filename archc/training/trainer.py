@@ -185,10 +185,12 @@ class Trainer:
         return {**record, **s.record()}
 
     def evaluate(self, step: int | None = None) -> dict[str, float]:
-        """The source's validation metrics; an image source's sample grid is written as samples/step_N.png."""
+        """The source's validation metrics; an image source's sample grid is written as samples/step_N.png (a
+        caption spec draws its grid of prompts once, at the end: see ImageSource.sample)."""
         with self.strategy.eval_context(), self.autocast:
             self.val = self.source.evaluate(self.model, self.device)
-        if step is not None and self.strategy.lead and isinstance(self.source, ImageSource):
+        if step is not None and self.strategy.lead and isinstance(self.source, ImageSource) \
+                and self.source.grid is not None:
             write_grid(self.source.grid, self.out_dir / "samples" / f"step_{step}.png")
         return self.val
 
