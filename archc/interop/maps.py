@@ -119,10 +119,13 @@ class Scale:
         return _at_least_fp32(t) / self.value
 
 
+def is_param_name(value: Any) -> bool:
+    """A spec parameter's name: the main file's (`d_model`) or a used file's (`blt_entropy.e_heads`)."""
+    return isinstance(value, str) and all(part.isidentifier() for part in value.split(".", 1))
+
+
 def _heads(_inst, attribute, value) -> None:
-    # a parameter name, possibly a used file's (`blt_entropy.e_heads`)
-    named = isinstance(value, str) and all(part.isidentifier() for part in value.split(".", 1))
-    if isinstance(value, bool) or not (named or isinstance(value, int) and value > 0):
+    if isinstance(value, bool) or not (is_param_name(value) or isinstance(value, int) and value > 0):
         raise MapError(f"{type(_inst).__name__} {attribute.name} must be a positive int or a spec parameter name, "
                        f"got {value!r}")
 
@@ -340,8 +343,7 @@ class Same:
 
 
 def _str_map(_inst, attribute, value) -> None:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.isidentifier()
-                                              for k, v in value.items()):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and is_param_name(v) for k, v in value.items()):
         raise MapError(f"Config.{attribute.name} must map config fields to spec parameter names, got {value!r}")
 
 

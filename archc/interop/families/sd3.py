@@ -1,4 +1,5 @@
-"""SD3's MMDiT (diffusers' SD3Transformer2DModel) into the blocks of specs/mmdit.arch.
+"""SD3's MMDiT (diffusers' SD3Transformer2DModel) into specs/sd3.arch, SD3's interface around the blocks of
+specs/mmdit.arch (whose sizes, `mmdit.d_model` and `mmdit.n_heads`, the map sets with sd3.arch's own).
 
 The spec names its modules after diffusers' where they are one module (pos_embed, context_embedder,
 norm1, norm1_context, to_q … add_v_proj, to_add_out, norm_out, proj_out); elsewhere the map renames:
@@ -48,12 +49,13 @@ def _sd3(c: dict) -> dict:
     if c["out_channels"] not in (None, c["in_channels"]):
         refuse(c, "out_channels", "the spec predicts as many channels as it is given")
     grid = c["sample_size"] // c["patch_size"]
-    return {"d_model": width, "image_height": c["sample_size"], "image_width": c["sample_size"], "pos_base": grid,
-            "pos_max": c["pos_embed_max_size"] or grid}
+    return {"d_model": width, "mmdit.d_model": width, "image_height": c["sample_size"],
+            "image_width": c["sample_size"], "pos_base": grid, "pos_max": c["pos_embed_max_size"] or grid}
 
 
 def _export(params: dict) -> dict:
-    return {"attention_head_dim": params["d_model"] // params["n_heads"], "caption_projection_dim": params["d_model"],
+    return {"attention_head_dim": params["d_model"] // params["mmdit.n_heads"],
+            "caption_projection_dim": params["d_model"],
             "sample_size": params["image_height"], "out_channels": params["channels"],
             "pos_embed_max_size": params["pos_max"]}
 
@@ -64,7 +66,7 @@ SD3 = WeightMap(
     keys=KEYS,
     config=Config(
         params={"patch_size": "patch", "in_channels": "channels", "num_layers": "n_layers",
-                "num_attention_heads": "n_heads", "joint_attention_dim": "joint_dim",
+                "num_attention_heads": "mmdit.n_heads", "joint_attention_dim": "joint_dim",
                 "pooled_projection_dim": "pooled_dim"},
         positive=("sample_size", "patch_size", "in_channels", "num_layers", "num_attention_heads",
                   "attention_head_dim", "joint_attention_dim", "pooled_projection_dim"),
