@@ -42,7 +42,7 @@ def _of_one(name: str, fn):
 
 # Functions of numbers the spec may call while compiling; of a tensor, the same names are ops.
 BUILTINS = {"min": min, "max": max, "sqrt": _of_one("sqrt", math.sqrt), "exp": _of_one("exp", math.exp),
-            "log": _of_one("log", math.log)}
+            "log": _of_one("log", math.log), "sin": _of_one("sin", math.sin), "cos": _of_one("cos", math.cos)}
 MAX_INT_BITS = 1000  # larger ints are surely mistakes, and every int this size converts to a float
 
 

@@ -181,3 +181,41 @@ model M(x: Tensor[B, 4]) {
     return x
 }""")
     assert "`@` is the matrix product of tensors, not of int and int" in str(err)
+
+
+DIFFERENTIAL_ATTENTION = """
+param d: int = 32
+param h: int = 2
+param hd: int = 8
+model DiffAttn(x: Tensor[B, T, d]) {
+    q1, q2 = chunk(transpose(reshape(linear(x, 2 * h * hd) as wq, [B, T, h, 2 * hd]), 1, 2), 2, dim=-1)
+    k1, k2 = chunk(transpose(reshape(linear(x, 2 * h * hd) as wk, [B, T, h, 2 * hd]), 1, 2), 2, dim=-1)
+    v = transpose(reshape(linear(x, 2 * h * hd) as wv, [B, T, h, 2 * hd]), 1, 2)
+    lam = exp(sum(learned([hd], init=normal(0.1)) as lq1 * learned([hd], init=normal(0.1)) as lk1, dim=0))
+    causal = unsqueeze(arange(T), 1) >= unsqueeze(arange(T), 0)
+    a1 = softmax(where(causal, q1 @ transpose(k1, -2, -1) / sqrt(hd), -1e9), dim=-1)
+    a2 = softmax(where(causal, q2 @ transpose(k2, -2, -1) / sqrt(hd), -1e9), dim=-1)
+    o = (a1 - lam * a2) @ v
+    angles = cos(arange(T) * 0.5) + sin(arange(T) * cos(0.0))
+    return o, angles
+}
+"""
+
+
+def test_differential_attention_and_sin_cos_by_hand():
+    c = compiled(DIFFERENTIAL_ATTENTION)
+    torch.manual_seed(0)
+    model = c.build()
+    x = torch.randn(2, 6, 32)
+    out = model(x)
+    p = dict(model.named_parameters())
+    proj = F.linear(x, p["wq_wk_wv.weight"], p["wq_wk_wv.bias"]).split(32, dim=-1)
+    q, k, v = (t.view(2, 6, 2, 16).transpose(1, 2) for t in proj)
+    lam = torch.exp((p["lq1"] * p["lk1"]).sum())
+    a1 = torch.softmax((q[..., :8] @ k[..., :8].transpose(-2, -1) / math.sqrt(8)).masked_fill(
+        ~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    a2 = torch.softmax((q[..., 8:] @ k[..., 8:].transpose(-2, -1) / math.sqrt(8)).masked_fill(
+        ~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9), -1)
+    torch.testing.assert_close(out["o"], (a1 - lam * a2) @ v, atol=1e-5, rtol=1e-5)
+    t = torch.arange(6)
+    torch.testing.assert_close(out["angles"], torch.cos(t * 0.5) + torch.sin(t * 1.0))

@@ -1,5 +1,5 @@
 """Elementwise arithmetic and reductions: `a op b` of tensors (and numbers) with PyTorch's broadcasting,
-`exp`, `log`, `sqrt`, `abs`, `softmax` and `log_softmax`, `logsumexp`, and `mean` / `sum` / `max` / `min`
+`exp`, `log`, `sqrt`, `sin`, `cos`, `abs`, `softmax` and `log_softmax`, `logsumexp`, and `mean` / `sum` / `max` / `min`
 over axes.
 
 Dtypes follow the values: on `Tokens` (integers) `+ - * // % **` and the bit operations `& | ^ << >>`
@@ -138,7 +138,7 @@ class Unary(OpDef):
         return [f"{out} = {self.call.format(x=args[0])}"]
 
 
-for _fn in ("exp", "log", "sqrt"):
+for _fn in ("exp", "log", "sqrt", "sin", "cos"):
     register(type(f"Unary_{_fn}", (Unary,), {"name": _fn, "call": f"torch.{_fn}({{x}})"}))
 
 
