@@ -53,7 +53,7 @@ from archc.runtime.rope import (  # noqa: F401
     apply_rope,
     rotate_half,
 )
-from archc.runtime.tensors import Positions, shift  # noqa: F401
+from archc.runtime.tensors import Positions, drop_path, shift  # noqa: F401
 
 
 def init_weights(module: nn.Module) -> None:

@@ -6,6 +6,15 @@ import torch
 from torch import nn
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: each example (first axis) kept with probability 1 - p and scaled by 1 / (1 - p) while
+    training; `x` itself otherwise."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
 class Positions(nn.Module):
     """The positions 0 … n-1 of `arange(n)` for a fixed n, kept as a buffer so they follow the model's device
     (not saved: they are not weights)."""

@@ -545,3 +545,20 @@ def test_a_used_file_s_parameters_take_qualified_overrides(tmp_path):
                               ({"lib.act": "tanh"}, 'bad override -D lib.act="tanh": `act` is one of')]:
         with pytest.raises(archc.SpecError, match=re.escape(phrase)):
             archc.compile(main, overrides)
+
+
+def test_drop_path_drops_whole_examples_while_training_only():
+    c = compiled("""
+model M(x: Tensor[B, T, 4]) {
+    return x + drop_path(x * 2.0, 0.5)
+}""")
+    model = c.build()
+    x = torch.ones(4000, 3, 4)
+    torch.manual_seed(0)
+    y = next(iter(model.train()(x).values())) - x  # 2x / (1 - p) = 4 where kept, 0 where dropped
+    per_example = y.flatten(1)
+    assert set(per_example.unique().tolist()) == {0.0, 4.0}
+    assert (per_example == per_example[:, :1]).all()  # whole examples, never parts of one
+    assert abs((per_example[:, 0] == 4.0).float().mean().item() - 0.5) < 0.03
+    torch.testing.assert_close(next(iter(model.eval()(x).values())), 3 * x)  # eval: the identity
+    assert "AF.drop_path(mul, 0.5, self.training)" in c.source

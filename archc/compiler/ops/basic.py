@@ -332,6 +332,20 @@ class Dropout(OpDef):
         return [f"{out} = F.dropout({args[0]}, p={node.attrs['p']!r}, training=self.training)"]
 
 
+@register
+class DropPath(OpDef):
+    """Stochastic depth: while training, each example's whole value is zeroed with probability p and the rest
+    scaled by 1 / (1 - p) (timm's DropPath, as ViT and DiT train with); the identity in eval mode."""
+
+    name = "drop_path"
+    attrs = {"p": A(float, unit=True)}
+    pure = False
+    random = True
+
+    def forward(self, node, args, out, mod, ins):
+        return [f"{out} = AF.drop_path({args[0]}, {node.attrs['p']!r}, self.training)"]
+
+
 # ---- built-ins: feed-forward blocks -------------------------------------------
 
 
