@@ -16,15 +16,16 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Positions(nn.Module):
-    """The positions 0 … n-1 of `arange(n)` for a fixed n, kept as a buffer so they follow the model's device
-    (not saved: they are not weights)."""
+    """The positions 0 … n-1 of `arange(n)` for a fixed n, made on the model's device when called (an empty
+    buffer follows the device; nothing of size n is kept, so building a model allocates nothing for it)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
-        self.register_buffer("positions", torch.arange(n), persistent=False)
+        self.n = n
+        self.register_buffer("anchor", torch.empty(0, dtype=torch.long), persistent=False)
 
     def forward(self) -> torch.Tensor:
-        return self.positions
+        return torch.arange(self.n, device=self.anchor.device)
 
 
 def shift(x: torch.Tensor, n: int, dim: int = 1, fill: float = 0) -> torch.Tensor:

@@ -82,6 +82,8 @@ model M(x: Tensor[B, T, 4]) {
     assert out["b"].tolist() == [0, 1, 2] and out["t"].tolist() == [0, 1, 2, 3] and out["fixed"].tolist() == list(
         range(6))
     assert out["b"].dtype == torch.long and not model.state_dict()  # positions are not weights
+    huge = compiled("model M(x: Tensor[B, 4]) {\n    p = arange(10000000000000)\n    return x\n}").build()
+    assert sum(b.numel() for b in huge.buffers()) == 0  # nothing of size n is made until the model runs
 
 
 ATTENTION_BY_HAND = """
