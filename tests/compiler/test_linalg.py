@@ -82,8 +82,9 @@ model M(x: Tensor[B, T, 4]) {
     assert out["b"].tolist() == [0, 1, 2] and out["t"].tolist() == [0, 1, 2, 3] and out["fixed"].tolist() == list(
         range(6))
     assert out["b"].dtype == torch.long and not model.state_dict()  # positions are not weights
-    huge = compiled("model M(x: Tensor[B, 4]) {\n    p = arange(10000000000000)\n    return x\n}").build()
+    huge = compiled("model M(x: Tensor[B, 4]) {\n    return x + arange(10000000000000)[:1] * 1.0\n}").build()
     assert sum(b.numel() for b in huge.buffers()) == 0  # nothing of size n is made until the model runs
+    assert any(type(m).__name__ == "Positions" for m in huge.modules())
 
 
 ATTENTION_BY_HAND = """
